@@ -1,0 +1,37 @@
+# Two commands for users: `make train` and `make test`. Both run `make setup` first, which is a no-op when
+# pyproject.toml has not changed since the last successful set-up.
+PY ?= python3.11
+VENV := .venv
+STAMP := $(VENV)/.setup-stamp
+PYTHON := $(VENV)/bin/python
+
+.PHONY: setup train test bench lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@command -v ffmpeg >/dev/null && command -v ffprobe >/dev/null || { \
+	  echo "installing ffmpeg with apt-get"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq ffmpeg; }
+	@[ -x $(PYTHON) ] || $(PY) -m venv $(VENV)
+	$(PYTHON) -m pip install -q --upgrade pip
+	$(PYTHON) -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
+	  print('\n'.join(p['dependencies'] + p['optional-dependencies']['dev']))" > $(VENV)/requirements.txt
+	$(PYTHON) -m pip install -q -r $(VENV)/requirements.txt
+	@touch $(STAMP)
+
+train: setup
+	$(PYTHON) train.py
+
+test: setup
+	$(PYTHON) -m pytest -q
+
+bench: setup
+	$(PYTHON) -m benchmark all --quick
+
+lint: setup
+	$(VENV)/bin/hadolint docker/Dockerfile
+
+clean:
+	rm -rf $(VENV) runs data/synthetic
