@@ -1,6 +1,6 @@
 # Two commands for users: `make train` and `make test`. Both run `make setup` first, which is a no-op when
 # pyproject.toml has not changed since the last successful set-up.
-PY ?= python3.11
+PY ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 STAMP := $(VENV)/.setup-stamp
 PYTHON := $(VENV)/bin/python
@@ -14,8 +14,10 @@ $(STAMP): pyproject.toml Makefile
 	  echo "installing ffmpeg with apt-get"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq ffmpeg; }
-	@[ -x $(PYTHON) ] || $(PY) -m venv $(VENV)
-	$(PYTHON) -m pip install -q --upgrade pip
+	@[ -x $(PYTHON) ] || $(PY) -m venv $(VENV) || { \
+	  echo "python venv module missing: installing python3-venv with apt-get"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get install -y -qq python3-venv && $(PY) -m venv $(VENV); }
 	$(PYTHON) -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
 	  print('\n'.join(p['dependencies'] + p['optional-dependencies']['dev']))" > $(VENV)/requirements.txt
 	$(PYTHON) -m pip install -q -r $(VENV)/requirements.txt
