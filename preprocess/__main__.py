@@ -1,0 +1,290 @@
+r"""`python -m preprocess {kinetics,list,frames,synthetic,merge} ...`: videos -> WebDataset shards + index.
+
+Examples:
+  python -m preprocess kinetics --csv kinetics-400_val.csv --videos k400/val --out data/k400 --name k400
+  python -m preprocess list --split train=trainlist01.txt --split val=testlist01.txt --root UCF-101 \
+      --classes classInd.txt --out data/ucf101 --name ucf101
+  python -m preprocess frames --split train=train.json --root 20bn-something-something-v1 --classes labels.txt
+  python -m preprocess synthetic                     # the embedded demo dataset in data/synthetic
+  python -m preprocess merge data/k400               # after `--part i/N` runs on N machines
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.logging import RichHandler
+
+from preprocess.ffmpeg_args import CODECS, EncodeSettings
+from preprocess.jobs import InputError
+from preprocess.runner import RunConfig, run
+from preprocess.sources import kinetics_dataset, list_dataset, parse_split_args
+
+log = logging.getLogger("preprocess")
+
+
+def _size(text: str) -> tuple[int, int]:
+    m = re.fullmatch(r"(\d+)x(\d+)", text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"size must look like 320x240, got {text!r}")
+    return int(m.group(1)), int(m.group(2))
+
+
+def _part(text: str) -> tuple[int, int]:
+    m = re.fullmatch(r"(\d+)/(\d+)", text)
+    if not m or not 0 <= int(m.group(1)) < int(m.group(2)):
+        raise argparse.ArgumentTypeError(f"--part must be i/N with 0 <= i < N (e.g. 0/4), got {text!r}")
+    return int(m.group(1)), int(m.group(2))
+
+
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def _shard_size(text: str) -> tuple[str, int]:
+    """('samples', n) for a bare number, ('bytes', n) for a number with a unit."""
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([A-Za-z]*)", text.strip())
+    unit = m.group(2).upper() if m else ""
+    if not m or (unit and unit not in _UNITS) or float(m.group(1)) <= 0 or (not unit and "." in m.group(1)):
+        raise argparse.ArgumentTypeError(
+            f"shard size must be a video count (256) or bytes with a unit (500MB, 1GB, 2GiB), got {text!r}"
+        )
+    if not unit:
+        return "samples", int(m.group(1))
+    return "bytes", int(float(m.group(1)) * _UNITS[unit])
+
+
+def _workers(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(
+            f"--workers must be 0 (every core) or a positive number, got {text!r}"
+        )
+    return int(text)
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
+def add_output_options(
+    p: argparse.ArgumentParser, *, name: str, codec: str, short_side: int | None, shard_samples: int
+) -> None:
+    g = p.add_argument_group("output")
+    g.add_argument("--out", default=None, help="output directory (default: data/<name>)")
+    g.add_argument("--name", default=name, help=f"dataset name, the shard file prefix (default: {name})")
+    g.add_argument(
+        "--codec",
+        choices=CODECS,
+        default=codec,
+        help=f"h264 (GPU decode, fixed keyframe interval) or mjpeg (every frame a keyframe, decodes on "
+        f"DALI's CPU backend) (default: {codec})",
+    )
+    g.add_argument(
+        "--short-side",
+        type=int,
+        default=short_side,
+        help=f"resize so the short side is this many pixels, even (default: {short_side}; 0: keep)",
+    )
+    g.add_argument("--size", type=_size, default=None, metavar="WxH", help="fixed output size instead")
+    g.add_argument(
+        "--fps", type=float, default=None, help="constant output frame rate (default: keep frames)"
+    )
+    g.add_argument(
+        "--gop", type=_positive_int, default=16, help="h264 keyframe interval in frames (default 16)"
+    )
+    g.add_argument("--crf", type=int, default=23, help="h264 quality, lower is better (default 23)")
+    g.add_argument("--preset", default="veryfast", help="libx264 preset (default veryfast)")
+    g.add_argument("--quality", type=int, default=3, help="mjpeg -q:v, 2 (best) .. 31 (default 3)")
+    g.add_argument(
+        "--tolerate-decode-errors",
+        action="store_true",
+        help="keep sources whose decoder reports errors (concealed frames) instead of failing them",
+    )
+    g.add_argument(
+        "--shard-size",
+        "--shard-samples",
+        dest="shard_size",
+        type=_shard_size,
+        default=str(shard_samples),
+        metavar="N|SIZE",
+        help=f"target shard size: a number of videos (e.g. {shard_samples}) or bytes with a unit (e.g. "
+        f"500MB, 1GB; converted to a video count from a pilot of 8 videos) (default "
+        f"{shard_samples})",
+    )
+    g.add_argument("--seed", type=int, default=0, help="seed of the shard assignment shuffle (default 0)")
+    g.add_argument("--workers", type=_workers, default=0, help="parallel processes (default 0: every core)")
+    g.add_argument(
+        "--part",
+        type=_part,
+        default=(0, 1),
+        metavar="i/N",
+        help="process only part i of N (every N-th shard); then run `merge` (default 0/1)",
+    )
+    g.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m preprocess", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log every failure as it happens")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("kinetics", help="the official Kinetics CSV + a folder of downloaded videos")
+    p.add_argument(
+        "--csv", action="append", required=True, help="annotation CSV (repeatable: train, val, ...)"
+    )
+    p.add_argument(
+        "--videos",
+        required=True,
+        help="folder (searched recursively) of <id>_<start:06d>_<end:06d>.<ext> clips or full "
+        "<id>.<ext> videos (trimmed to [time_start, time_end])",
+    )
+    p.add_argument(
+        "--classes", default=None, help="class names, one per line (default: the CSV labels, sorted)"
+    )
+    p.add_argument("--splits", nargs="+", default=None, help="only these splits of the CSV (default: all)")
+    add_output_options(p, name="k400", codec="h264", short_side=256, shard_samples=256)
+
+    for command, helptext in (
+        ("list", "list files of videos"),
+        ("frames", "list files of JPEG frame folders"),
+    ):
+        p = sub.add_parser(command, help=helptext)
+        p.add_argument(
+            "--split",
+            action="append",
+            required=True,
+            metavar="SPLIT=FILE",
+            help="a list file for a split (repeatable). Formats: 'path label', 'path num_frames label', "
+            "'path,label' CSV (optional header), UCF101 train/test lists, Something-Something "
+            "JSON ([{'id':..., 'template':...}])",
+        )
+        p.add_argument("--root", default=None, help="folder the list's relative paths start from")
+        p.add_argument(
+            "--classes",
+            default=None,
+            help="class names: one per line (line order = index), UCF101 classInd.txt, or SSv2 "
+            "labels JSON (default: sorted label names, or 0..max for integer labels)",
+        )
+        if command == "list":
+            p.add_argument("--video-ext", default=".webm", help="extension for JSON ids (default .webm)")
+        else:
+            p.add_argument(
+                "--frame-rate",
+                type=float,
+                default=12.0,
+                help="rate the frames were extracted at (default 12, Something-Something V1)",
+            )
+        add_output_options(p, name="dataset", codec="h264", short_side=256, shard_samples=256)
+
+    p = sub.add_parser("synthetic", help="generate the embedded demo dataset (8 order-dependent classes)")
+    p.add_argument("--out", default="data/synthetic", help="output directory (default data/synthetic)")
+    p.add_argument("--name", default="synthetic")
+    p.add_argument("--train-per-class", type=_positive_int, default=384)
+    p.add_argument("--val-per-class", type=_positive_int, default=64)
+    p.add_argument("--frames", type=_positive_int, default=16)
+    p.add_argument(
+        "--frame-size", type=_positive_int, default=64, help="square frame side in pixels (default 64)"
+    )
+    p.add_argument("--quality", type=int, default=5, help="mjpeg quantiser like -q:v (default 5)")
+    p.add_argument("--shard-size", type=_positive_int, default=512, metavar="N", help="videos per shard")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=_workers, default=0, help="parallel processes (default 0: every core)")
+    p.add_argument("--part", type=_part, default=(0, 1), metavar="i/N", help="process only part i of N")
+    p.add_argument("--no-progress", action="store_true")
+
+    p = sub.add_parser("merge", help="combine the index files of `--part i/N` runs into index.json")
+    p.add_argument("out", help="the output directory holding every part's shards and index.part-*.json")
+    return parser
+
+
+def settings_from(args: argparse.Namespace) -> EncodeSettings:
+    try:
+        return EncodeSettings(
+            codec=args.codec,
+            short_side=args.short_side or None,
+            size=args.size,
+            fps=args.fps,
+            gop=args.gop,
+            crf=args.crf,
+            preset=args.preset,
+            mjpeg_quality=args.quality,
+            tolerate_decode_errors=args.tolerate_decode_errors,
+        )
+    except ValueError as err:
+        raise InputError(f"bad option: {err}") from err
+
+
+def run_config(args: argparse.Namespace, settings: EncodeSettings) -> RunConfig:
+    if not re.fullmatch(r"[A-Za-z0-9_]+", args.name):
+        raise InputError(f"--name {args.name!r} must be letters, digits or _ (it prefixes shard file names)")
+    kind, size = args.shard_size
+    return RunConfig(
+        out=Path(args.out or f"data/{args.name}"),
+        name=args.name,
+        settings=settings,
+        shard_samples=size if kind == "samples" else 1,
+        shard_bytes=size if kind == "bytes" else None,
+        workers=args.workers,
+        seed=args.seed,
+        part=args.part,
+        progress=not args.no_progress,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    console = Console(stderr=True)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(message)s",
+        datefmt="[%X]",
+        handlers=[RichHandler(console=console, show_path=False)],
+    )
+    from preprocess import transcode
+
+    try:
+        if args.command == "merge":
+            from preprocess.merge import merge
+
+            merge(Path(args.out), console)
+            return 0
+        if args.command == "synthetic":
+            from preprocess import synthetic
+
+            synthetic.main(args, console)
+            return 0
+        settings = settings_from(args)
+        cfg = run_config(args, settings)
+        if args.command == "kinetics":
+            dataset = kinetics_dataset(args.csv, args.videos, args.classes, args.splits)
+        else:
+            kind = "video" if args.command == "list" else "frames"
+            dataset = list_dataset(
+                parse_split_args(args.split),
+                args.root,
+                args.classes,
+                kind=kind,
+                video_ext=getattr(args, "video_ext", ".webm"),
+                frame_rate=getattr(args, "frame_rate", None),
+            )
+        if not dataset.jobs and not dataset.rejected:
+            raise InputError("the inputs list no videos: check the list/CSV files")
+        run(dataset, cfg, transcode.process, console)
+    except InputError as err:
+        console.print(f"[red]error:[/red] {err}")
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONHASHSEED", "0")
+    sys.exit(main())

@@ -1,0 +1,293 @@
+"""Input rows -> Jobs: the Kinetics CSV, generic lists (path label / CSV / UCF101 / Something-Something JSON),
+frame folders, plus class-name files. Pure parsing, no video is opened here."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from preprocess.jobs import Failure, InputError, Job, make_key, unique_keys
+from preprocess.runner import Dataset
+
+VIDEO_EXTS = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".flv", ".mpg", ".mpeg", ".3gp", ".ogv")
+SPLIT_ALIASES = {"validate": "val", "validation": "val", "valid": "val"}
+
+
+# --- class names --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Classes:
+    names: list[str]
+    base: int = 0  # what integer labels in lists count from (UCF101's classInd and lists count from 1)
+
+    def index(self, name: str) -> int | None:
+        lookup = getattr(self, "_lookup", None)
+        if lookup is None:
+            lookup = {n.lower(): i for i, n in enumerate(self.names)}
+            object.__setattr__(self, "_lookup", lookup)
+        return lookup.get(name.strip().lower())
+
+
+def read_classes(path: str | Path) -> Classes:
+    """One name per line (line order = index), UCF101's classInd.txt ("1 ApplyEyeMakeup"), or an SSv2 labels
+    JSON ({"name": "index"})."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"class file {path} not found: give a file with one class name per line")
+    text = path.read_text(encoding="utf-8-sig")
+    if path.suffix == ".json":
+        mapping = json.loads(text)
+        names = [""] * len(mapping)
+        for name, idx in mapping.items():
+            names[int(idx)] = name
+        return Classes(names)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    numbered = [re.fullmatch(r"(\d+)\s+(.+)", line) for line in lines]
+    if lines and all(numbered):
+        pairs = sorted((int(m.group(1)), m.group(2).strip()) for m in numbered)  # type: ignore[union-attr]
+        base = pairs[0][0]
+        if [i for i, _ in pairs] != list(range(base, base + len(pairs))):
+            raise InputError(f"class file {path}: numbered lines must count up from {base} without gaps")
+        return Classes([n for _, n in pairs], base=base)
+    return Classes(lines)
+
+
+# --- Kinetics -----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KineticsRow:
+    label: str | None
+    youtube_id: str
+    start: float
+    end: float
+    split: str
+
+
+def read_kinetics_csv(path: str | Path) -> list[KineticsRow]:
+    """The official CSV: label,youtube_id,time_start,time_end,split[,is_cc]; the test CSV has no label."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"Kinetics CSV {path} not found")
+    rows = []
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        need = {"youtube_id", "time_start", "time_end"}
+        if not reader.fieldnames or not need <= set(reader.fieldnames):
+            raise InputError(
+                f"{path}: expected a header with label,youtube_id,time_start,time_end,split; got "
+                f"{reader.fieldnames}"
+            )
+        for line, row in enumerate(reader, start=2):
+            try:
+                start, end = float(row["time_start"]), float(row["time_end"])
+            except (TypeError, ValueError) as err:
+                raise InputError(f"{path}:{line}: time_start/time_end are not numbers: {row}") from err
+            split = (row.get("split") or "train").strip()
+            rows.append(
+                KineticsRow(
+                    label=(row.get("label") or None),
+                    youtube_id=row["youtube_id"].strip(),
+                    start=start,
+                    end=end,
+                    split=SPLIT_ALIASES.get(split, split),
+                )
+            )
+    return rows
+
+
+def index_videos(root: str | Path) -> dict[str, str]:
+    """Every video file under root by stem (without extension); the first in sorted order wins on repeats."""
+    found: dict[str, str] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(filenames):
+            stem, ext = os.path.splitext(name)
+            if ext.lower() in VIDEO_EXTS:
+                found.setdefault(stem, os.path.join(dirpath, name))
+    return found
+
+
+def kinetics_dataset(
+    csv_paths: list[str], video_dir: str, classes_path: str | None = None, splits: list[str] | None = None
+) -> Dataset:
+    """Trimmed clips `<id>_<start:06d>_<end:06d>.<ext>` are taken whole; a full video `<id>.<ext>` is trimmed
+    to [time_start, time_end]; a row with neither becomes a 'file not found' failure (never dropped)."""
+    if not Path(video_dir).is_dir():
+        raise InputError(f"video folder {video_dir} not found: give the folder of downloaded Kinetics videos")
+    rows = [row for path in csv_paths for row in read_kinetics_csv(path)]
+    if splits:
+        rows = [row for row in rows if row.split in splits]
+    if classes_path:
+        classes = read_classes(classes_path)
+    else:
+        classes = Classes(sorted({row.label for row in rows if row.label}))
+    videos = index_videos(video_dir)
+    jobs, rejected = [], []
+    for row in rows:
+        clip = f"{row.youtube_id}_{int(row.start):06d}_{int(row.end):06d}"
+        label = classes.index(row.label) if row.label else -1
+        if label is None:
+            rejected.append(
+                Failure(
+                    clip,
+                    f"label {row.label!r} is not in the class list",
+                    key=make_key(clip),
+                    split=row.split,
+                    extra={"rejected": True},
+                )
+            )
+            continue
+        if clip in videos:
+            source, start, end = videos[clip], None, None
+        elif row.youtube_id in videos:
+            source, start, end = videos[row.youtube_id], row.start, row.end
+        else:
+            source, start, end = os.path.join(video_dir, f"{clip}.mp4"), None, None
+        jobs.append(
+            Job(
+                key=make_key(clip),
+                source=source,
+                label=label,
+                label_name=classes.names[label] if label >= 0 else None,
+                split=row.split,
+                start=start,
+                end=end,
+            )
+        )
+    return _dataset(classes.names, jobs, rejected)
+
+
+def _dataset(classes: list[str], jobs: list[Job], rejected: list[Failure]) -> Dataset:
+    splits = list(dict.fromkeys([j.split for j in jobs] + [f.split for f in rejected]))
+    fixed = []
+    for split in splits:
+        mine = [j for j in jobs if j.split == split]
+        for job, key in zip(mine, unique_keys([j.key for j in mine]), strict=True):
+            fixed.append(job if key == job.key else Job(**{**job.__dict__, "key": key}))
+    return Dataset(classes=classes, splits=splits, jobs=fixed, rejected=rejected)
+
+
+# --- generic lists ------------------------------------------------------------------------------------------
+
+
+def _list_rows(path: Path) -> list[tuple[str, str | None]]:
+    """(path, label or None) from "path label", "path num_frames label", "path,label" CSV or bare paths."""
+    text = path.read_text(encoding="utf-8-sig")
+    if path.suffix == ".json":
+        items = json.loads(text)
+        if not isinstance(items, list):
+            raise InputError(
+                f"{path}: expected a JSON list of {{'id': ..., 'template': ...}} (Something-Something)"
+            )
+        return [
+            (
+                str(it["id"]),
+                (it.get("template") or it.get("label") or "").replace("[", "").replace("]", "") or None,
+            )
+            for it in items
+        ]
+    lines = [line for line in text.splitlines() if line.strip()]
+    if path.suffix == ".csv" or (lines and "," in lines[0] and len(lines[0].split(",")) == 2):
+        rows = list(csv.reader(lines))
+        if rows and rows[0] and rows[0][0].strip().lower() in ("path", "video", "filename", "file"):
+            rows = rows[1:]
+        return [(r[0].strip(), r[1].strip() if len(r) > 1 else None) for r in rows]
+    out = []
+    for number, line in enumerate(lines, start=1):
+        parts = line.split()
+        if len(parts) > 3:
+            raise InputError(
+                f"{path}:{number}: expected 'path label' or 'path num_frames label', got {line!r} "
+                f"(multi-label lists are not supported)"
+            )
+        out.append((parts[0], parts[-1] if len(parts) > 1 else None))
+    return out
+
+
+def _resolve_label(raw: str | None, rel_path: str, classes: Classes | None) -> int | str:
+    """Integer labels count from classes.base; names are looked up; a missing label comes from the folder name
+    (UCF101 test lists). Returns an error message (str) when nothing fits."""
+    if raw is not None and re.fullmatch(r"-?\d+", raw):
+        label = int(raw) - (classes.base if classes else 0)
+        if classes and not 0 <= label < len(classes.names):
+            return f"label {raw} is outside the {len(classes.names)} classes"
+        return label
+    name = raw if raw is not None else Path(rel_path).parent.name
+    if classes is None:
+        return f"label {name!r} is a name but no --classes file was given"
+    label = classes.index(name)
+    return label if label is not None else f"label {name!r} is not in the class list"
+
+
+def list_dataset(
+    split_files: dict[str, str],
+    root: str | None,
+    classes_path: str | None,
+    *,
+    kind: str = "video",
+    video_ext: str = ".webm",
+    frame_rate: float | None = None,
+) -> Dataset:
+    classes = read_classes(classes_path) if classes_path else None
+    raw_rows: dict[str, list[tuple[str, str | None]]] = {}
+    for split, file in split_files.items():
+        path = Path(file)
+        if not path.is_file():
+            raise InputError(f"list file {path} (split {split}) not found")
+        raw_rows[split] = _list_rows(path)
+        if path.suffix == ".json" and kind == "video":  # Something-Something ids name <id>.webm files
+            raw_rows[split] = [
+                (p if os.path.splitext(p)[1] else p + video_ext, lab) for p, lab in raw_rows[split]
+            ]
+    if classes is None:
+        names = sorted({lab for rows in raw_rows.values() for _, lab in rows if lab and not lab.isdigit()})
+        if names:
+            classes = Classes(names)
+        else:
+            top = max((int(lab) for rows in raw_rows.values() for _, lab in rows if lab), default=-1)
+            classes = Classes([str(i) for i in range(top + 1)])
+    base = Path(root) if root else None
+    jobs, rejected = [], []
+    for split, rows in raw_rows.items():
+        for rel, raw in rows:
+            source = str(base / rel) if base and not os.path.isabs(rel) else rel
+            key = make_key(os.path.splitext(rel)[0] if kind == "video" else rel)
+            label = _resolve_label(raw, rel, classes)
+            if isinstance(label, str):
+                rejected.append(Failure(source, label, key=key, split=split, extra={"rejected": True}))
+                continue
+            jobs.append(
+                Job(
+                    key=key,
+                    source=source,
+                    label=label,
+                    label_name=classes.names[label],
+                    split=split,
+                    kind=kind,
+                    frame_rate=frame_rate,
+                )
+            )
+    return _dataset(classes.names, jobs, rejected)
+
+
+def parse_split_args(values: list[str]) -> dict[str, str]:
+    """`--split train=list.txt --split val=val.txt` (a bare file means split 'train')."""
+    out: dict[str, str] = {}
+    for value in values:
+        split, sep, file = value.partition("=")
+        if not sep:
+            split, file = "train", value
+        if not re.fullmatch(r"[A-Za-z0-9_]+", split):
+            raise InputError(
+                f"split name {split!r} must be letters, digits or _ (it becomes part of shard names)"
+            )
+        if split in out:
+            raise InputError(f"split {split!r} given twice")
+        out[split] = file
+    return out
