@@ -1,0 +1,269 @@
+"""NVIDIA DALI loaders: CPU decode (MJPEG/VP9) or `mixed` NVDEC decode (H.264/HEVC) of only the sampled frames.
+
+Python reads each batch's encoded files by offset (pipeline.shards) and feeds them, with the per-sample draws and
+crop boxes, through ``fn.external_source``; the graph computes the frame indices from the stored frame count
+(the float32 rule of pipeline.sampling, proven equal by a test), decodes them, crops + resizes each view and
+flips + normalises. A decode error fails a whole DALI batch: the loader then decodes that batch's samples one
+by one in a batch-size-1 pipeline, skips and counts the broken ones, and continues (the main pipeline keeps
+running after a failed iteration).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections import deque
+
+import numpy as np
+import torch
+
+from pipeline import sampling
+from pipeline.loader import IMAGENET_MEAN, IMAGENET_STD, Loader, LoaderConfig
+
+log = logging.getLogger(__name__)
+
+# One pipeline drives one NVDEC engine (docs/dali-notes.md): the GPU loader spreads batches round-robin over
+# several pipelines so that several videos decode at once. An H100 has 7 NVDEC engines.
+GPU_PIPELINES = int(os.environ.get("GCVIDEO_DALI_PIPELINES", "4"))
+
+
+def frame_index_graph(num_frames, u, *, sampling_rule: str, num_segments: int, dense_stride: int):
+    """pipeline.sampling.frame_indices in DALI float32 arithmetic: draws (clips, T) -> flat int32 indices."""
+    from nvidia.dali import fn, types
+    import nvidia.dali.math as dmath
+
+    length = fn.cast(num_frames, dtype=types.FLOAT)
+    seg = types.Constant(np.arange(num_segments, dtype=np.float32))
+    if sampling_rule == "tsn":
+        idx = dmath.floor((seg + u) * length / np.float32(num_segments))
+    elif sampling_rule == "dense":
+        span = dmath.max(length - np.float32(num_segments * dense_stride - 1), np.float32(1))
+        pos = dmath.floor(u * span) + seg * np.float32(dense_stride)
+        idx = pos - length * dmath.floor(pos / length)
+    else:
+        raise ValueError(f"sampling must be one of {sampling.SAMPLINGS}, got {sampling_rule!r}")
+    idx = dmath.min(idx, length - np.float32(1))
+    return fn.cast(fn.reshape(idx, shape=[-1]), dtype=types.INT32)
+
+
+def decode_frames_dali(video: np.ndarray, indices: np.ndarray, *, gpu: bool = False) -> np.ndarray:
+    """Frames ``indices`` of one encoded file decoded by DALI, (len, H, W, 3) uint8 (tests, benchmarks)."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def(batch_size=1, num_threads=1, device_id=0 if gpu else None)
+    def pipe():
+        data, idx = fn.external_source(source=lambda: ([video], [np.asarray(indices, np.int32)]), num_outputs=2,
+                                       batch=True, dtype=[types.UINT8, types.INT32])
+        return fn.decoders.video(data, frames=idx, device="mixed" if gpu else "cpu", pad_mode="none")
+
+    p = pipe()
+    p.build()
+    out = p.run()[0]
+    return np.array(out.as_cpu()[0] if gpu else out[0])
+
+
+def build_pipeline(*, gpu: bool, batch_size: int, num_threads: int, device_id: int | None, source,
+                   sampling_rule: str, num_segments: int, dense_stride: int, num_crops: int, out_size: int,
+                   fp16: bool, prefetch: int = 2, seed: int = 0, pipelined: bool = True):
+    """A DALI pipeline for one loader mode. Inputs (per sample, from ``source``): encoded video (uint8),
+    num_frames (int32 scalar), draws (clips, T) float32, roi_start/roi_end (crops, 2) float32 as (y, x),
+    flips (crops,) int32. Output: (crops, clips*T, S, S, 3) normalised float (crops axis only if crops > 1)."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id,
+                  prefetch_queue_depth=prefetch, seed=seed, exec_async=pipelined, exec_pipelined=pipelined)
+    def pipe():
+        video, num_frames, u, roi_start, roi_end, flips = fn.external_source(
+            source=source, num_outputs=6, batch=True,
+            dtype=[types.UINT8, types.INT32, types.FLOAT, types.FLOAT, types.FLOAT, types.INT32])
+        idx = frame_index_graph(num_frames, u, sampling_rule=sampling_rule, num_segments=num_segments,
+                                dense_stride=dense_stride)
+        frames = fn.decoders.video(video, frames=idx, device="mixed" if gpu else "cpu", pad_mode="none")
+        mean = [255 * m for m in IMAGENET_MEAN]
+        std = [255 * s for s in IMAGENET_STD]
+        views = []
+        for k in range(num_crops):
+            v = fn.resize(frames, roi_start=roi_start[k], roi_end=roi_end[k], size=[out_size, out_size],
+                          interp_type=types.INTERP_LINEAR, antialias=True)
+            v = fn.crop_mirror_normalize(v, mirror=flips[k], mean=mean, std=std, output_layout="FHWC",
+                                         dtype=types.FLOAT16 if fp16 else types.FLOAT)
+            views.append(v)
+        return fn.stack(*views) if num_crops > 1 else views[0]
+
+    return pipe()
+
+
+def error_summary(error: BaseException) -> str:
+    """The informative line of a DALI error (its message is mostly the pipeline-definition traceback)."""
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    for ln in lines:
+        if "failed:" in ln:
+            return ln.split("failed:", 1)[1].strip()
+    for ln in lines:
+        if "rror" in ln and "Critical error" not in ln and "operator" not in ln:
+            return ln
+    return lines[0] if lines else type(error).__name__
+
+
+class DaliLoader(Loader):
+    def __init__(self, cfg: LoaderConfig, *, gpu: bool, **kwargs):
+        super().__init__(cfg, **kwargs)
+        self.gpu = gpu
+        self.backend = "dali-gpu" if gpu else "dali-cpu"
+        if gpu and self.device.type != "cuda":
+            raise ValueError("the dali-gpu backend needs a CUDA device")
+        self.num_pipelines = max(1, GPU_PIPELINES) if gpu else 1
+        self._pipes: list = []
+        self._states = [{"plan": deque(), "fifo": deque()} for _ in range(self.num_pipelines)]
+        self._probe = None
+        self._clean = True
+
+    # ----- pipeline construction
+    def _pipe_kwargs(self, batch_size: int, source) -> dict:
+        cfg = self.cfg
+        device_id = (self.device.index or 0) if self.gpu else None
+        threads = max(1, cfg.workers) if not self.gpu else max(2, cfg.workers)
+        num_crops = cfg.num_crops if self.mode == "test" else 1
+        out = cfg.scale_size if (self.mode == "test" and num_crops == 3) else cfg.crop_size
+        return dict(gpu=self.gpu, batch_size=batch_size, num_threads=threads, device_id=device_id, source=source,
+                    sampling_rule=cfg.sampling, num_segments=cfg.num_segments, dense_stride=cfg.dense_stride,
+                    num_crops=num_crops, out_size=out, fp16=self.dtype == torch.float16, seed=cfg.seed)
+
+    def _feed(self, sample_ids: list[int], samples: list) -> tuple:
+        videos, nums, us, starts, ends, flips = [], [], [], [], [], []
+        for sid, s in zip(sample_ids, samples):
+            v = self.views(sid, s)
+            videos.append(s.video)
+            nums.append(np.int32(s.num_frames))
+            us.append(v.u)
+            starts.append(np.ascontiguousarray(v.boxes[:, [1, 0]], dtype=np.float32))  # DALI's roi is (y, x)
+            ends.append(np.ascontiguousarray(v.boxes[:, [3, 2]], dtype=np.float32))
+            flips.append(v.flips.astype(np.int32))
+        return videos, nums, us, starts, ends, flips
+
+    def _batch_source(self, plan: deque, fifo: deque):
+        """A DALI source callback: the next planned batch, its sample ids and labels recorded in ``fifo``."""
+        def source():
+            while plan:
+                ids = [int(i) for i in plan.popleft()]
+                got = [(sid, s) for sid in ids if (s := self.read(sid)) is not None]
+                if self.mode == "train" and len(got) < len(ids):
+                    fill = self.replacements(np.array(ids))
+                    while len(got) < len(ids):
+                        sid = next(fill)
+                        if (s := self.read(sid)) is not None:
+                            got.append((sid, s))
+                if got:
+                    fifo.append(([g[0] for g in got], [g[1].label for g in got], [g[1].key for g in got]))
+                    return self._feed([g[0] for g in got], [g[1] for g in got])
+            raise StopIteration
+        return source
+
+    def _decode_one(self, sid: int):
+        """Decode one sample alone (the slow path after a failed batch); None if it is broken."""
+        sample = self.read(sid)
+        if sample is None:
+            return None
+        if self._probe is None:  # runs exactly one source call per run(): no prefetching, no pipelining
+            self._probe_queue: deque = deque()
+            self._probe = build_pipeline(**self._pipe_kwargs(1, lambda: self._probe_queue.popleft()),
+                                         prefetch=1, pipelined=False)
+            self._probe.build()
+        self._probe_queue.append(self._feed([sid], [sample]))
+        try:
+            out = self._probe.run()[0]
+        except Exception as e:  # noqa: BLE001 (DALI raises RuntimeError subclasses that vary by version)
+            self._probe = None  # a DALI pipeline that raised may be unusable: build a fresh one next time
+            self.mark_bad(sid, error_summary(e))
+            return None
+        return self._to_torch(out)[0], sample
+
+    def _to_torch(self, tensor_list) -> torch.Tensor:
+        """One copy out of DALI's buffers (which the next run reuses) into a fresh torch tensor."""
+        from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
+        dense = tensor_list.as_tensor()
+        out = torch.empty(dense.shape(), dtype=to_torch_type[dense.dtype],
+                          device=self.device if self.gpu else "cpu")
+        stream = torch.cuda.current_stream(self.device) if self.gpu else None
+        return feed_ndarray(dense, out, cuda_stream=stream)
+
+    def _recover(self, ids: list[int], labels: list[int], keys: list[str]):
+        """Decode a failed batch sample by sample, skipping broken samples (train: refilled to full size)."""
+        parts, got_labels, got_keys = [], [], []
+        for sid, label, key in zip(ids, labels, keys):
+            res = self._decode_one(sid)
+            if res is not None:
+                parts.append(res[0]), got_labels.append(label), got_keys.append(key)
+        if self.mode == "train":
+            fill = self.replacements(np.array(ids))
+            while len(parts) < len(ids):
+                sid = next(fill)
+                res = self._decode_one(sid)
+                if res is not None:
+                    parts.append(res[0]), got_labels.append(res[1].label), got_keys.append(res[1].key)
+        if not parts:
+            return None
+        return torch.stack(parts), got_labels, got_keys
+
+    # ----- iteration
+    def __iter__(self):
+        batches = self.batches()
+        P = self.num_pipelines
+        for p in range(P):
+            self._states[p]["plan"], self._states[p]["fifo"] = deque(batches[p::P]), deque()
+        if self._clean and self._pipes:
+            for pipe in self._pipes:
+                pipe.reset()
+        else:
+            self._pipes = [build_pipeline(**self._pipe_kwargs(self.cfg.batch_size, self._source(p)))
+                           for p in range(P)]
+            for pipe in self._pipes:
+                pipe.build()
+        self._clean = False
+        for b in range(len(batches)):
+            pipe, fifo = self._pipes[b % P], self._states[b % P]["fifo"]
+            try:
+                x = self._to_torch(pipe.run()[0])
+                ids, labels, keys = fifo.popleft()
+            except StopIteration:
+                continue
+            except Exception as e:  # noqa: BLE001 (DALI raises RuntimeError subclasses that vary by version)
+                if not fifo:
+                    raise
+                ids, labels, keys = fifo.popleft()
+                log.debug("DALI batch failed (%s); decoding its %d samples one by one", error_summary(e), len(ids))
+                self._rebuild(b % P)
+                res = self._recover(ids, labels, keys)
+                if res is None:
+                    continue
+                x, labels, keys = res
+            yield self.to_output(self._arrange(x), labels, keys)
+        self._drain()
+
+    def _arrange(self, x: torch.Tensor) -> torch.Tensor:
+        """DALI's (N, [crops,] clips*T, S, S, 3) -> (N, V, T, S, S, 3), V = clips*crops, clip-major."""
+        n, t = x.shape[0], self.cfg.num_segments
+        x = x.view(n, -1, x.shape[-4] // t, t, *x.shape[-3:]) if x.dim() == 6 else \
+            x.view(n, 1, x.shape[1] // t, t, *x.shape[-3:])
+        return x.transpose(1, 2).reshape(n, -1, t, *x.shape[-3:])
+
+    def _rebuild(self, p: int) -> None:
+        """Replace a pipeline that raised (it may be unusable), re-queueing the batches it had prefetched."""
+        plan, fifo = self._states[p]["plan"], self._states[p]["fifo"]
+        plan.extendleft(np.array(ids) for ids, _, _ in reversed(fifo))
+        fifo.clear()
+        self._pipes[p] = build_pipeline(**self._pipe_kwargs(self.cfg.batch_size, self._source(p)))
+        self._pipes[p].build()
+
+    def _source(self, p: int):
+        state = self._states[p]
+        return lambda: self._batch_source(state["plan"], state["fifo"])()
+
+    def _drain(self) -> None:
+        """Run the pipelines to their StopIteration so that reset() can start the next epoch."""
+        for pipe in self._pipes:
+            try:
+                while True:
+                    pipe.run()
+            except StopIteration:
+                pass
+        self._clean = True

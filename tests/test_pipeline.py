@@ -1,0 +1,269 @@
+"""Loaders on real shards: MJPEG shards of the real Kinetics clips in ../shared/data, built by the preprocess CLI."""
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+
+from pipeline import LoaderConfig, build_loader, sampling, select_backend
+from pipeline.dali_loader import decode_frames_dali, frame_index_graph
+from pipeline.shards import ShardDataset, parse_idx
+from pipeline.torch_loader import _decode_forward, decode_frames
+
+ROOT = Path(__file__).resolve().parents[1]
+VIDEOS = ROOT.parent / "shared" / "data" / "videos"
+KINETICS = ["arm_wrestling_demo.mp4", "cleaning_pool_test.mp4", "flipping_pancake.mkv",
+            "clean_and_jerk_GGSY1Qvo990.mp4", "walking_the_dog_ZNVhz7ctTq0.mp4"]
+
+
+def _preprocess(out: Path, rows: dict[str, list[tuple[str, str]]], *extra: str) -> Path:
+    args = [sys.executable, "-m", "preprocess", "list", "--root", str(VIDEOS), "--out", str(out), "--name", "t",
+            "--codec", "mjpeg", "--short-side", "64", "--shard-samples", "2", "--workers", "2", "--no-progress",
+            *extra]
+    for split, items in rows.items():
+        lst = out.parent / f"{out.name}-{split}.csv"
+        lst.write_text("path,label\n" + "".join(f"{p},{label}\n" for p, label in items))
+        args += ["--split", f"{split}={lst}"]
+    subprocess.run(args, cwd=ROOT, check=True, capture_output=True, timeout=300)
+    return out / "index.json"
+
+
+@pytest.fixture(scope="module")
+def index(tmp_path_factory) -> Path:
+    """6 clips per split (5 Kinetics + a 32-frame clip), short side 64, MJPEG, 2 samples per shard."""
+    labels = [Path(k).stem.split("_")[0] for k in KINETICS]
+    rows = [(f"kinetics/{k}", lab) for k, lab in zip(KINETICS, labels)] + [("edge/short_32_frames.mp4", "short")]
+    return _preprocess(tmp_path_factory.mktemp("shards") / "ds", {"train": rows, "val": rows})
+
+
+@pytest.fixture(scope="module")
+def corrupt_index(index, tmp_path_factory) -> tuple[Path, str]:
+    """A copy of the dataset with one val video overwritten by random bytes (tar and index stay valid)."""
+    out = tmp_path_factory.mktemp("corrupt") / "ds"
+    shutil.copytree(index.parent, out)
+    shard = json.loads((out / "index.json").read_text())["splits"]["val"]["shards"][1]
+    key, members = parse_idx(out / shard["index"])[0]
+    offset, size = members["mp4"]
+    with open(out / shard["tar"], "r+b") as f:
+        f.seek(offset)
+        f.write(np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8).tobytes())
+    return out / "index.json", key
+
+
+def _cfg(index, **kw) -> LoaderConfig:
+    base = dict(index=str(index), crop_size=56, scale_size=64, num_segments=4, batch_size=2, workers=2)
+    return LoaderConfig(**{**base, **kw})
+
+
+def test_reads_the_preprocess_output(index):
+    ds = ShardDataset(index, "val")
+    assert len(ds) == 6 and ds.codec == "mjpeg"
+    samples = [ds[i] for i in range(len(ds))]
+    assert {s.num_frames for s in samples} >= {32, 280}
+    for s in samples:
+        assert min(s.width, s.height) == 64 and ds.classes[s.label] in s.key.replace("_", " ") + " short"
+
+
+def test_dali_decodes_the_requested_frames(index):
+    """DALI frame i == PyAV frame i (up to colour conversion), and is unlike frames i +- 1."""
+    ds = ShardDataset(index, "val")
+    for i in (0, 3, 5):
+        s = ds[i]
+        idx = np.array([0, s.num_frames // 2, s.num_frames - 1, 7, 7])
+        got = decode_frames_dali(s.video, idx).astype(np.int16)
+        ref = decode_frames(s.video, np.concatenate([idx, idx[:3] + [1, 1, -1]])).astype(np.int16)
+        assert got.shape == ref[:5].shape == (5, s.height, s.width, 3)
+        err = np.abs(got - ref[:5]).mean(axis=(1, 2, 3))
+        assert np.all(err < 3.0), err  # chroma upsampling differs; same frame
+        assert np.array_equal(got[3], got[4])
+        neighbour = np.abs(got[:3] - ref[5:]).mean(axis=(1, 2, 3))
+        assert np.all(neighbour > err[:3]), (neighbour, err)
+
+
+@pytest.mark.parametrize("rule, mode, clips", [("tsn", "train", 1), ("tsn", "test", 2), ("dense", "train", 1),
+                                               ("dense", "test", 3), ("tsn", "val", 1)])
+def test_dali_index_arithmetic_equals_numpy(rule, mode, clips):
+    from nvidia.dali import fn, pipeline_def, types
+
+    T, stride = 8, 4
+    lengths = [1, 3, 7, 8, 31, 32, 33, 64, 100, 301, 1000, 4097]
+    rng = np.random.default_rng(0)
+    draws = [sampling.frame_draws(rng, mode=mode, sampling=rule, num_segments=T, num_clips=clips)
+             for _ in lengths]
+    draws[0][:] = np.float32(np.nextafter(np.float32(1), np.float32(0)))  # the largest draw
+
+    @pipeline_def(batch_size=len(lengths), num_threads=1, device_id=None)
+    def pipe():
+        n, u = fn.external_source(source=lambda: ([np.int32(x) for x in lengths], draws), num_outputs=2,
+                                  batch=True, dtype=[types.INT32, types.FLOAT])
+        return frame_index_graph(n, u, sampling_rule=rule, num_segments=T, dense_stride=stride)
+
+    p = pipe()
+    p.build()
+    out = p.run()[0]
+    for i, (length, u) in enumerate(zip(lengths, draws)):
+        expected = sampling.frame_indices(length, u, sampling=rule, dense_stride=stride).ravel()
+        assert np.array(out[i]).tolist() == expected.tolist(), (length, u)
+
+
+@pytest.mark.parametrize("mode, crops", [("train", 1), ("val", 1), ("test", 10)])
+def test_dali_and_torch_fallback_agree(index, mode, crops):
+    outs = {}
+    for backend in ("dali-cpu", "torch"):
+        loader = build_loader(_cfg(index, backend=backend, num_crops=crops, num_clips=2, batch_size=3), "val", mode)
+        loader.set_epoch(2)
+        outs[backend] = list(loader)
+    assert len(outs["dali-cpu"]) == len(outs["torch"]) == 2
+    for a, b in zip(outs["dali-cpu"], outs["torch"]):
+        assert a[0].shape == b[0].shape and a[1].tolist() == b[1].tolist()
+        diff = (a[0] - b[0]).abs()
+        assert diff.mean() < 0.05 and diff.max() < 1.2  # normalised units: 0.05 ~ 3 grey levels
+        if mode == "test":
+            assert a[2] == b[2]
+    other = list(build_loader(_cfg(index, backend="torch", num_crops=crops, num_clips=2, batch_size=3), "val", mode))
+    if mode == "train":  # a different epoch draws other frames and crops
+        assert (other[0][0] - outs["torch"][0][0]).abs().mean() > 0.1
+
+
+def test_output_contract(index):
+    loader = build_loader(_cfg(index, backend="dali-cpu", batch_size=4), "train", "train", dtype=torch.bfloat16)
+    assert loader.classes == json.loads(index.read_text())["classes"] and len(loader) == 1
+    assert loader.num_samples == 4
+    batches = list(loader)
+    assert len(batches) == len(loader)
+    x, y = batches[0]
+    assert x.shape == (4, 4, 3, 56, 56) and x.dtype == torch.bfloat16 and y.dtype == torch.long
+    assert x.flatten(0, 1).is_contiguous(memory_format=torch.channels_last)
+    test = build_loader(_cfg(index, backend="dali-cpu", num_crops=3, num_clips=2, batch_size=4), "val", "test")
+    x, y, keys = next(iter(test))
+    assert x.shape == (4, 6, 4, 3, 64, 64) and len(keys) == 4 and len(y) == 4
+    # view v = clip * crops + crop: the 3 crops of one clip share their frames, the 2 clips do not
+    assert not torch.equal(x[:, 0], x[:, 3]) and not torch.equal(x[:, 0], x[:, 1])
+
+
+def test_normalisation_and_flip(index):
+    """Values are ImageNet-normalised; train flips mirror the crop (same frames and box, flip on and off)."""
+    loaders = {flip: build_loader(_cfg(index, backend="dali-cpu", flip=flip, batch_size=6, scales=(1.0,)),
+                                  "train", "train") for flip in (True, False)}
+    (xf, yf), = list(loaders[True])
+    (xn, yn), = list(loaders[False])
+    assert torch.equal(yf, yn) and -2.2 < float(xn.min()) and float(xn.max()) < 2.7
+    mirrored = [torch.allclose(xf[i], xn[i].flip(-1), atol=1e-5) for i in range(6)]
+    same = [torch.equal(xf[i], xn[i]) for i in range(6)]
+    assert all(m or s for m, s in zip(mirrored, same)) and any(mirrored) and any(same)
+
+
+@pytest.mark.parametrize("backend", ["dali-cpu", "torch"])
+def test_val_ranks_cover_every_sample_once(index, backend):
+    keys = []
+    for rank in range(4):
+        loader = build_loader(_cfg(index, backend=backend, num_clips=1), "val", "test", rank=rank, world_size=4)
+        got = [k for _, _, batch_keys in loader for k in batch_keys]
+        assert len(got) == loader.num_samples
+        keys += got
+    assert sorted(keys) == sorted(r.key for r in ShardDataset(index, "val").refs)
+
+
+def test_train_ranks_get_equal_disjoint_batches(index):
+    loaders = [build_loader(_cfg(index, backend="dali-cpu", batch_size=1), "train", "train", rank=r, world_size=4)
+               for r in range(4)]
+    for epoch in (0, 1):
+        ids = []
+        for loader in loaders:
+            loader.set_epoch(epoch)
+            ids.append([int(i) for b in loader.batches() for i in b])
+        assert [len(x) for x in ids] == [1, 1, 1, 1] and len({i for x in ids for i in x}) == 4
+    assert [len(loader) for loader in loaders] == [1] * 4 and len(list(loaders[3])) == 1
+
+
+@pytest.mark.parametrize("backend", ["dali-cpu", "torch"])
+def test_resume_sees_exactly_the_remaining_batches(index, backend):
+    cfg = _cfg(index, backend=backend, batch_size=2)
+    full = build_loader(cfg, "train", "train")
+    full.set_epoch(5)
+    whole = list(full)
+    assert len(whole) == 3
+    resumed = build_loader(cfg, "train", "train")
+    resumed.set_epoch(5, start_batch=1)
+    rest = list(resumed)
+    assert len(rest) == 2
+    for (xa, ya), (xb, yb) in zip(whole[1:], rest):
+        assert torch.equal(ya, yb) and torch.equal(xa, xb)
+
+
+@pytest.mark.parametrize("backend", ["dali-cpu", "torch"])
+def test_corrupt_sample_is_skipped_and_counted(corrupt_index, backend):
+    index, bad_key = corrupt_index
+    val = build_loader(_cfg(index, backend=backend, num_clips=1, batch_size=4), "val", "test")
+    keys = [k for _, _, batch_keys in val for k in batch_keys]
+    assert val.skipped == 1 and len(keys) == 5 and bad_key not in keys
+    train = build_loader(_cfg(index, backend=backend, batch_size=6), "val", "train")
+    (x, y), = list(train)
+    assert x.shape[0] == 6 and train.skipped == 1  # refilled to a full batch
+    list(train)
+    assert train.skipped == 2  # counted again when met again, not decoded again
+
+
+@pytest.fixture(scope="module")
+def h264_index(tmp_path_factory) -> Path:
+    rows = [(f"kinetics/{k}", "x") for k in KINETICS[:3]]
+    return _preprocess(tmp_path_factory.mktemp("h264") / "ds", {"val": rows}, "--codec", "h264", "--gop", "8")
+
+
+def test_fallback_seeking_decode_equals_decoding_forward(h264_index):
+    """Seeking to keyframes (H.264, GOP 8, B-frames) returns exactly the frames a full forward decode does."""
+    ds = ShardDataset(h264_index, "val")
+    rng = np.random.default_rng(0)
+    for i in range(len(ds)):
+        s = ds[i]
+        idx = np.concatenate([rng.integers(0, s.num_frames, 9), [s.num_frames - 1, 0, 8, 7, 9]])
+        with av.open(io.BytesIO(bytes(s.video))) as c:
+            forward = _decode_forward(c, c.streams.video[0], sorted(set(idx.tolist())))
+        assert np.array_equal(decode_frames(s.video, idx), np.stack([forward[j] for j in idx]))
+    loader = build_loader(_cfg(h264_index, batch_size=3, workers=0), "val", "val")  # auto: H.264 on CPU
+    (x, y), = list(loader)
+    assert loader.backend == "torch" and x.shape == (3, 4, 3, 56, 56) and loader.skipped == 0
+
+
+def test_select_backend_table():
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert select_backend("auto", codec="mjpeg", device=cpu) == "dali-cpu"
+    assert select_backend("auto", codec="h264", device=cpu) == "torch"
+    assert select_backend("auto", codec="vp9", device=cpu) == "torch"
+    assert select_backend("auto", codec="h264", device=gpu) == "dali-gpu"
+    assert select_backend("torch", codec="mjpeg", device=gpu) == "torch"
+    with pytest.raises(ValueError, match="cannot decode 'h264'"):
+        select_backend("dali-cpu", codec="h264", device=cpu)
+    with pytest.raises(ValueError, match="CUDA"):
+        select_backend("dali-gpu", codec="h264", device=cpu)
+
+
+def test_bad_paths_and_sizes_are_named(index, tmp_path):
+    with pytest.raises(FileNotFoundError, match="preprocess"):
+        build_loader(_cfg(tmp_path / "nothing.json"), "train", "train")
+    with pytest.raises(KeyError, match="no split 'test'"):
+        build_loader(_cfg(index), "test", "test")
+    with pytest.raises(ValueError, match="batch_size"):
+        build_loader(_cfg(index, batch_size=64), "train", "train")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (NVDEC)")
+def test_dali_gpu_decodes_h264_like_the_fallback(tmp_path):
+    rows = [(f"kinetics/{k}", "x") for k in KINETICS[:4]]
+    h264 = _preprocess(tmp_path / "h264", {"val": rows}, "--codec", "h264", "--gop", "8")
+    outs = {}
+    for backend in ("dali-gpu", "torch"):
+        loader = build_loader(_cfg(h264, backend=backend, batch_size=4), "val", "val", device=torch.device("cuda"))
+        outs[backend] = list(loader)
+    (xg, yg), (xt, yt) = outs["dali-gpu"][0], outs["torch"][0]
+    assert xg.is_cuda and xg.shape == xt.shape == (4, 4, 3, 56, 56) and torch.equal(yg.cpu(), yt.cpu())
+    assert (xg.float() - xt.float()).abs().mean() < 0.05

@@ -1,0 +1,140 @@
+"""Table tests for pipeline.sampling: frame indices per rule, short videos, crop geometry (pure numpy)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline import sampling
+
+
+def _indices(num_frames, mode, rule, T, clips=1, twice=False, stride=8, seed=0):
+    rng = np.random.default_rng(seed)
+    u = sampling.frame_draws(rng, mode=mode, sampling=rule, num_segments=T, num_clips=clips, twice_sample=twice)
+    return sampling.frame_indices(num_frames, u, sampling=rule, dense_stride=stride).tolist()
+
+
+@pytest.mark.parametrize("num_frames, mode, rule, T, clips, twice, stride, expected", [
+    # TSN val = segment centres, as TSM's int(tick / 2 + tick * k)
+    (16, "val", "tsn", 8, 1, False, 8, [[1, 3, 5, 7, 9, 11, 13, 15]]),
+    (300, "val", "tsn", 8, 1, False, 8, [[18, 56, 93, 131, 168, 206, 243, 281]]),
+    # shorter than T: frames repeat in order, never past the end
+    (5, "val", "tsn", 8, 1, False, 8, [[0, 0, 1, 2, 2, 3, 4, 4]]),
+    (1, "val", "tsn", 4, 1, False, 8, [[0, 0, 0, 0]]),
+    # test: twice_sample = centres then starts; N clips evenly offset inside the segments
+    (16, "test", "tsn", 8, 1, True, 8, [[1, 3, 5, 7, 9, 11, 13, 15], [0, 2, 4, 6, 8, 10, 12, 14]]),
+    (40, "test", "tsn", 4, 2, False, 8, [[2, 12, 22, 32], [7, 17, 27, 37]]),
+    # dense 8x8: centre window; a 64-frame video is exactly one window
+    (64, "val", "dense", 8, 1, False, 8, [[0, 8, 16, 24, 32, 40, 48, 56]]),
+    (100, "val", "dense", 8, 1, False, 8, [[18, 26, 34, 42, 50, 58, 66, 74]]),
+    # dense on a 32-frame video (shorter than the 64-frame window): start 0, wrap around
+    (32, "val", "dense", 8, 1, False, 8, [[0, 8, 16, 24, 0, 8, 16, 24]]),
+    (32, "test", "dense", 8, 10, False, 8, [[0, 8, 16, 24, 0, 8, 16, 24]] * 10),
+    (40, "val", "dense", 4, 1, False, 2, [[16, 18, 20, 22]]),  # span 40 - 8 + 1 = 33, start floor(16.5)
+])
+def test_frame_index_table(num_frames, mode, rule, T, clips, twice, stride, expected):
+    assert _indices(num_frames, mode, rule, T, clips, twice, stride) == expected
+
+
+def test_dense_test_windows_are_evenly_spaced():
+    got = _indices(100, "test", "dense", 8, clips=10)
+    starts = [row[0] for row in got]
+    assert starts == [1, 5, 9, 12, 16, 20, 24, 27, 31, 35]  # floor((c + .5) / 10 * 37)
+    assert all(np.diff(row).tolist() == [8] * 7 for row in got)
+
+
+@pytest.mark.parametrize("num_frames, T", [(1, 8), (7, 8), (8, 8), (16, 8), (301, 8), (10, 16), (1000, 3)])
+def test_tsn_train_draws_one_frame_per_segment(num_frames, T):
+    rng = np.random.default_rng(num_frames)
+    for _ in range(200):
+        u = sampling.frame_draws(rng, mode="train", sampling="tsn", num_segments=T)
+        idx = sampling.frame_indices(num_frames, u, sampling="tsn")[0]
+        assert idx.min() >= 0 and idx.max() < num_frames
+        lo = np.floor(np.arange(T) * num_frames / T)
+        hi = np.maximum(np.ceil(np.arange(1, T + 1) * num_frames / T) - 1, lo)
+        assert np.all(idx >= lo) and np.all(idx <= hi), (idx, lo, hi)
+
+
+def test_train_draws_cover_every_frame_of_a_segment():
+    rng = np.random.default_rng(1)
+    seen = set()
+    for _ in range(300):
+        u = sampling.frame_draws(rng, mode="train", sampling="tsn", num_segments=4)
+        seen.add(int(sampling.frame_indices(20, u, sampling="tsn")[0, 1]))
+    assert seen == {5, 6, 7, 8, 9}
+
+
+def test_dense_train_windows_stay_inside_the_video():
+    rng = np.random.default_rng(2)
+    starts = set()
+    for _ in range(500):
+        u = sampling.frame_draws(rng, mode="train", sampling="dense", num_segments=8)
+        idx = sampling.frame_indices(80, u, sampling="dense", dense_stride=8)[0]
+        assert idx[0] >= 0 and idx[-1] < 80 and np.all(np.diff(idx) == 8)
+        starts.add(int(idx[0]))
+    assert starts == set(range(17))  # 80 - 64 + 1 possible windows
+
+
+def test_draws_are_deterministic_per_seed_epoch_sample():
+    a = sampling.frame_draws(sampling.sample_rng(3, 1, 42), mode="train", sampling="tsn", num_segments=8)
+    b = sampling.frame_draws(sampling.sample_rng(3, 1, 42), mode="train", sampling="tsn", num_segments=8)
+    c = sampling.frame_draws(sampling.sample_rng(3, 2, 42), mode="train", sampling="tsn", num_segments=8)
+    assert a.dtype == np.float32 and np.array_equal(a, b) and not np.array_equal(a, c)
+    p0, p1 = sampling.epoch_permutation(50, 0, 0), sampling.epoch_permutation(50, 0, 1)
+    assert sorted(p0) == list(range(50)) and np.array_equal(p0, sampling.epoch_permutation(50, 0, 0))
+    assert not np.array_equal(p0, p1)
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(ValueError, match="sampling"):
+        sampling.frame_draws(None, mode="val", sampling="uniform", num_segments=8)
+    with pytest.raises(ValueError, match="num_frames"):
+        sampling.frame_indices(0, np.zeros((1, 8), np.float32), sampling="tsn")
+    with pytest.raises(ValueError, match="num_crops"):
+        sampling.eval_crop_boxes(64, 64, scale_size=64, crop_size=56, num_crops=5)
+
+
+# ----- crop geometry (TSM's GroupMultiScaleCrop / GroupCenterCrop / GroupFullResSample / GroupOverSample)
+
+def test_multiscale_pairs_match_tsm():
+    # 340x256: short side 256 -> 256, 224, 192, 168 (224 snaps to crop size); |i - j| <= 1
+    pairs = sampling.multiscale_crop_pairs(340, 256, 224)
+    assert pairs == [(256, 256), (224, 256), (256, 224), (224, 224), (192, 224), (224, 192), (192, 192),
+                     (168, 192), (192, 168), (168, 168)]
+    assert sampling.multiscale_crop_pairs(340, 256, 224, max_distort=0) == [(256, 256), (224, 224), (192, 192),
+                                                                            (168, 168)]
+
+
+def test_fixed_offsets_match_tsm():
+    assert sampling.tsm_fixed_offsets(340, 256, 224, 224) == [
+        (0, 0), (116, 0), (0, 32), (116, 32), (58, 16),
+        (0, 16), (116, 16), (58, 32), (58, 0), (29, 8), (87, 8), (29, 24), (87, 24)]
+    assert len(sampling.tsm_fixed_offsets(340, 256, 224, 224, more_fix_crop=False)) == 5
+
+
+def test_multiscale_crop_box_draws_pairs_and_offsets():
+    rng = np.random.default_rng(0)
+    sizes, positions = set(), set()
+    for _ in range(2000):
+        x0, y0, x1, y1 = sampling.multiscale_crop_box(rng, 340, 256, 224)
+        assert 0 <= x0 < x1 <= 340 and 0 <= y0 < y1 <= 256
+        sizes.add((x1 - x0, y1 - y0))
+        positions.add((x0, y0))
+    assert sizes == set(sampling.multiscale_crop_pairs(340, 256, 224))
+    assert (0, 0) in positions and (116, 32) in positions and (29, 8) in positions  # corners, quarters
+    rng_a, rng_b = np.random.default_rng(5), np.random.default_rng(5)
+    assert sampling.multiscale_crop_box(rng_a, 64, 48, 56) == sampling.multiscale_crop_box(rng_b, 64, 48, 56)
+
+
+@pytest.mark.parametrize("w, h, scale, crop, n, boxes, flips, out", [
+    (340, 256, 256, 224, 1, [[58, 16, 282, 240]], [False], 224),
+    # 128x96 stored, thought of as resized to short side 64: a 56 crop there is 84 pixels here
+    (128, 96, 64, 56, 1, [[22, 6, 106, 90]], [False], 56),
+    # TSM full-resolution 3 crops: the whole short side at the start, end and centre of the long side
+    (340, 256, 256, 224, 3, [[0, 0, 256, 256], [84, 0, 340, 256], [42, 0, 298, 256]], [False] * 3, 256),
+    (256, 340, 256, 224, 3, [[0, 0, 256, 256], [0, 84, 256, 340], [0, 42, 256, 298]], [False] * 3, 256),
+    (340, 256, 256, 224, 10, [[0, 0, 224, 224], [116, 0, 340, 224], [0, 32, 224, 256], [116, 32, 340, 256],
+                             [58, 16, 282, 240]] * 2, [False] * 5 + [True] * 5, 224),
+])
+def test_eval_crop_table(w, h, scale, crop, n, boxes, flips, out):
+    got_boxes, got_flips, got_out = sampling.eval_crop_boxes(w, h, scale_size=scale, crop_size=crop, num_crops=n)
+    assert got_boxes.tolist() == boxes and got_flips.tolist() == flips and got_out == out
