@@ -1,0 +1,79 @@
+"""Model registry: TSN / TSM / GC-TSN / GC-TSM / single-calibrator (ECal-x) ResNets for video clips.
+
+    model = build_model("gc_tsm_r50", num_classes=400, num_segments=8)
+    logits_NK = model(x_NTCHW)
+"""
+from __future__ import annotations
+
+import re
+from functools import partial
+
+from torch import nn
+
+from .policy import param_groups
+from .resnet import ARCHS, ResNet, load_imagenet, torchvision_imagenet_state
+from .temporal import CALIBRATOR_KINDS, GroupContext
+from .video import VideoNet
+
+__all__ = ["build_model", "list_models", "load_imagenet", "param_groups", "parse_name", "VideoNet"]
+
+_BASES = ("tsn", "tsm", "gc_tsn", "gc_tsm")
+_NAME = re.compile(r"^(?:(?P<base>tsn|tsm|gc_tsn|gc_tsm)|ecal_(?P<kind>[ltsg])_(?P<ebase>tsn|tsm))"
+                   r"_(?P<arch>\w+)$")
+
+
+def list_models() -> list[str]:
+    names = [f"{base}_{arch}" for arch in ARCHS for base in _BASES]
+    names += [f"ecal_{kind}_{base}_{arch}"
+              for arch in ARCHS for kind in CALIBRATOR_KINDS for base in ("tsn", "tsm")]
+    return names
+
+
+def parse_name(name: str) -> dict:
+    """'ecal_t_tsm_r50' -> {'arch': 'r50', 'shift': True, 'calibrators': ('t',)} (calibrators () for none)."""
+    match = _NAME.match(name)
+    if match is None or match["arch"] not in ARCHS:
+        raise ValueError(f"unknown model {name!r}; known: {', '.join(list_models())}")
+    base = match["base"] or match["ebase"]
+    if match["kind"]:
+        calibrators = (match["kind"],)
+    else:
+        calibrators = CALIBRATOR_KINDS if base.startswith("gc_") else ()
+    return {"arch": match["arch"], "shift": base.endswith("tsm"), "calibrators": calibrators}
+
+
+def _gc_context(planes: int, index: int, *, cdiv: int, loop: bool, num_segments: int) -> nn.Module:
+    return GroupContext(planes, CALIBRATOR_KINDS, planes // cdiv, cdiv, num_segments,
+                        offset=index % cdiv if loop else 0)
+
+
+def _single_context(planes: int, index: int, *, kind: str, ratio: int, num_segments: int) -> nn.Module:
+    return GroupContext(planes, (kind,), planes // ratio, 1, num_segments)
+
+
+def build_model(name: str, num_classes: int, num_segments: int = 8, *, dropout: float = 0.5,
+                shift_div: int = 8, shift_place: str = "blockres", cdiv: int = 4, gc_loop: bool = False,
+                ratio: int = 16, partial_bn: bool = False, pretrained: str | None = None) -> VideoNet:
+    """Build a registered model (see list_models()).
+
+    shift_div / shift_place: TSM families; cdiv / gc_loop: GC families (groups of planes // cdiv channels, the
+    calibrator-to-group assignment rotating per block with gc_loop); ratio: single-calibrator families
+    (planes // ratio channels); pretrained: a local ImageNet ResNet state_dict (torchvision names) or
+    'imagenet' (torchvision).
+    """
+    spec = parse_name(name)
+    arch = ARCHS[spec["arch"]]
+    kinds = spec["calibrators"]
+    if len(kinds) == 4:
+        if cdiv < 4:
+            raise ValueError(f"cdiv must be >= 4 for GC (four calibrators on separate groups), got {cdiv}")
+        context = partial(_gc_context, cdiv=cdiv, loop=gc_loop, num_segments=num_segments)
+    elif kinds:
+        context = partial(_single_context, kind=kinds[0], ratio=ratio, num_segments=num_segments)
+    else:
+        context = None
+    backbone = ResNet(arch, num_segments=num_segments, shift_div=shift_div if spec["shift"] else None,
+                      shift_place=shift_place, context=context)
+    if pretrained is not None:
+        load_imagenet(backbone, torchvision_imagenet_state(arch) if pretrained == "imagenet" else pretrained)
+    return VideoNet(backbone, num_classes, num_segments, dropout=dropout, partial_bn=partial_bn)

@@ -1,0 +1,140 @@
+"""Convert released TSM / GC checkpoints into state_dicts that load strictly into build_model models.
+
+    python -m models.convert TSM_kinetics_RGB_resnet50_shift8_blockres_avg_segment8_e50.pth tsm_r50_k400.pth
+    python -m models.convert ckpt.best.pth.tar gc_tsm_r50_k400.pth [--model gc_tsn_r50]
+
+The format is recognised from the key names: 'module.base_model.*' + 'module.new_fc.*' (TSN/TSM/GC releases),
+'.conv1.net.' (TSM's wrapped conv1 under blockres shift), '.eftN.' (GC calibrators: eft1..4 = ECal-L/T/S/G,
+their norm 'bn1', ECal-G's linear 'conv'). ECal-S's BatchNorm is never applied by the reference: its entries
+are dropped.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from . import build_model
+
+log = logging.getLogger(__name__)
+
+_EFT = re.compile(r"\.eft([1-4])\.(conv|bn1)\.")
+_EFT_NAMES = {("1", "conv"): ".gc.ecal_l.conv.", ("1", "bn1"): ".gc.ecal_l.bn.",
+              ("2", "conv"): ".gc.ecal_t.conv.", ("2", "bn1"): ".gc.ecal_t.bn.",
+              ("3", "conv"): ".gc.ecal_s.conv.", ("3", "bn1"): None,  # the unused ECal-S BatchNorm
+              ("4", "conv"): ".gc.ecal_g.linear.", ("4", "bn1"): ".gc.ecal_g.bn."}
+
+
+def detect_format(keys: list[str]) -> str:
+    """'gc' | 'tsm' | 'tsn' for release state_dict keys (without 'module.'); ValueError otherwise."""
+    if not any(k.startswith("base_model.") for k in keys) or not any(k.startswith("new_fc.") for k in keys):
+        raise ValueError("not a TSN/TSM/GC release checkpoint: expected keys 'module.base_model.*' and "
+                         f"'module.new_fc.*', found e.g. {keys[:5]}")
+    if any(_EFT.search(k) or ".eft" in k for k in keys):
+        return "gc"
+    return "tsm" if any(".conv1.net." in k for k in keys) else "tsn"
+
+
+def _rename(key: str) -> str | None:
+    """Release key (no 'module.') -> our key; None to drop; ValueError for keys with no counterpart."""
+    if key.startswith("new_fc."):
+        return "fc." + key.removeprefix("new_fc.")
+    if not key.startswith("base_model."):
+        raise KeyError(key)
+    ours = "backbone." + key.removeprefix("base_model.")
+    ours = ours.replace(".conv1.net.", ".conv1.")
+    match = _EFT.search(ours)
+    if match:
+        target = _EFT_NAMES[match.groups()]
+        return None if target is None else ours[:match.start()] + target + ours[match.end():]
+    if ".eft" in ours:
+        raise KeyError(key)
+    return ours
+
+
+def release_state(source: str | Path | Mapping) -> dict[str, torch.Tensor]:
+    """The raw state_dict of a release file or loaded object, without the DataParallel 'module.' prefix."""
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint {path} not found")
+        try:
+            source = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise ValueError(f"{path} could not be read as a PyTorch checkpoint: {err}") from err
+    state = source.get("state_dict", source)
+    return {k.removeprefix("module."): v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def infer_model_name(state: Mapping[str, torch.Tensor], fmt: str) -> str:
+    """The build_model name whose keys a release state_dict has (GC releases are GC-TSM unless told)."""
+    depth = 1 + max(int(m[1]) for k in state if (m := re.match(r"base_model\.layer3\.(\d+)\.", k)))
+    arch = {6: "r50", 23: "r101"}.get(depth)
+    if arch is None:
+        raise ValueError(f"layer3 has {depth} blocks: neither ResNet-50 (6) nor ResNet-101 (23)")
+    return {"gc": "gc_tsm", "tsm": "tsm", "tsn": "tsn"}[fmt] + "_" + arch
+
+
+def convert_state_dict(source: str | Path | Mapping, model_name: str | None = None,
+                       **model_options) -> tuple[dict[str, torch.Tensor], str]:
+    """Release checkpoint -> (state_dict for build_model(model_name, ...), model_name).
+
+    The result is checked against the model built on the meta device: missing, unknown or mis-shaped keys
+    raise a ValueError naming them.
+    """
+    state = release_state(source)
+    fmt = detect_format(list(state))
+    model_name = model_name or infer_model_name(state, fmt)
+    converted, dropped, unknown = {}, [], []
+    for key, value in state.items():
+        try:
+            ours = _rename(key)
+        except KeyError:
+            unknown.append(key)
+            continue
+        if ours is None:
+            dropped.append(key)
+        else:
+            converted[ours] = value
+    if dropped:
+        log.info("dropped %d entries of ECal-S's BatchNorm, which the reference never applies (e.g. %s)",
+                 len(dropped), dropped[0])
+    num_classes = converted["fc.weight"].shape[0]
+    num_segments = model_options.pop("num_segments", 8)
+    with torch.device("meta"):
+        expected = build_model(model_name, num_classes, num_segments, **model_options).state_dict()
+    missing = [k for k in expected if k not in converted]
+    unknown += [k for k in converted if k not in expected]
+    wrong = [f"{k}: {tuple(v.shape)} vs {tuple(expected[k].shape)}" for k, v in converted.items()
+             if k in expected and v.shape != expected[k].shape]
+    if missing or unknown or wrong:
+        raise ValueError(f"{fmt.upper()} checkpoint does not match {model_name} ({num_classes} classes): "
+                         f"missing keys {missing}, unknown keys {unknown}, wrong shapes {wrong}")
+    log.info("converted a %s-format checkpoint to %s (%d classes, %d tensors)", fmt.upper(), model_name,
+             num_classes, len(converted))
+    return converted, model_name
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m models.convert", description=__doc__.split("\n\n")[0])
+    parser.add_argument("src", type=Path, help="released checkpoint (.pth / .pth.tar)")
+    parser.add_argument("dst", type=Path, help="where to write the converted state_dict")
+    parser.add_argument("--model", default=None, help="build_model name (default: inferred from the keys)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        state, name = convert_state_dict(args.src, args.model)
+    except (ValueError, FileNotFoundError) as err:
+        parser.exit(2, f"error: {err}\n")
+    args.dst.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, args.dst)
+    log.info("wrote %s: model.load_state_dict(torch.load(%r)) for build_model(%r, ...)",
+             args.dst, str(args.dst), name)
+
+
+if __name__ == "__main__":
+    main()

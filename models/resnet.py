@@ -1,0 +1,180 @@
+"""Bottleneck ResNet backbones (torchvision parameter names) with hook points for temporal modules.
+
+Each bottleneck may carry `shift` (TemporalShift: on the residual input for 'blockres', on the block output
+for 'block') and `gc` (a GroupContext after conv2 -> bn2, before the ReLU). Neither adds or renames
+torchvision parameters, so an ImageNet ResNet state_dict loads strictly into the 2D part (see load_imagenet).
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .temporal import Calibrator, TemporalShift
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Arch:
+    layers: tuple[int, int, int, int]
+    width: int = 64  # planes of layer1; doubled per stage
+    torchvision_name: str | None = None
+
+
+ARCHS: dict[str, Arch] = {
+    "r50": Arch((3, 4, 6, 3), 64, "resnet50"),
+    "r101": Arch((3, 4, 23, 3), 64, "resnet101"),
+    # CPU-sized bottleneck ResNet for the embedded demo (64x64-ish inputs, ~0.5 M parameters).
+    "mini": Arch((1, 1, 1, 1), 16),
+}
+
+# (planes, index among temporal blocks) -> GroupContext or None. The index counts blocks that carry temporal
+# modules, across stages, which is what GC's 'loop' rotation steps through.
+ContextFactory = Callable[[int, int], nn.Module | None]
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None,
+                 shift: TemporalShift | None = None, shift_place: str = "blockres",
+                 gc: nn.Module | None = None):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, planes * self.expansion, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+        self.shift = shift
+        self.shift_place = shift_place
+        self.gc = gc
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = x
+        if self.shift is not None and self.shift_place == "blockres":
+            out = self.shift(out)
+        out = self.relu(self.bn1(self.conv1(out)))
+        out = self.bn2(self.conv2(out))
+        if self.gc is not None:
+            out = self.gc(out)
+        out = self.relu(out)
+        out = self.bn3(self.conv3(out))
+        out = self.relu(out + identity)
+        if self.shift is not None and self.shift_place == "block":
+            out = self.shift(out)
+        return out
+
+
+class ResNet(nn.Module):
+    """conv1 -> bn1 -> relu -> maxpool -> layer1..4; returns the final feature map (no pooling, no fc)."""
+
+    def __init__(self, arch: Arch, *, num_segments: int = 8, shift_div: int | None = None,
+                 shift_place: str = "blockres", context: ContextFactory | None = None):
+        super().__init__()
+        if shift_place not in ("blockres", "block"):
+            raise ValueError(f"shift_place must be 'blockres' or 'block', not {shift_place!r}")
+        width = arch.width
+        self.conv1 = nn.Conv2d(3, width, 7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+        self.num_features = width * 8 * Bottleneck.expansion
+        inplanes, temporal_index = width, 0
+        for stage, num_blocks in enumerate(arch.layers):
+            planes, stride = width * 2**stage, 1 if stage == 0 else 2
+            # The reference puts shift and GC in every other block of very deep stages (ResNet-101 layer3).
+            every = 2 if num_blocks >= 23 else 1
+            blocks = []
+            for i in range(num_blocks):
+                downsample = None
+                if i == 0 and (stride != 1 or inplanes != planes * Bottleneck.expansion):
+                    downsample = nn.Sequential(
+                        nn.Conv2d(inplanes, planes * Bottleneck.expansion, 1, stride=stride, bias=False),
+                        nn.BatchNorm2d(planes * Bottleneck.expansion))
+                shift, gc = None, None
+                if i % every == 0:
+                    if shift_div is not None:
+                        shift = TemporalShift(num_segments, shift_div)
+                    if context is not None:
+                        gc = context(planes, temporal_index)
+                    temporal_index += 1
+                blocks.append(Bottleneck(inplanes, planes, stride if i == 0 else 1, downsample,
+                                         shift, shift_place, gc))
+                inplanes = planes * Bottleneck.expansion
+            self.add_module(f"layer{stage + 1}", nn.Sequential(*blocks))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        for m in self.modules():  # after the loop above, which also matched the calibrators' Conv2d
+            if isinstance(m, Calibrator):
+                m.reset_parameters()
+
+    def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x_BCHW))))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+    def imagenet_keys(self) -> list[str]:
+        """state_dict keys of the 2D part (what a torchvision ResNet has, minus fc)."""
+        return [k for k in self.state_dict() if ".gc." not in k]
+
+
+def load_imagenet(backbone: ResNet, source: str | Path | Mapping[str, torch.Tensor]) -> None:
+    """Load a torchvision-named ImageNet ResNet state_dict (a local file or a mapping) into the 2D part.
+
+    Strict: every 2D key must be present with its shape and nothing else may be (fc.* is the ImageNet
+    classifier and is skipped with a note). Temporal modules keep their own initialisation.
+    """
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"pretrained weights {path} not found: pass a local ImageNet ResNet "
+                                    "state_dict (.pth) or pretrained='imagenet' where torchvision is "
+                                    "installed")
+        source = torch.load(path, map_location="cpu", weights_only=True)
+        if "state_dict" in source:
+            source = source["state_dict"]
+    state = {k.removeprefix("module."): v for k, v in source.items()}
+    skipped = [k for k in state if k.startswith("fc.")]
+    if skipped:
+        log.info("ImageNet weights: skipping the ImageNet classifier (%s)", ", ".join(skipped))
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    expected = backbone.state_dict()
+    wanted = backbone.imagenet_keys()
+    missing = [k for k in wanted if k not in state]
+    unknown = [k for k in state if k not in expected or ".gc." in k]
+    wrong = [f"{k} {tuple(state[k].shape)} != {tuple(expected[k].shape)}" for k in wanted
+             if k in state and state[k].shape != expected[k].shape]
+    if missing or unknown or wrong:
+        raise ValueError("ImageNet weights do not match this backbone (is it the right depth?): "
+                         f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
+                         f"unknown {unknown[:8]}{'...' if len(unknown) > 8 else ''}, wrong shape {wrong[:8]}")
+    backbone.load_state_dict(state, strict=False)
+
+
+def torchvision_imagenet_state(arch: Arch) -> dict[str, torch.Tensor]:
+    """ImageNet weights through torchvision (imported only here; it may download to torchvision's cache)."""
+    if arch.torchvision_name is None:
+        raise ValueError("pretrained='imagenet' exists only for r50 / r101 backbones")
+    try:
+        import torchvision.models as tvm
+    except Exception as err:  # the PyPI wheel is a CUDA build that can fail to import on CPU-only machines
+        raise RuntimeError("pretrained='imagenet' needs an importable torchvision "
+                           "(pip install gcvideo[imagenet]); otherwise pass pretrained=<path to a local "
+                           "ImageNet ResNet state_dict>") from err
+    weights = tvm.get_model_weights(arch.torchvision_name).IMAGENET1K_V1
+    return weights.get_state_dict(progress=False)

@@ -1,0 +1,64 @@
+"""TSN head around a frame backbone: per-frame classifier, average consensus over the T frames, partial BN."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .resnet import ResNet
+
+
+class VideoNet(nn.Module):
+    """x_NTCHW (N, T, 3, H, W) -> logits (N, num_classes).
+
+    backbone (frames as a batch of N*T images) -> global average pool -> dropout -> fc per frame -> mean
+    over T.
+    With partial_bn, every BatchNorm2d of the backbone except the first stays in eval mode with frozen affine
+    parameters while training (TSN's partial BN).
+    """
+
+    def __init__(self, backbone: ResNet, num_classes: int, num_segments: int, *, dropout: float = 0.5,
+                 partial_bn: bool = False):
+        super().__init__()
+        self.num_segments = num_segments
+        self.backbone = backbone
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(backbone.num_features, num_classes)
+        self._init_fc()
+        self.partial_bn = partial_bn
+        if partial_bn:
+            for bn in self.frozen_bns():
+                bn.requires_grad_(False)
+
+    def _init_fc(self) -> None:
+        nn.init.normal_(self.fc.weight, 0.0, 0.001)
+        nn.init.zeros_(self.fc.bias)
+
+    def frozen_bns(self) -> list[nn.BatchNorm2d]:
+        """The BatchNorm2d layers partial BN freezes: all of the backbone's but the first."""
+        return [m for m in self.backbone.modules() if isinstance(m, nn.BatchNorm2d)][1:]
+
+    def train(self, mode: bool = True) -> VideoNet:
+        super().train(mode)
+        if mode and self.partial_bn:
+            for bn in self.frozen_bns():
+                bn.eval()
+        return self
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """A fresh classifier (for fine-tuning on another label set), on the old one's device and dtype."""
+        old = self.fc
+        self.fc = nn.Linear(old.in_features, num_classes, device=old.weight.device, dtype=old.weight.dtype)
+        self._init_fc()
+
+    def classifier_names(self) -> list[str]:
+        """Names (in named_parameters) of the classifier's parameters, for 'fc lr x5' style policies."""
+        return [f"fc.{name}" for name, _ in self.fc.named_parameters()]
+
+    def forward(self, x_NTCHW: torch.Tensor) -> torch.Tensor:
+        n, t = x_NTCHW.shape[:2]
+        if t != self.num_segments:
+            raise ValueError(f"input has {t} frames per clip, the model was built for num_segments="
+                             f"{self.num_segments}")
+        features_BF = self.backbone(x_NTCHW.flatten(0, 1)).mean((2, 3))
+        logits_BK = self.fc(self.dropout(features_BF))
+        return logits_BK.unflatten(0, (n, t)).mean(1)
