@@ -1,0 +1,240 @@
+"""End-to-end training throughput: clips/s of train.py's real step, on shards and on in-memory data.
+
+    python -m benchmark train --quick                          # CPU: gc_tsm_mini, the demo's shapes
+    python -m benchmark train --index data/k400/index.json     # GPU: gc_tsm_r50 / tsm_r50, bf16, compiled
+
+For every model the step (train.train_step: forward, loss, backward, clipping, SGD, schedule) is timed with a
+device synchronisation before each clock read, warm-up calls excluded (compilation happens there), medians
+reported. "shards" rows pull each batch from the real loader (pipeline.build_loader) and report the share of
+the step time spent waiting for it; "synthetic" rows reuse one batch on the device, the ceiling the loader is
+measured against. Where nvidia-smi exists, GPU and NVDEC (decoder) utilisation and memory are sampled during
+the timed calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import logging
+import statistics
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+import config as C
+import runtime
+import train
+from benchmark.common import Plot, median, timeit, write_results
+from pipeline import build_loader
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--index",
+        default="data/synthetic/index.json",
+        help="dataset index.json for the 'shards' rows (skipped when missing)",
+    )
+    parser.add_argument("--models", default=None, help="comma-separated model names (default by mode)")
+    parser.add_argument("--batch-size", type=int, default=None, help="clips per step")
+    parser.add_argument("--num-segments", type=int, default=8)
+    parser.add_argument(
+        "--precision", default=None, help="fp32 | bf16 | fp16 (default: bf16 on GPU, fp32 on CPU)"
+    )
+    parser.add_argument(
+        "--no-compile", action="store_true", help="do not torch.compile (compiled on GPU otherwise)"
+    )
+
+
+class GpuSampler:
+    """nvidia-smi sampled every 200 ms in a thread: GPU and decoder utilisation (%), memory used (MiB)."""
+
+    FIELDS = ("utilization.gpu", "utilization.decoder", "memory.used")
+
+    def __init__(self, device: torch.device):
+        self.samples: list[tuple[float, ...]] = []
+        self.enabled = device.type == "cuda"
+        self.index = device.index or 0
+
+    def __enter__(self) -> GpuSampler:
+        if self.enabled:
+            self.proc = subprocess.Popen(
+                [
+                    "nvidia-smi",
+                    f"--id={self.index}",
+                    f"--query-gpu={','.join(self.FIELDS)}",
+                    "--format=csv,noheader,nounits",
+                    "-lms",
+                    "200",
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                text=True,
+            )
+            self.thread = threading.Thread(target=self._read, daemon=True)
+            self.thread.start()
+        return self
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            try:
+                self.samples.append(tuple(float(v) for v in line.split(",")))
+            except ValueError:
+                continue
+
+    def __exit__(self, *exc) -> None:
+        if self.enabled:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+            self.thread.join(timeout=5)
+
+    def summary(self) -> dict[str, float]:
+        if not self.samples:
+            return {}
+        cols = list(zip(*self.samples))
+        return {
+            "gpu_util_pct": statistics.median(cols[0]),
+            "nvdec_util_pct": statistics.median(cols[1]),
+            "gpu_mem_used_mib": max(cols[2]),
+        }
+
+
+def bench_config(args: argparse.Namespace, model: str) -> C.Config:
+    quick = args.quick or args.device == "cpu"
+    cfg = C.demo() if quick else C.gc_tsm_r50_k400_8f()
+    overrides = [
+        "--model.name",
+        model,
+        "--data.index",
+        args.index,
+        "--data.num_segments",
+        str(args.num_segments),
+        "--model.pretrained",
+        "",
+        "--run.precision",
+        args.precision or ("fp32" if quick else "bf16"),
+        "--run.device",
+        args.device,
+        "--model.compile",
+        str(not (quick or args.no_compile)),
+    ]
+    if args.batch_size:
+        overrides += ["--data.batch_size", str(args.batch_size)]
+    elif not quick:
+        overrides += ["--data.batch_size", "32"]
+    return C.validate(C.apply_overrides(cfg, overrides))
+
+
+def run_one(cfg: C.Config, data: str, args: argparse.Namespace, warmup: int, iters: int) -> dict:
+    device = torch.device(args.device)
+    precision = train.resolve_precision(cfg.run.precision, device)
+    torch.manual_seed(args.seed)
+    loader = None
+    if data == "shards":
+        loader = build_loader(cfg.data, split="train", mode="train", device=device)
+        num_classes = len(loader.classes)
+    else:
+        num_classes = 400 if cfg.data.crop_size > 100 else 8
+    model = train.build_model(cfg, num_classes)
+    net = runtime.setup_model(
+        model, device=device, channels_last=cfg.model.channels_last, compile=cfg.model.compile
+    )
+    optimizer = train.build_optimizer(model, cfg, train.scaled_lr(cfg.optim, cfg.data.batch_size), False)
+    opt = train.Optimisation(
+        optimizer,
+        train.build_scheduler(optimizer, 1000, cfg.optim),
+        runtime.grad_scaler(precision, device),
+        list(model.parameters()),
+        cfg.optim.clip_grad,
+    )
+    net.train()
+    b, t, s = cfg.data.batch_size, cfg.data.num_segments, cfg.data.crop_size
+    fixed = (torch.randn(b, t, 3, s, s, device=device), torch.randint(0, num_classes, (b,), device=device))
+    if loader is not None:
+
+        def epochs():
+            for epoch in itertools.count():
+                loader.set_epoch(epoch)
+                yield from loader
+
+        batches = epochs()
+    waits: list[float] = []
+
+    def step() -> None:
+        if loader is None:
+            x, y = fixed
+        else:
+            t0 = time.perf_counter()
+            x, y = next(batches)
+            waits.append(time.perf_counter() - t0)
+        train.train_step(net, x, y, opt, precision, device.type)
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else None
+    timeit(step, warmup=warmup, iters=1, sync=sync)  # compilation and loader start-up
+    waits.clear()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    with GpuSampler(device) as gpu:
+        times = timeit(step, warmup=0, iters=iters, sync=sync)
+    row = {
+        "model": cfg.model.name,
+        "data": data,
+        "batch_size": b,
+        "num_segments": t,
+        "crop": s,
+        "precision": precision,
+        "compile": cfg.model.compile,
+        "step_ms": 1000 * median(times),
+        "clips_per_s": b / median(times),
+        "data_wait": sum(waits) / sum(times) if waits else 0.0,
+    }
+    if loader is not None:
+        row["backend"] = getattr(loader, "backend", "?")
+    if device.type == "cuda":
+        row["torch_peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    row.update(gpu.summary())
+    return row
+
+
+def main(args: argparse.Namespace) -> int:
+    quick = args.quick or args.device == "cpu"
+    warmup = args.warmup if args.warmup is not None else (3 if quick else 15)
+    iters = args.iters if args.iters is not None else (10 if quick else 50)
+    names = (
+        args.models.split(",")
+        if args.models
+        else (["gc_tsm_mini", "tsn_mini"] if quick else ["gc_tsm_r50", "tsm_r50"])
+    )
+    datas = ["synthetic"] + (["shards"] if Path(args.index).exists() else [])
+    if "shards" not in datas:
+        log.warning(
+            "%s not found: only synthetic-data rows (build shards with python -m preprocess)", args.index
+        )
+    rows = []
+    for name, data in itertools.product(names, datas):
+        cfg = bench_config(args, name)
+        row = run_one(cfg, data, args, warmup, iters)
+        log.info("%s", row)
+        rows.append(row)
+    meta = {
+        "quick": quick,
+        "warmup": warmup,
+        "iters": iters,
+        "index": args.index,
+        "device": args.device,
+        "threads": torch.get_num_threads(),
+        "what": "clips/s of train.train_step (median over timed steps, synchronised), data_wait = share "
+        "of step time spent in next(loader)",
+    }
+    path = write_results(
+        "train",
+        rows,
+        meta=meta,
+        plots=[Plot(x="model", y="clips_per_s", group="data", title="Training throughput")],
+    )
+    log.info("results: %s", path)
+    return 0

@@ -1,0 +1,436 @@
+"""The one configuration of a gcvideo run: nested dataclasses, presets as functions, CLI overrides.
+
+    cfg = preset("gc_tsm_r50_k400_8f")
+    cfg = apply_overrides(cfg, ["--optim.lr", "0.01", "--data.batch_size=16", "--resume"])
+    validate(cfg)          # raises ConfigError naming the field and what to do
+
+Any field can be overridden from the command line as `--<section>.<field> VALUE` (or `=VALUE`); booleans also
+accept a bare `--<section>.<field>` (true) or `--no-<section>.<field>` (false); tuples take comma-separated
+values. A few common fields have short aliases (`--resume`, `--tune-from`, `--pretrained`, `--no-compile`,
+`--out`, ...).
+The resolved config is written as `<run>/config.json` and inside every checkpoint (`to_dict` / `from_dict`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeline import LoaderConfig
+
+
+class ConfigError(ValueError):
+    """A bad option or value; the message names the option and says what to do."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "gc_tsm_mini"  # models.list_models(): {tsn,tsm,gc_tsn,gc_tsm}_{r50,r101,mini}, ecal_*
+    num_classes: int = 0  # 0: take it from the dataset's index.json
+    dropout: float = 0.5
+    shift_div: int = 8
+    shift_place: str = "blockres"  # blockres | block
+    cdiv: int = 4
+    gc_loop: bool = False
+    partial_bn: bool = False
+    pretrained: str = ""  # '' | imagenet | path to an ImageNet ResNet state_dict
+    channels_last: bool = True
+    compile: bool = True  # torch.compile the model (runtime.setup_model)
+    sync_bn: bool = False  # convert BatchNorm to SyncBatchNorm under DDP
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 0.02  # learning rate for `base_batch` clips per step; scaled to the global batch
+    base_batch: int = 128
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 1e-4
+    epochs: int = 50
+    schedule: str = "step"  # step | cosine
+    lr_steps: tuple[float, ...] = (20, 40)  # epochs at which `step` multiplies the lr by lr_decay
+    lr_decay: float = 0.1
+    warmup_epochs: float = 0.0  # linear warm-up from warmup_start_factor * lr
+    warmup_start_factor: float = 0.1
+    clip_grad: float = 20.0  # max total gradient norm; 0 turns clipping off
+    gc_lr_mult: float = 1.0  # "GC lr x5" of the GC release scripts
+    fc_lr_mult: float = 5.0  # lr multiplier of the new classifier when fine-tuning (--tune-from only)
+    label_smoothing: float = 0.0
+
+
+@dataclass
+class RunConfig:
+    out: str = "runs/demo"  # run directory: config.json, last.pt, best.pt, metrics.jsonl, tb/
+    device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto (bf16 on cuda, fp32 on cpu) | fp32 | bf16 | fp16 (with a GradScaler)
+    seed: int = 0
+    resume: bool = False  # continue from <out>/last.pt exactly where it stopped
+    tune_from: str = ""  # checkpoint to fine-tune from: backbone loaded, classifier replaced
+    ckpt_every: int = 0  # also write last.pt every k steps (0: at the end of every epoch only)
+    eval_every: int = 1  # epochs between validations
+    log_every: int = 20  # steps between reads of the on-device metrics (the only host syncs)
+    max_steps: int = 0  # stop (with a checkpoint) after this many steps in total; 0: no limit
+    tensorboard: bool = True
+    live: bool = True  # rich live view on rank 0
+    threads: int = 0  # torch intra-op threads on CPU; 0: leave torch's default
+    dist_backend: str = "auto"  # auto (nccl on cuda, gloo on cpu) | nccl | gloo
+    final_eval: bool = True  # after training, test best.pt with the --eval.* views and print a summary
+
+
+@dataclass
+class EvalConfig:
+    split: str = "val"
+    num_clips: int = 1
+    num_crops: int = 1  # 1 (centre) | 3 | 10
+    sampling: str = "tsn"  # tsn (uniform) | dense
+    twice_sample: bool = False
+    full_res: bool = False  # crops of scale_size x scale_size instead of crop_size
+    batch_size: int = 8  # videos per batch (each with num_clips * num_crops views)
+    out: str = ""  # results directory; '' -> <first checkpoint's run>/eval-<split>
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: LoaderConfig = field(default_factory=LoaderConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    preset: str = "demo"
+
+
+# --------------------------------------------------------------------------------------------------- presets
+
+
+def demo() -> Config:
+    """The embedded demo: gc_tsm_mini on the synthetic temporal dataset, a few minutes on a 2-core CPU."""
+    cfg = Config(preset="demo")
+    # On CPU cores channels_last and compilation make this tiny model slower (measured on 2 cores: a step of
+    # gc_tsm_mini / tsn_mini is about 1.8x / 4x faster without channels_last); the GPU presets keep both on.
+    cfg.model = ModelConfig(name="gc_tsm_mini", dropout=0.0, channels_last=False, compile=False)
+    cfg.data = LoaderConfig(index="data/synthetic/index.json", num_segments=8, crop_size=56, scale_size=64,
+                            scales=(1.0, 0.875), flip=False, batch_size=16, workers=2)
+    # Measured: the loss sits at chance (ln 8) for ~4 epochs while the model finds the motion cue, then drops.
+    # Batch 16 (more updates per epoch) without dropout gets there; batch 32 with dropout 0.2 was still at
+    # chance after 8 epochs.
+    cfg.optim = OptimConfig(lr=0.02, base_batch=16, weight_decay=1e-4, epochs=16, schedule="cosine",
+                            lr_steps=(), warmup_epochs=1.0, clip_grad=20.0)
+    cfg.run = RunConfig(out="runs/demo", log_every=10)
+    cfg.eval = EvalConfig(batch_size=32)
+    return cfg
+
+
+def demo_tsn() -> Config:
+    """The demo with a frame-order-blind TSN: the control that stays near chance on order-dependent pairs."""
+    cfg = demo()
+    cfg.preset = "demo_tsn"
+    cfg.model.name = "tsn_mini"
+    cfg.run.out = "runs/demo_tsn"
+    return cfg
+
+
+def _kinetics(name: str, model: str, frames: int) -> Config:
+    """The TSM/GC Kinetics-400 recipe: ImageNet init, lr 0.02 per 128 clips, step x0.1 at 20 and 40 of 50."""
+    cfg = Config(preset=name)
+    cfg.model = ModelConfig(name=model, dropout=0.5, pretrained="imagenet")
+    cfg.data = LoaderConfig(
+        index="data/k400/index.json",
+        num_segments=frames,
+        crop_size=224,
+        scale_size=256,
+        flip=True,
+        batch_size=8 if frames == 8 else 4,
+        workers=8,
+    )
+    cfg.optim = OptimConfig(
+        lr=0.02, base_batch=128, epochs=50, schedule="step", lr_steps=(20, 40), clip_grad=20.0
+    )
+    cfg.run = RunConfig(out=f"runs/{name}", log_every=50, ckpt_every=1000)
+    cfg.eval = EvalConfig(num_clips=10, num_crops=1, batch_size=2)
+    return cfg
+
+
+def gc_tsm_r50_k400_8f() -> Config:
+    return _kinetics("gc_tsm_r50_k400_8f", "gc_tsm_r50", 8)
+
+
+def gc_tsm_r50_k400_16f() -> Config:
+    return _kinetics("gc_tsm_r50_k400_16f", "gc_tsm_r50", 16)
+
+
+def gc_tsn_r50_k400_8f() -> Config:
+    return _kinetics("gc_tsn_r50_k400_8f", "gc_tsn_r50", 8)
+
+
+def tsm_r50_k400_8f() -> Config:
+    return _kinetics("tsm_r50_k400_8f", "tsm_r50", 8)
+
+
+def gc_tsm_r50_sthv2_8f() -> Config:
+    """Something-Something V2: lr 0.01 per 64 clips, no flip (labels name directions), 2 clips x 1 crop at
+    test."""
+    cfg = _kinetics("gc_tsm_r50_sthv2_8f", "gc_tsm_r50", 8)
+    cfg.data.index = "data/sthv2/index.json"
+    cfg.data.flip = False
+    cfg.optim.lr, cfg.optim.base_batch = 0.01, 64
+    cfg.eval = EvalConfig(num_clips=2, num_crops=1, twice_sample=True, batch_size=4)
+    return cfg
+
+
+def gc_tsm_r50_ucf101_ft() -> Config:
+    """UCF101 fine-tuned from a Kinetics checkpoint (--tune-from PATH): lr 0.001 per 64, dropout 0.8, fc lr
+    x5."""
+    cfg = _kinetics("gc_tsm_r50_ucf101_ft", "gc_tsm_r50", 8)
+    cfg.model.dropout = 0.8
+    cfg.model.pretrained = ""
+    cfg.data.index = "data/ucf101/index.json"
+    cfg.optim = OptimConfig(
+        lr=0.001, base_batch=64, epochs=25, schedule="step", lr_steps=(10, 20), fc_lr_mult=5.0, clip_grad=20.0
+    )
+    return cfg
+
+
+PRESETS: dict[str, Callable[[], Config]] = {
+    f.__name__: f
+    for f in (
+        demo,
+        demo_tsn,
+        gc_tsm_r50_k400_8f,
+        gc_tsm_r50_k400_16f,
+        gc_tsn_r50_k400_8f,
+        tsm_r50_k400_8f,
+        gc_tsm_r50_sthv2_8f,
+        gc_tsm_r50_ucf101_ft,
+    )
+}
+
+
+def preset(name: str) -> Config:
+    if name not in PRESETS:
+        raise ConfigError(
+            f"unknown preset {name!r}{_did_you_mean(name, PRESETS)}; presets: {', '.join(PRESETS)}"
+        )
+    return PRESETS[name]()
+
+
+# ------------------------------------------------------------------------------- CLI overrides, (de)serialise
+
+ALIASES = {
+    "--resume": "--run.resume",
+    "--tune-from": "--run.tune_from",
+    "--pretrained": "--model.pretrained",
+    "--out": "--run.out",
+    "--device": "--run.device",
+    "--precision": "--run.precision",
+    "--seed": "--run.seed",
+    "--epochs": "--optim.epochs",
+    "--lr": "--optim.lr",
+    "--batch-size": "--data.batch_size",
+    "--index": "--data.index",
+    "--model": "--model.name",
+    "--compile": "--model.compile",
+    "--sync-bn": "--model.sync_bn",
+    "--max-steps": "--run.max_steps",
+}
+
+
+def _field_types(obj: Any) -> dict[str, Any]:
+    return typing.get_type_hints(type(obj))
+
+
+def _did_you_mean(word: str, choices: Sequence[str]) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def all_options(cfg: Config) -> list[str]:
+    return [
+        f"--{section.name}.{f.name}"
+        for section in dataclasses.fields(cfg)
+        if section.name != "preset"
+        for f in dataclasses.fields(getattr(cfg, section.name))
+    ]
+
+
+def parse_value(option: str, text: str, annotation: Any) -> Any:
+    """Convert the command-line text of `option` to its field type (bool, int, float, str, tuple[X, ...])."""
+    origin = typing.get_origin(annotation)
+    try:
+        if annotation is bool:
+            lowered = text.strip().lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if origin is tuple:
+            item = typing.get_args(annotation)[0]
+            parts = [p for p in text.replace(" ", "").split(",") if p]
+            return tuple(item(p) for p in parts)
+        if annotation in (int, float, str):
+            return annotation(text)
+    except ValueError:
+        kind = {bool: "true or false", int: "an integer", float: "a number", str: "text"}.get(
+            annotation, "comma-separated numbers"
+        )
+        raise ConfigError(f"{option} expects {kind}, got {text!r}") from None
+    raise ConfigError(f"{option}: cannot set a field of type {annotation} from the command line")
+
+
+def apply_overrides(cfg: Config, args: Sequence[str]) -> Config:
+    """Apply `--section.field value` overrides in order; unknown options and bad values raise ConfigError."""
+    args = list(args)
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}: options look like --optim.lr 0.01")
+        name, eq, inline = arg.partition("=")
+        negate = name.startswith("--no-")
+        if negate:
+            name = "--" + name[5:]
+        name = ALIASES.get(name, name)
+        section_name, _, field_name = name[2:].partition(".")
+        section = getattr(cfg, section_name, None) if section_name != "preset" else None
+        if (
+            section is None
+            or not dataclasses.is_dataclass(section)
+            or field_name not in _field_types(section)
+        ):
+            raise ConfigError(
+                f"unknown option {arg.split('=')[0]}{_did_you_mean(name, all_options(cfg))}; "
+                f"run `python train.py --help` for the list"
+            )
+        annotation = _field_types(section)[field_name]
+        if negate or (annotation is bool and not eq and (i + 1 == len(args) or args[i + 1].startswith("--"))):
+            if annotation is not bool:
+                raise ConfigError(f"{arg} only applies to true/false options; {name} needs a value")
+            value = not negate
+            i += 1
+        else:
+            if not eq:
+                if i + 1 == len(args):
+                    raise ConfigError(f"{name} needs a value")
+                inline = args[i + 1]
+                i += 1
+            value = parse_value(name, inline, annotation)
+            i += 1
+        setattr(section, field_name, value)
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(d: dict[str, Any]) -> Config:
+    """Rebuild a Config saved by to_dict; fields added since keep their defaults, removed ones are ignored."""
+    cfg = Config(preset=d.get("preset", "demo"))
+    for section in dataclasses.fields(cfg):
+        if section.name == "preset" or section.name not in d:
+            continue
+        obj = getattr(cfg, section.name)
+        types = _field_types(obj)
+        for key, value in d[section.name].items():
+            if key in types:
+                setattr(obj, key, tuple(value) if typing.get_origin(types[key]) is tuple else value)
+    return cfg
+
+
+def help_text(cfg: Config) -> str:
+    lines = []
+    for section in dataclasses.fields(cfg):
+        if section.name == "preset":
+            continue
+        obj = getattr(cfg, section.name)
+        for f in dataclasses.fields(obj):
+            lines.append(f"  --{section.name}.{f.name:<22} {getattr(obj, f.name)!r}")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ validation
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(cfg: Config) -> Config:
+    """Reject values that cannot work, naming the option and the allowed range."""
+    m, d, o, r, e = cfg.model, cfg.data, cfg.optim, cfg.run, cfg.eval
+    _check(m.num_classes >= 0, f"--model.num_classes must be >= 0 (0: from index.json), got {m.num_classes}")
+    _check(0.0 <= m.dropout < 1.0, f"--model.dropout must be in [0, 1), got {m.dropout}")
+    _check(
+        m.shift_place in ("blockres", "block"),
+        f"--model.shift_place must be blockres or block, got {m.shift_place!r}",
+    )
+    _check(m.shift_div >= 1 and m.cdiv >= 1, "--model.shift_div and --model.cdiv must be >= 1")
+    _check(d.num_segments >= 1, f"--data.num_segments must be >= 1, got {d.num_segments}")
+    _check(d.batch_size >= 1, f"--data.batch_size must be >= 1, got {d.batch_size}")
+    _check(d.workers >= 0, f"--data.workers must be >= 0, got {d.workers}")
+    _check(d.sampling in ("tsn", "dense"), f"--data.sampling must be tsn or dense, got {d.sampling!r}")
+    _check(
+        d.backend in ("auto", "dali-gpu", "dali-cpu", "torch"),
+        f"--data.backend must be auto, dali-gpu, dali-cpu or torch, got {d.backend!r}",
+    )
+    _check(
+        0 < d.crop_size <= d.scale_size,
+        f"--data.crop_size must be in (0, --data.scale_size={d.scale_size}], got {d.crop_size}",
+    )
+    _check(
+        len(d.scales) > 0 and all(0 < s <= 1 for s in d.scales),
+        f"--data.scales must be comma-separated numbers in (0, 1], got {d.scales}",
+    )
+    _check(o.lr > 0, f"--optim.lr must be > 0, got {o.lr}")
+    _check(o.base_batch >= 1, f"--optim.base_batch must be >= 1, got {o.base_batch}")
+    _check(0 <= o.momentum < 1, f"--optim.momentum must be in [0, 1), got {o.momentum}")
+    _check(o.weight_decay >= 0, f"--optim.weight_decay must be >= 0, got {o.weight_decay}")
+    _check(o.epochs >= 1, f"--optim.epochs must be >= 1, got {o.epochs}")
+    _check(o.schedule in ("step", "cosine"), f"--optim.schedule must be step or cosine, got {o.schedule!r}")
+    _check(
+        list(o.lr_steps) == sorted(o.lr_steps) and all(0 < s < o.epochs for s in o.lr_steps),
+        f"--optim.lr_steps must be increasing epochs inside (0, --optim.epochs={o.epochs}), got {o.lr_steps}",
+    )
+    _check(0 < o.lr_decay <= 1, f"--optim.lr_decay must be in (0, 1], got {o.lr_decay}")
+    _check(
+        0 <= o.warmup_epochs < o.epochs,
+        f"--optim.warmup_epochs must be in [0, --optim.epochs={o.epochs}), got {o.warmup_epochs}",
+    )
+    _check(0 < o.warmup_start_factor <= 1, "--optim.warmup_start_factor must be in (0, 1]")
+    _check(o.clip_grad >= 0, f"--optim.clip_grad must be >= 0 (0: off), got {o.clip_grad}")
+    _check(o.gc_lr_mult > 0 and o.fc_lr_mult > 0, "--optim.gc_lr_mult and --optim.fc_lr_mult must be > 0")
+    _check(0 <= o.label_smoothing < 1, f"--optim.label_smoothing must be in [0, 1), got {o.label_smoothing}")
+    _check(
+        r.device == "auto" or r.device == "cpu" or r.device.startswith("cuda"),
+        f"--run.device must be auto, cpu, cuda or cuda:N, got {r.device!r}",
+    )
+    _check(
+        r.precision in ("auto", "fp32", "bf16", "fp16"),
+        f"--run.precision must be auto, fp32, bf16 or fp16, got {r.precision!r}",
+    )
+    _check(
+        r.dist_backend in ("auto", "nccl", "gloo"),
+        f"--run.dist_backend must be auto, nccl or gloo, got {r.dist_backend!r}",
+    )
+    _check(
+        r.ckpt_every >= 0 and r.max_steps >= 0 and r.threads >= 0,
+        "--run.ckpt_every, --run.max_steps and --run.threads must be >= 0",
+    )
+    _check(r.eval_every >= 1 and r.log_every >= 1, "--run.eval_every and --run.log_every must be >= 1")
+    _check(bool(r.out), "--run.out must name a run directory")
+    _check(
+        not (r.resume and r.tune_from),
+        "--resume continues a run and --tune-from starts a new one from "
+        "another run's weights: give one of them",
+    )
+    _check(e.num_clips >= 1, f"--eval.num_clips must be >= 1, got {e.num_clips}")
+    _check(e.num_crops in (1, 3, 10), f"--eval.num_crops must be 1, 3 or 10, got {e.num_crops}")
+    _check(e.sampling in ("tsn", "dense"), f"--eval.sampling must be tsn or dense, got {e.sampling!r}")
+    _check(e.batch_size >= 1, f"--eval.batch_size must be >= 1, got {e.batch_size}")
+    _check(not (e.twice_sample and e.sampling == "dense"), "--eval.twice_sample applies to tsn sampling only")
+    return cfg

@@ -1,0 +1,125 @@
+"""config.py: presets, CLI overrides, (de)serialisation and the validation messages."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+import config as C
+
+REQUIRED_PRESETS = [
+    "demo",
+    "gc_tsm_r50_k400_8f",
+    "gc_tsm_r50_k400_16f",
+    "gc_tsn_r50_k400_8f",
+    "tsm_r50_k400_8f",
+    "gc_tsm_r50_sthv2_8f",
+    "gc_tsm_r50_ucf101_ft",
+]
+
+
+@pytest.mark.parametrize("name", REQUIRED_PRESETS)
+def test_presets_are_valid_and_round_trip_through_json(name):
+    cfg = C.validate(C.preset(name))
+    assert cfg.preset == name
+    assert C.from_dict(json.loads(json.dumps(C.to_dict(cfg)))) == cfg
+
+
+def test_preset_facts_follow_the_reference_recipes():
+    k400 = C.preset("gc_tsm_r50_k400_8f")
+    assert (k400.model.name, k400.data.num_segments, k400.optim.lr, k400.optim.base_batch) == (
+        "gc_tsm_r50",
+        8,
+        0.02,
+        128,
+    )
+    assert k400.optim.lr_steps == (20, 40) and k400.optim.epochs == 50 and k400.optim.clip_grad == 20
+    assert C.preset("gc_tsm_r50_k400_16f").data.num_segments == 16
+    assert C.preset("gc_tsn_r50_k400_8f").model.name == "gc_tsn_r50"
+    assert C.preset("tsm_r50_k400_8f").model.name == "tsm_r50"
+    sth = C.preset("gc_tsm_r50_sthv2_8f")
+    assert sth.data.flip is False and (sth.optim.lr, sth.optim.base_batch) == (0.01, 64)
+    ucf = C.preset("gc_tsm_r50_ucf101_ft")
+    assert ucf.model.dropout == 0.8 and ucf.optim.lr == 0.001 and ucf.optim.fc_lr_mult == 5
+    demo = C.preset("demo")
+    assert demo.model.name == "gc_tsm_mini" and demo.data.flip is False and demo.data.num_segments == 8
+
+
+def test_overrides_parse_every_kind_of_field():
+    cfg = C.apply_overrides(
+        C.demo(),
+        [
+            "--optim.lr",
+            "0.01",
+            "--data.batch_size=16",
+            "--data.scales",
+            "1,0.75",
+            "--resume",
+            "--no-model.compile",
+            "--run.tensorboard",
+            "false",
+            "--tune-from=",
+            "--model",
+            "tsn_mini",
+            "--optim.lr_steps=2,4",
+        ],
+    )
+    assert cfg.optim.lr == 0.01 and cfg.data.batch_size == 16 and cfg.data.scales == (1.0, 0.75)
+    assert cfg.run.resume is True and cfg.model.compile is False and cfg.run.tensorboard is False
+    assert cfg.model.name == "tsn_mini" and cfg.optim.lr_steps == (2.0, 4.0) and cfg.run.tune_from == ""
+    assert C.apply_overrides(C.demo(), ["--no-compile"]).model.compile is False
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--optim.lrr", "0.1"], "unknown option --optim.lrr (did you mean '--optim.lr'?)"),
+        (["--optim.lr", "fast"], "--optim.lr expects a number, got 'fast'"),
+        (["--data.batch_size", "2.5"], "--data.batch_size expects an integer"),
+        (["--run.resume", "maybe"], "--run.resume expects true or false"),
+        (["--optim.lr"], "--optim.lr needs a value"),
+        (["--no-optim.lr"], "only applies to true/false options"),
+        (["stray"], "unexpected argument 'stray'"),
+    ],
+)
+def test_bad_options_are_rejected_by_name(args, message):
+    with pytest.raises(C.ConfigError, match=re.escape(message)):
+        C.apply_overrides(C.demo(), args)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--optim.lr", "-1"], "--optim.lr must be > 0"),
+        (["--optim.schedule", "poly"], "--optim.schedule must be step or cosine, got 'poly'"),
+        (["--data.crop_size", "80"], "--data.crop_size must be in (0, --data.scale_size=64]"),
+        (["--optim.lr_steps", "5,2", "--optim.schedule", "step"], "--optim.lr_steps must be increasing"),
+        (["--optim.lr_steps", "17"], "inside (0, --optim.epochs=16)"),
+        (["--model.dropout", "1"], "--model.dropout must be in [0, 1)"),
+        (["--run.precision", "fp8"], "--run.precision must be auto, fp32, bf16 or fp16"),
+        (["--eval.num_crops", "5"], "--eval.num_crops must be 1, 3 or 10"),
+        (["--run.device", "tpu"], "--run.device must be auto, cpu, cuda or cuda:N"),
+        (["--resume", "--tune-from", "x.pt"], "give one of them"),
+        (["--optim.warmup_epochs", "16"], "--optim.warmup_epochs must be in [0, --optim.epochs=16)"),
+    ],
+)
+def test_bad_values_are_rejected_with_the_allowed_range(args, message):
+    cfg = C.apply_overrides(C.demo(), args)
+    with pytest.raises(C.ConfigError) as err:
+        C.validate(cfg)
+    assert message in str(err.value)
+
+
+def test_unknown_preset_suggests_the_closest():
+    with pytest.raises(C.ConfigError, match="did you mean 'gc_tsm_r50_k400_8f'"):
+        C.preset("gc_tsm_r50_k400_8")
+
+
+def test_from_dict_ignores_removed_fields_and_keeps_new_defaults():
+    d = C.to_dict(C.demo())
+    d["optim"]["no_longer_exists"] = 1
+    del d["run"]["log_every"]
+    cfg = C.from_dict(d)
+    assert cfg.run.log_every == C.RunConfig().log_every and cfg.optim.lr == C.demo().optim.lr

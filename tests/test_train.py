@@ -1,0 +1,352 @@
+"""train.py end to end on a tiny synthetic dataset: resume equivalence, 2-process gloo DDP, fine-tuning,
+divergence handling, evaluation (multi-view, ensembles) and predict.
+
+The dataset comes from the preprocess CLI (as `make train` makes it), with a few clips per class; models are
+the mini ResNets with T=4 and 28-pixel crops, so every run here takes seconds on a 2-core CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import config as C
+import train
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def tiny_index(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("synthetic")
+    cmd = [
+        sys.executable,
+        "-m",
+        "preprocess",
+        "synthetic",
+        "--out",
+        str(out),
+        "--train-per-class",
+        "4",
+        "--val-per-class",
+        "2",
+        "--frames",
+        "8",
+        "--frame-size",
+        "32",
+        "--workers",
+        "1",
+        "--no-progress",
+    ]
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
+    return out / "index.json"
+
+
+def tiny_cfg(index: Path, out: Path, *extra: str) -> C.Config:
+    """8 classes x 4 clips = 32 train clips, batch 4: 8 steps per epoch."""
+    args = [
+        "--data.index",
+        str(index),
+        "--run.out",
+        str(out),
+        "--data.num_segments",
+        "4",
+        "--data.crop_size",
+        "28",
+        "--data.scale_size",
+        "32",
+        "--data.batch_size",
+        "4",
+        "--data.backend",
+        "torch",
+        "--data.workers",
+        "0",
+        "--optim.epochs",
+        "2",
+        "--optim.lr",
+        "0.02",
+        "--optim.base_batch",
+        "4",
+        "--model.dropout",
+        "0.5",
+        "--run.device",
+        "cpu",
+        "--run.live",
+        "false",
+        "--run.tensorboard",
+        "false",
+        "--run.log_every",
+        "3",
+        "--run.final_eval",
+        "false",
+        "--eval.batch_size",
+        "4",
+        "--optim.warmup_epochs",
+        "0",
+        *extra,
+    ]
+    return C.validate(C.apply_overrides(C.demo(), args))
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, weights_only=False)["model"]
+
+
+@pytest.fixture(scope="module")
+def straight_run(tiny_index, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("straight")
+    result = train.train(tiny_cfg(tiny_index, out, "--run.tensorboard", "true"))
+    assert result["step"] == 16 and result["epoch"] == 2 and not result["stopped_early"]
+    return out
+
+
+def test_run_directory_holds_config_checkpoints_metrics_and_tensorboard(straight_run):
+    saved = json.loads((straight_run / "config.json").read_text())
+    assert saved["model"]["name"] == "gc_tsm_mini" and saved["model"]["num_classes"] == 8
+    ckpt = torch.load(straight_run / "last.pt", weights_only=False)
+    assert set(ckpt) >= {
+        "model",
+        "optimizer",
+        "scheduler",
+        "scaler",
+        "epoch",
+        "step",
+        "config",
+        "rng",
+        "loader",
+    }
+    assert (
+        C.from_dict(ckpt["config"]) == C.from_dict(saved)
+        and ckpt["loader"] == {"epoch": 2, "start_batch": 0}
+        and ckpt["step"] == 16
+    )
+    assert (straight_run / "best.pt").exists()
+    assert not list(straight_run.glob(".*.tmp"))
+    lines = [json.loads(x) for x in (straight_run / "metrics.jsonl").read_text().splitlines()]
+    assert [x["epoch"] for x in lines] == [1, 2]
+    assert all(0 <= x["top1"] <= x["top5"] <= 1 and np.isfinite(x["loss"]) for x in lines)
+    assert list((straight_run / "tb").glob("events.out.tfevents.*"))
+
+
+def test_stopped_mid_epoch_and_resumed_reaches_the_same_weights(tiny_index, straight_run, tmp_path):
+    # stop at step 5 of 16 (inside epoch 0), resume: the weights must match the run that never stopped
+    # (dropout 0.5 is on, so the random stream must continue too)
+    first = train.train(tiny_cfg(tiny_index, tmp_path, "--run.max_steps", "5"))
+    assert first["stopped_early"] and first["step"] == 5
+    assert torch.load(tmp_path / "last.pt", weights_only=False)["loader"] == {"epoch": 0, "start_batch": 5}
+    # a second stop exactly at the end of epoch 0 (8 steps), then resume to the end
+    again = train.train(tiny_cfg(tiny_index, tmp_path, "--resume", "--run.max_steps", "8"))
+    assert again["stopped_early"] and again["step"] == 8
+    resumed = train.train(tiny_cfg(tiny_index, tmp_path, "--resume"))
+    assert resumed["step"] == 16
+    a, b = weights(straight_run / "last.pt"), weights(tmp_path / "last.pt")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=f"{k} differs after resume")
+    # and the resumed run really continued: its metrics have the same two evaluations
+    assert [json.loads(x)["epoch"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_resume_without_a_checkpoint_says_what_to_do(tiny_index, tmp_path):
+    with pytest.raises(train.TrainingError, match="nothing to resume"):
+        train.train(tiny_cfg(tiny_index, tmp_path, "--resume"))
+
+
+def test_a_diverging_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_index, tmp_path):
+    cfg = tiny_cfg(
+        tiny_index,
+        tmp_path,
+        "--optim.lr",
+        "1e12",
+        "--optim.clip_grad",
+        "0",
+        "--run.ckpt_every",
+        "1",
+        "--run.log_every",
+        "1",
+    )
+    with pytest.raises(train.TrainingError, match="NaN or infinite"):
+        train.train(cfg)
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=False)
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def test_tune_from_replaces_the_classifier_with_fc_lr_x5(tiny_index, straight_run, tmp_path):
+    cfg = tiny_cfg(
+        tiny_index,
+        tmp_path,
+        "--tune-from",
+        str(straight_run / "best.pt"),
+        "--optim.epochs",
+        "1",
+        "--run.max_steps",
+        "1",
+    )
+    train.train(cfg)
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=False)
+    groups = {g["name"]: g for g in ckpt["optimizer"]["param_groups"]}
+    assert groups["fc_weight"]["lr_mult"] == 5 and groups["fc_weight"]["initial_lr"] == pytest.approx(
+        5 * 0.02
+    )
+    assert ckpt["config"]["run"]["tune_from"] == str(straight_run / "best.pt")
+
+
+def test_evaluate_multi_view_and_ensemble(tiny_index, straight_run, tmp_path):
+    one = train.evaluate(
+        [str(straight_run / "best.pt")],
+        ["--eval.num_clips", "2", "--eval.num_crops", "3", "--eval.out", str(tmp_path / "one")],
+    )
+    assert one["videos"] == 16  # 8 classes x 2 val clips, each exactly once
+    predictions = [json.loads(x) for x in (tmp_path / "one" / "predictions.jsonl").read_text().splitlines()]
+    assert len(predictions) == 16 and all(len(p["top5"]) == 5 for p in predictions)
+    assert (tmp_path / "one" / "confusion.png").stat().st_size > 1000
+    # an ensemble of a checkpoint with itself scores exactly what the checkpoint scores alone
+    two = train.evaluate(
+        [str(straight_run / "best.pt")] * 2,
+        ["--eval.num_clips", "2", "--eval.num_crops", "3", "--eval.out", str(tmp_path / "two")],
+    )
+    assert (two["top1"], two["top5"]) == (one["top1"], one["top5"])
+    assert (
+        json.loads((tmp_path / "two" / "results.json").read_text())["checkpoints"]
+        == [str(straight_run / "best.pt")] * 2
+    )
+
+
+def test_predict_matches_the_val_loader(tiny_index, straight_run, tmp_path):
+    index = json.loads(tiny_index.read_text())
+    shard = tiny_index.parent / index["splits"]["val"]["shards"][0]["tar"]
+    with tarfile.open(shard) as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith(f".{index['video_ext']}"))
+        video = tmp_path / f"clip.{index['video_ext']}"
+        video.write_bytes(tar.extractfile(member).read())
+        key = member.name.rsplit(".", 1)[0]
+    top = train.predict(str(straight_run / "best.pt"), str(video))
+    assert len(top) == 5 and all(name in index["classes"] for name, _ in top)
+    assert [s for _, s in top] == sorted((s for _, s in top), reverse=True)
+    # the same clip through the val loader (1 clip, centre crop) gives the same scores
+    report = train.evaluate([str(straight_run / "best.pt")], ["--eval.out", str(tmp_path / "ev")])
+    assert report["videos"] == 16
+    pred = {
+        json.loads(x)["key"]: json.loads(x)
+        for x in (tmp_path / "ev" / "predictions.jsonl").read_text().splitlines()
+    }[key]
+    assert index["classes"][pred["pred"]] == top[0][0]
+    assert pred["top5_scores"][0] == pytest.approx(top[0][1], abs=1e-4)
+
+
+DDP_PROBE = textwrap.dedent("""
+    # Runs under torchrun: trains through train.train while recording which clips each rank was given.
+    import hashlib, json, os, sys
+    import torch
+    import config as C, train
+
+    rank = int(os.environ["RANK"])
+    seen = []
+    real_build = train.build_loader
+
+    def recording_build(cfg, split, mode, **kw):
+        loader = real_build(cfg, split=split, mode=mode, **kw)
+        if mode != "train":
+            return loader
+
+        class Recorder:
+            def __getattr__(self, name):
+                return getattr(loader, name)
+
+            def __len__(self):
+                return len(loader)
+
+            def __iter__(self):
+                for x, y in loader:
+                    seen.extend(hashlib.sha1(c.numpy().tobytes()).hexdigest() for c in x)
+                    yield x, y
+        return Recorder()
+
+    train.build_loader = recording_build
+    cfg = C.validate(C.apply_overrides(C.demo(), sys.argv[2:]))
+    result = train.train(cfg)
+    out = {"seen": seen, "world_size": result["world_size"], "step": result["step"]}
+    with open(os.path.join(sys.argv[1], f"rank{rank}.json"), "w") as f:
+        json.dump(out, f)
+""")
+
+
+def test_two_process_gloo_ddp_gives_each_rank_its_own_clips(tiny_index, tmp_path):
+    probe = tmp_path / "probe.py"
+    probe.write_text(DDP_PROBE)
+    run_dir = tmp_path / "run"
+    args = [
+        "--data.index",
+        str(tiny_index),
+        "--run.out",
+        str(run_dir),
+        "--data.num_segments",
+        "4",
+        "--data.crop_size",
+        "28",
+        "--data.scale_size",
+        "32",
+        "--data.batch_size",
+        "2",
+        "--data.backend",
+        "torch",
+        "--data.workers",
+        "0",
+        "--optim.warmup_epochs",
+        "0",
+        "--optim.epochs",
+        "1",
+        "--run.max_steps",
+        "3",
+        "--run.device",
+        "cpu",
+        "--run.live",
+        "false",
+        "--run.tensorboard",
+        "false",
+        "--run.final_eval",
+        "false",
+    ]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(probe),
+        str(tmp_path),
+        *args,
+    ]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world_size"] for r in ranks] == [2, 2] and [r["step"] for r in ranks] == [3, 3]
+    assert [len(r["seen"]) for r in ranks] == [6, 6]  # 3 steps x 2 clips on each rank
+    assert not set(ranks[0]["seen"]) & set(ranks[1]["seen"]), "the ranks trained on the same clips"
+    ckpt = torch.load(run_dir / "last.pt", weights_only=False)
+    assert len(ckpt["rng"]) == 2 and ckpt["step"] == 3
+
+
+@pytest.mark.slow
+def test_compiled_training_checkpoints_plain_weights(tiny_index, tmp_path):
+    result = train.train(
+        tiny_cfg(
+            tiny_index, tmp_path, "--model.compile", "true", "--optim.epochs", "1", "--run.max_steps", "2"
+        )
+    )
+    assert result["step"] == 2
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=False)
+    plain = train.build_model(C.from_dict(ckpt["config"]), 8).state_dict()
+    assert ckpt["model"].keys() == plain.keys()  # no _orig_mod. / module. prefixes
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
