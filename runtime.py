@@ -53,7 +53,9 @@ def setup_model(model: nn.Module, *, device: torch.device | str, channels_last: 
         model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids,
                                                     find_unused_parameters=find_unused)
     if compile:
-        model = torch.compile(model)
+        # Static shapes: training batches never change shape (drop_last), and automatic dynamic shapes after a
+        # recompile (e.g. a smaller last eval batch) are slower and have failed to lower in inductor on CPU.
+        model = torch.compile(model, dynamic=False)
     return model
 
 
