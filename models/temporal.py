@@ -53,6 +53,17 @@ class Calibrator(nn.Module):
         super().__init__()
         self.channels, self.num_segments = channels, num_segments
 
+    def reset_parameters(self) -> None:
+        """The reference's initialisation: convs Xavier-normal, the linear N(0, 0.001), BN weight 1 bias 0."""
+        for module in self.children():
+            if isinstance(module, nn.modules.conv._ConvNd):
+                nn.init.xavier_normal_(module.weight)
+            elif isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, 0.0, 0.001)
+            elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
     def extra_repr(self) -> str:
         return f"channels={self.channels}, num_segments={self.num_segments}"
 
@@ -66,10 +77,6 @@ class ECalL(Calibrator):
         self.bn = nn.BatchNorm3d(channels)
         self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        nn.init.xavier_normal_(self.conv.weight)
-        nn.init.ones_(self.bn.weight)
-        nn.init.zeros_(self.bn.bias)
 
     def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
         # (N, C, T, H, W) view: for a channels_last batch this is channels_last_3d, so Conv3d needs no copy.
@@ -87,10 +94,6 @@ class ECalT(Calibrator):
         self.bn = nn.BatchNorm1d(channels)
         self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        nn.init.xavier_normal_(self.conv.weight)
-        nn.init.ones_(self.bn.weight)
-        nn.init.zeros_(self.bn.bias)
 
     def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
         s_NCT = x_BCHW.mean((2, 3)).unflatten(0, (-1, self.num_segments)).transpose(1, 2)
@@ -111,8 +114,6 @@ class ECalS(Calibrator):
         self.conv = nn.Conv2d(channels, channels, 3, padding=2, dilation=2, bias=False)
         self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        nn.init.xavier_normal_(self.conv.weight)
 
     def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
         x_NTCHW = x_BCHW.unflatten(0, (-1, self.num_segments))
@@ -129,10 +130,6 @@ class ECalG(Calibrator):
         self.bn = nn.BatchNorm1d(channels)
         self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        nn.init.normal_(self.linear.weight, 0.0, 0.001)
-        nn.init.ones_(self.bn.weight)
-        nn.init.zeros_(self.bn.bias)
 
     def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
         x_NTCHW = x_BCHW.unflatten(0, (-1, self.num_segments))
