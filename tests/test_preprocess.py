@@ -261,19 +261,11 @@ def test_frames_command(tmp_path):
     assert (info["num_frames"], info["label"], info["fps"], info["height"]) == (12, 3, 12.0, 64)
 
 
+SMALL_SYNTHETIC = ["--train-per-class", "12", "--val-per-class", "3", "--shard-size", "16"]
+
+
 def _small_synthetic(out: Path, *extra: str) -> None:
-    preprocess(
-        "synthetic",
-        "--out",
-        str(out),
-        "--train-per-class",
-        "12",
-        "--val-per-class",
-        "3",
-        "--shard-size",
-        "16",
-        *extra,
-    )
+    preprocess("synthetic", "--out", str(out), *SMALL_SYNTHETIC, *extra)
 
 
 @pytest.fixture(scope="module")
@@ -309,12 +301,7 @@ def test_killed_run_restarts_to_the_same_shards(synthetic_run, tmp_path):
         "synthetic",
         "--out",
         str(out),
-        "--train-per-class",
-        "12",
-        "--val-per-class",
-        "3",
-        "--shard-size",
-        "16",
+        *SMALL_SYNTHETIC,
         "--workers",
         "1",
         "--no-progress",
