@@ -51,9 +51,9 @@ def tiny_index(tmp_path_factory) -> Path:
     return out / "index.json"
 
 
-def tiny_cfg(index: Path, out: Path, *extra: str) -> C.Config:
-    """8 classes x 4 clips = 32 train clips, batch 4: 8 steps per epoch."""
-    args = [
+def tiny_args(index: Path, out: Path, batch_size: int) -> list[str]:
+    """Tiny clips on the torch loader in-process, no warm-up, no live view, TensorBoard or final evaluation."""
+    return [
         "--data.index",
         str(index),
         "--run.out",
@@ -65,11 +65,28 @@ def tiny_cfg(index: Path, out: Path, *extra: str) -> C.Config:
         "--data.scale_size",
         "32",
         "--data.batch_size",
-        "4",
+        str(batch_size),
         "--data.backend",
         "torch",
         "--data.workers",
         "0",
+        "--optim.warmup_epochs",
+        "0",
+        "--run.device",
+        "cpu",
+        "--run.live",
+        "false",
+        "--run.tensorboard",
+        "false",
+        "--run.final_eval",
+        "false",
+    ]
+
+
+def tiny_cfg(index: Path, out: Path, *extra: str) -> C.Config:
+    """8 classes x 4 clips = 32 train clips, batch 4: 8 steps per epoch."""
+    args = [
+        *tiny_args(index, out, batch_size=4),
         "--optim.epochs",
         "2",
         "--optim.lr",
@@ -78,20 +95,10 @@ def tiny_cfg(index: Path, out: Path, *extra: str) -> C.Config:
         "4",
         "--model.dropout",
         "0.5",
-        "--run.device",
-        "cpu",
-        "--run.live",
-        "false",
-        "--run.tensorboard",
-        "false",
         "--run.log_every",
         "3",
-        "--run.final_eval",
-        "false",
         "--eval.batch_size",
         "4",
-        "--optim.warmup_epochs",
-        "0",
         *extra,
     ]
     return C.validate(C.apply_overrides(C.demo(), args))
@@ -284,38 +291,7 @@ def test_two_process_gloo_ddp_gives_each_rank_its_own_clips(tiny_index, tmp_path
     probe = tmp_path / "probe.py"
     probe.write_text(DDP_PROBE)
     run_dir = tmp_path / "run"
-    args = [
-        "--data.index",
-        str(tiny_index),
-        "--run.out",
-        str(run_dir),
-        "--data.num_segments",
-        "4",
-        "--data.crop_size",
-        "28",
-        "--data.scale_size",
-        "32",
-        "--data.batch_size",
-        "2",
-        "--data.backend",
-        "torch",
-        "--data.workers",
-        "0",
-        "--optim.warmup_epochs",
-        "0",
-        "--optim.epochs",
-        "1",
-        "--run.max_steps",
-        "3",
-        "--run.device",
-        "cpu",
-        "--run.live",
-        "false",
-        "--run.tensorboard",
-        "false",
-        "--run.final_eval",
-        "false",
-    ]
+    args = [*tiny_args(tiny_index, run_dir, batch_size=2), "--optim.epochs", "1", "--run.max_steps", "3"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     cmd = [
         sys.executable,
