@@ -5,7 +5,7 @@ VENV := .venv
 STAMP := $(VENV)/.setup-stamp
 PYTHON := $(VENV)/bin/python
 
-.PHONY: setup train test bench lint clean
+.PHONY: setup train test bench lint lint-python clean
 
 setup: $(STAMP)
 
@@ -26,13 +26,18 @@ $(STAMP): pyproject.toml Makefile
 train: setup
 	$(PYTHON) train.py
 
-test: setup
+test: setup lint-python
 	$(PYTHON) -m pytest -q
 
 bench: setup
 	$(PYTHON) -m benchmark all --quick
 
-lint: setup
+# ruff (pinned in the dev extras) is the one formatter and linter; `make test` enforces it.
+lint-python: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+lint: lint-python
 	$(VENV)/bin/hadolint docker/Dockerfile
 
 clean:

@@ -112,13 +112,29 @@ def demo() -> Config:
     # On CPU cores channels_last and compilation make this tiny model slower (measured on 2 cores: a step of
     # gc_tsm_mini / tsn_mini is about 1.8x / 4x faster without channels_last); the GPU presets keep both on.
     cfg.model = ModelConfig(name="gc_tsm_mini", dropout=0.0, channels_last=False, compile=False)
-    cfg.data = LoaderConfig(index="data/synthetic/index.json", num_segments=8, crop_size=56, scale_size=64,
-                            scales=(1.0, 0.875), flip=False, batch_size=16, workers=2)
+    cfg.data = LoaderConfig(
+        index="data/synthetic/index.json",
+        num_segments=8,
+        crop_size=56,
+        scale_size=64,
+        scales=(1.0, 0.875),
+        flip=False,
+        batch_size=16,
+        workers=2,
+    )
     # Measured: the loss sits at chance (ln 8) for ~4 epochs while the model finds the motion cue, then drops.
     # Batch 16 (more updates per epoch) without dropout gets there; batch 32 with dropout 0.2 was still at
     # chance after 8 epochs.
-    cfg.optim = OptimConfig(lr=0.02, base_batch=16, weight_decay=1e-4, epochs=16, schedule="cosine",
-                            lr_steps=(), warmup_epochs=1.0, clip_grad=20.0)
+    cfg.optim = OptimConfig(
+        lr=0.02,
+        base_batch=16,
+        weight_decay=1e-4,
+        epochs=16,
+        schedule="cosine",
+        lr_steps=(),
+        warmup_epochs=1.0,
+        clip_grad=20.0,
+    )
     cfg.run = RunConfig(out="runs/demo", log_every=10)
     cfg.eval = EvalConfig(batch_size=32)
     return cfg

@@ -1,9 +1,10 @@
 """The one place where memory format, compilation, DDP, SyncBN and precision are applied to a model.
 
-    model = runtime.setup_model(build_model(...), device=device, channels_last=True, compile=True, ddp=True)
-    with runtime.autocast("bf16", device.type):
-        loss = criterion(model(x_NTCHW), labels_N)
+model = runtime.setup_model(build_model(...), device=device, channels_last=True, compile=True, ddp=True)
+with runtime.autocast("bf16", device.type):
+    loss = criterion(model(x_NTCHW), labels_N)
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -24,9 +25,16 @@ def to_channels_last(model: nn.Module) -> nn.Module:
     return model
 
 
-def setup_model(model: nn.Module, *, device: torch.device | str, channels_last: bool = True,
-                compile: bool = False, ddp: bool = False, sync_bn: bool = False,
-                find_unused: bool = False) -> nn.Module:
+def setup_model(
+    model: nn.Module,
+    *,
+    device: torch.device | str,
+    channels_last: bool = True,
+    compile: bool = False,
+    ddp: bool = False,
+    sync_bn: bool = False,
+    find_unused: bool = False,
+) -> nn.Module:
     """Move to device, then (in this order) SyncBN, channels_last, DDP, torch.compile.
 
     With channels_last the convolution weights are channels_last, so every conv output (and everything the
@@ -39,19 +47,26 @@ def setup_model(model: nn.Module, *, device: torch.device | str, channels_last: 
         if not ddp:
             raise ValueError("sync_bn=True needs ddp=True (SyncBatchNorm synchronises across DDP ranks)")
         if device.type != "cuda":
-            raise ValueError(f"sync_bn=True needs CUDA devices (DDP accepts SyncBatchNorm on GPUs only), got "
-                             f"{device}: set sync_bn=False")
+            raise ValueError(
+                f"sync_bn=True needs CUDA devices (DDP accepts SyncBatchNorm on GPUs only), got "
+                f"{device}: set sync_bn=False"
+            )
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if channels_last:
         to_channels_last(model)
     if ddp:
         if not torch.distributed.is_initialized():
-            raise RuntimeError("ddp=True needs torch.distributed.init_process_group() first "
-                               "(torchrun sets it up)")
-        device_ids = [device.index if device.index is not None else torch.cuda.current_device()] \
-            if device.type == "cuda" else None
-        model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids,
-                                                    find_unused_parameters=find_unused)
+            raise RuntimeError(
+                "ddp=True needs torch.distributed.init_process_group() first (torchrun sets it up)"
+            )
+        device_ids = (
+            [device.index if device.index is not None else torch.cuda.current_device()]
+            if device.type == "cuda"
+            else None
+        )
+        model = nn.parallel.DistributedDataParallel(
+            model, device_ids=device_ids, find_unused_parameters=find_unused
+        )
     if compile:
         # Static shapes: training batches never change shape (drop_last), and automatic dynamic shapes after a
         # recompile (e.g. a smaller last eval batch) are slower and have failed to lower in inductor on CPU.

@@ -37,10 +37,14 @@ log = logging.getLogger("benchmark")
 
 def add_shared_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("what", choices=[*BENCHMARKS, "all"], help="benchmark to run ('all': each in turn)")
-    parser.add_argument("--quick", action="store_true",
-                        help="CPU mode, small inputs, about a minute per benchmark (default: full GPU mode)")
-    parser.add_argument("--out", default=None, metavar="DIR",
-                        help="results directory (default benchmark/results)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="CPU mode, small inputs, about a minute per benchmark (default: full GPU mode)",
+    )
+    parser.add_argument(
+        "--out", default=None, metavar="DIR", help="results directory (default benchmark/results)"
+    )
     parser.add_argument("--warmup", type=int, default=None, metavar="N", help="untimed calls before timing")
     parser.add_argument("--iters", type=int, default=None, metavar="N", help="timed calls")
     parser.add_argument("--seed", type=int, default=0)
@@ -52,18 +56,23 @@ def load_benchmark(what: str) -> ModuleType:
         return importlib.import_module(f"benchmark.{what}")
     except ModuleNotFoundError as err:
         if err.name == f"benchmark.{what}":
-            raise SystemExit(f"benchmark/{what}.py does not exist in this checkout: cannot run the '{what}' "
-                             f"benchmark") from err
-        raise SystemExit(f"the '{what}' benchmark needs the Python package '{err.name}', which is not "
-                         f"installed: run `make setup` (or install it into .venv), then try again") from err
+            raise SystemExit(
+                f"benchmark/{what}.py does not exist in this checkout: cannot run the '{what}' benchmark"
+            ) from err
+        raise SystemExit(
+            f"the '{what}' benchmark needs the Python package '{err.name}', which is not "
+            f"installed: run `make setup` (or install it into .venv), then try again"
+        ) from err
 
 
 def resolve_device(args: argparse.Namespace) -> None:
     import torch
 
     if not args.quick and not torch.cuda.is_available():
-        log.warning("no CUDA GPU found: running the quick CPU mode instead of the full GPU benchmarks "
-                    "(pass --quick to ask for it explicitly)")
+        log.warning(
+            "no CUDA GPU found: running the quick CPU mode instead of the full GPU benchmarks "
+            "(pass --quick to ask for it explicitly)"
+        )
         args.quick = True
     args.device = "cpu" if args.quick else "cuda"
 
@@ -97,8 +106,12 @@ def run_all(args: argparse.Namespace, console: Console) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     console = Console(stderr=True)
-    logging.basicConfig(level=logging.INFO, format="%(message)s", datefmt="[%X]",
-                        handlers=[RichHandler(console=console, show_path=False)])
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(message)s",
+        datefmt="[%X]",
+        handlers=[RichHandler(console=console, show_path=False)],
+    )
 
     # The module's own options can only be added once we know which module: find its name first.
     what = next((a for a in argv if a in BENCHMARKS), None)
@@ -106,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m benchmark",
         description="Run gcvideo's benchmarks. Results: <out>/<what>_<hardware>_<date>.json, .md and .png "
-                    "(default out: benchmark/results).")
+        "(default out: benchmark/results).",
+    )
     add_shared_arguments(parser)
     module = load_benchmark(what) if what else None
     if module is not None and hasattr(module, "add_arguments"):

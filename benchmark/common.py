@@ -47,8 +47,9 @@ DEFAULT_RESULTS_DIR = Path(__file__).resolve().parent / "results"
 OUT_ENV = "GCVIDEO_BENCH_OUT"
 
 
-def timeit(fn: Callable[[], Any], *, warmup: int, iters: int,
-           sync: Callable[[], Any] | None = None) -> list[float]:
+def timeit(
+    fn: Callable[[], Any], *, warmup: int, iters: int, sync: Callable[[], Any] | None = None
+) -> list[float]:
     """Call `fn` `warmup` times untimed, then `iters` times timed; return the seconds of each timed call.
 
     `sync` (e.g. torch.cuda.synchronize) is called before every clock read so that queued asynchronous work is
@@ -186,8 +187,12 @@ def environment() -> dict[str, Any]:
     try:
         import torch
 
-        torch_info = {"torch": torch.__version__, "torch_cuda": torch.version.cuda,
-                      "cuda_available": torch.cuda.is_available(), "torch_threads": torch.get_num_threads()}
+        torch_info = {
+            "torch": torch.__version__,
+            "torch_cuda": torch.version.cuda,
+            "cuda_available": torch.cuda.is_available(),
+            "torch_threads": torch.get_num_threads(),
+        }
     except ImportError:
         torch_info = {"torch": None}
     repo = Path(__file__).resolve().parent.parent
@@ -207,7 +212,7 @@ def environment() -> dict[str, Any]:
         "gpus": _gpus(),
         "hardware": hardware_tag(),
         "command": _command(),
-        "utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "git_commit": commit,
         "git_dirty": bool(dirty) if dirty is not None else None,
     }
@@ -300,8 +305,14 @@ def draw_plot(plot: Plot, rows: Sequence[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def write_results(what: str, rows: Sequence[dict[str, Any]], *, meta: dict[str, Any],
-                  plots: Sequence[Plot] = (), out_dir: str | Path | None = None) -> Path:
+def write_results(
+    what: str,
+    rows: Sequence[dict[str, Any]],
+    *,
+    meta: dict[str, Any],
+    plots: Sequence[Plot] = (),
+    out_dir: str | Path | None = None,
+) -> Path:
     """Write <what>_<hardware>_<date>.json, .md and the plots; return the path of the JSON file.
 
     A second run on the same machine and day replaces the first: one file per (benchmark, hardware, date).
@@ -319,20 +330,32 @@ def write_results(what: str, rows: Sequence[dict[str, Any]], *, meta: dict[str, 
         draw_plot(plot, rows, directory / name)
         plot_files.append(name)
 
-    record = {"what": what, "hardware": env["hardware"], "date": date, "meta": meta, "environment": env,
-              "rows": rows, "plots": plot_files}
+    record = {
+        "what": what,
+        "hardware": env["hardware"],
+        "date": date,
+        "meta": meta,
+        "environment": env,
+        "rows": rows,
+        "plots": plot_files,
+    }
     json_path = directory / f"{stem}.json"
     json_path.write_text(json.dumps(record, indent=2, default=str) + "\n")
 
     md = [f"# {what} benchmark: {env['hardware']}, {date}", ""]
-    md += [f"- {k}: {_cell(v) if not isinstance(v, (list, dict)) else json.dumps(v, default=str)}"
-           for k, v in meta.items()]
-    md += [f"- versions: python {env['python']}, torch {env.get('torch')}, {env['dali'] or 'no DALI'}, "
-           f"av {env['av']}, {env['ffmpeg'] or 'no ffmpeg'}",
-           f"- hardware: {env['cpu']} ({env['cpu_cores']} cores)"
-           + "".join(f"; {g['name']} (driver {g['driver']}, {g['memory']})" for g in env["gpus"]),
-           f"- command: `{' '.join(env['command'])}` at {env['utc']}, commit {env['git_commit'] or 'none'}",
-           "", markdown_table(rows)]
+    md += [
+        f"- {k}: {_cell(v) if not isinstance(v, (list, dict)) else json.dumps(v, default=str)}"
+        for k, v in meta.items()
+    ]
+    md += [
+        f"- versions: python {env['python']}, torch {env.get('torch')}, {env['dali'] or 'no DALI'}, "
+        f"av {env['av']}, {env['ffmpeg'] or 'no ffmpeg'}",
+        f"- hardware: {env['cpu']} ({env['cpu_cores']} cores)"
+        + "".join(f"; {g['name']} (driver {g['driver']}, {g['memory']})" for g in env["gpus"]),
+        f"- command: `{' '.join(env['command'])}` at {env['utc']}, commit {env['git_commit'] or 'none'}",
+        "",
+        markdown_table(rows),
+    ]
     md += [f"![{name}]({name})\n" for name in plot_files]
     (directory / f"{stem}.md").write_text("\n".join(md))
     log.info("results written to %s (+ .md, %d plots)", json_path, len(plot_files))

@@ -5,6 +5,7 @@ channels_last). Synthetic input, warm-up, synchronised timers, medians. The GC o
 GC-TSM step takes than a TSM step in the same mode. `--quick` (CPU): batch 2 x 8 frames x 112 px and no
 compiled mode unless asked (compiling two ResNet-50s for forward and backward takes minutes on 2 cores).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,14 +33,21 @@ MODELS = ("tsm_r50", "gc_tsm_r50")
 def add_arguments(parser: argparse._ArgumentGroup) -> None:
     parser.add_argument("--batch", type=int, default=None, help="clips per step (default 2 quick, 16 full)")
     parser.add_argument("--frames", type=int, default=8, help="frames per clip (num_segments)")
-    parser.add_argument("--size", type=int, default=None,
-                        help="frame side in pixels (default 112 quick, 224 full)")
-    parser.add_argument("--modes", default=None,
-                        help=f"comma-separated subset of {','.join(MODES)} "
-                             "(default: all; quick: all but compiled)")
+    parser.add_argument(
+        "--size", type=int, default=None, help="frame side in pixels (default 112 quick, 224 full)"
+    )
+    parser.add_argument(
+        "--modes",
+        default=None,
+        help=f"comma-separated subset of {','.join(MODES)} (default: all; quick: all but compiled)",
+    )
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated build_model names")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: all cores; 1 is steadier on a shared machine)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: all cores; 1 is steadier on a shared machine)",
+    )
 
 
 def _measure(model, x, labels, *, precision: str, device: torch.device, warmup: int, iters: int) -> dict:
@@ -58,10 +66,15 @@ def _measure(model, x, labels, *, precision: str, device: torch.device, warmup: 
     model.eval()
     fwd = summary(timeit(forward, warmup=warmup, iters=iters, sync=sync), items_per_call=x.shape[0])
     model.train()
-    train = summary(timeit(forward_backward, warmup=warmup, iters=iters, sync=sync),
-                    items_per_call=x.shape[0])
-    return {"fwd_median_s": fwd["median_s"], "fwd_clips_per_s": fwd["per_s"],
-            "train_median_s": train["median_s"], "train_clips_per_s": train["per_s"]}
+    train = summary(
+        timeit(forward_backward, warmup=warmup, iters=iters, sync=sync), items_per_call=x.shape[0]
+    )
+    return {
+        "fwd_median_s": fwd["median_s"],
+        "fwd_clips_per_s": fwd["per_s"],
+        "train_median_s": train["median_s"],
+        "train_clips_per_s": train["per_s"],
+    }
 
 
 def main(args: argparse.Namespace) -> int:
@@ -97,14 +110,24 @@ def main(args: argparse.Namespace) -> int:
             for name in names:
                 progress.update(task, description=f"{name} {mode}")
                 torch._dynamo.reset()  # each compiled model starts from empty caches, as in a fresh process
-                model = runtime.setup_model(build_model(name, 400, frames), device=device,
-                                            channels_last=channels_last, compile=compile_)
+                model = runtime.setup_model(
+                    build_model(name, 400, frames),
+                    device=device,
+                    channels_last=channels_last,
+                    compile=compile_,
+                )
                 row = {"model": name, "mode": mode, "batch": batch, "frames": frames, "size": size}
-                row |= _measure(model, x, labels, precision=precision, device=device,
-                                warmup=warmup, iters=iters)
+                row |= _measure(
+                    model, x, labels, precision=precision, device=device, warmup=warmup, iters=iters
+                )
                 rows.append(row)
-                log.info("%-12s %-16s fwd %.2f clips/s, fwd+bwd %.2f clips/s", name, mode,
-                         row["fwd_clips_per_s"], row["train_clips_per_s"])
+                log.info(
+                    "%-12s %-16s fwd %.2f clips/s, fwd+bwd %.2f clips/s",
+                    name,
+                    mode,
+                    row["fwd_clips_per_s"],
+                    row["train_clips_per_s"],
+                )
                 del model
                 progress.advance(task)
 
@@ -114,12 +137,29 @@ def main(args: argparse.Namespace) -> int:
         if row["model"] != "tsm_r50" and base is not None:
             row["gc_overhead_fwd_pct"] = 100 * (row["fwd_median_s"] / base["fwd_median_s"] - 1)
             row["gc_overhead_train_pct"] = 100 * (row["train_median_s"] / base["train_median_s"] - 1)
-    meta = {"device": str(device), "quick": quick, "batch": batch, "frames": frames, "size": size,
-            "warmup": warmup, "iters": iters, "threads": torch.get_num_threads(),
-            "modes": {m: dict(zip(("channels_last", "precision", "compile"), MODES[m])) for m in modes}}
-    write_results("model", rows, meta=meta, plots=[
-        Plot(x="mode", y="fwd_clips_per_s", group="model", title=f"Forward, {batch}x{frames}x{size}px"),
-        Plot(x="mode", y="train_clips_per_s", group="model",
-             title=f"Forward+backward, {batch}x{frames}x{size}px"),
-    ])
+    meta = {
+        "device": str(device),
+        "quick": quick,
+        "batch": batch,
+        "frames": frames,
+        "size": size,
+        "warmup": warmup,
+        "iters": iters,
+        "threads": torch.get_num_threads(),
+        "modes": {m: dict(zip(("channels_last", "precision", "compile"), MODES[m])) for m in modes},
+    }
+    write_results(
+        "model",
+        rows,
+        meta=meta,
+        plots=[
+            Plot(x="mode", y="fwd_clips_per_s", group="model", title=f"Forward, {batch}x{frames}x{size}px"),
+            Plot(
+                x="mode",
+                y="train_clips_per_s",
+                group="model",
+                title=f"Forward+backward, {batch}x{frames}x{size}px",
+            ),
+        ],
+    )
     return 0

@@ -31,8 +31,9 @@ def requirements(pyproject: Path, extras: list[str]) -> list[str]:
     for extra in extras:
         groups = project.get("optional-dependencies", {})
         if extra not in groups:
-            raise SystemExit(f"{pyproject}: no optional-dependencies group {extra!r} "
-                             f"(groups: {', '.join(groups)})")
+            raise SystemExit(
+                f"{pyproject}: no optional-dependencies group {extra!r} (groups: {', '.join(groups)})"
+            )
         reqs += groups[extra]
     return reqs
 
@@ -43,8 +44,9 @@ def pins(reqs: list[str]) -> dict[str, str]:
     for req in reqs:
         match = PIN.match(req)
         if not match:
-            raise SystemExit(f"requirement {req!r} is not an exact pin (name==version): "
-                             f"pin it in pyproject.toml")
+            raise SystemExit(
+                f"requirement {req!r} is not an exact pin (name==version): pin it in pyproject.toml"
+            )
         found[normalise(match[1])] = match[2]
     return found
 

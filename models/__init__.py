@@ -1,8 +1,9 @@
 """Model registry: TSN / TSM / GC-TSN / GC-TSM / single-calibrator (ECal-x) ResNets for video clips.
 
-    model = build_model("gc_tsm_r50", num_classes=400, num_segments=8)
-    logits_NK = model(x_NTCHW)
+model = build_model("gc_tsm_r50", num_classes=400, num_segments=8)
+logits_NK = model(x_NTCHW)
 """
+
 from __future__ import annotations
 
 import re
@@ -18,14 +19,17 @@ from .video import VideoNet
 __all__ = ["build_model", "list_models", "load_imagenet", "param_groups", "parse_name", "VideoNet"]
 
 _BASES = ("tsn", "tsm", "gc_tsn", "gc_tsm")
-_NAME = re.compile(r"^(?:(?P<base>tsn|tsm|gc_tsn|gc_tsm)|ecal_(?P<kind>[ltsg])_(?P<ebase>tsn|tsm))"
-                   r"_(?P<arch>\w+)$")
+_NAME = re.compile(
+    r"^(?:(?P<base>tsn|tsm|gc_tsn|gc_tsm)|ecal_(?P<kind>[ltsg])_(?P<ebase>tsn|tsm))"
+    r"_(?P<arch>\w+)$"
+)
 
 
 def list_models() -> list[str]:
     names = [f"{base}_{arch}" for arch in ARCHS for base in _BASES]
-    names += [f"ecal_{kind}_{base}_{arch}"
-              for arch in ARCHS for kind in CALIBRATOR_KINDS for base in ("tsn", "tsm")]
+    names += [
+        f"ecal_{kind}_{base}_{arch}" for arch in ARCHS for kind in CALIBRATOR_KINDS for base in ("tsn", "tsm")
+    ]
     return names
 
 
@@ -43,17 +47,29 @@ def parse_name(name: str) -> dict:
 
 
 def _gc_context(planes: int, index: int, *, cdiv: int, loop: bool, num_segments: int) -> nn.Module:
-    return GroupContext(planes, CALIBRATOR_KINDS, planes // cdiv, cdiv, num_segments,
-                        offset=index % cdiv if loop else 0)
+    return GroupContext(
+        planes, CALIBRATOR_KINDS, planes // cdiv, cdiv, num_segments, offset=index % cdiv if loop else 0
+    )
 
 
 def _single_context(planes: int, index: int, *, kind: str, ratio: int, num_segments: int) -> nn.Module:
     return GroupContext(planes, (kind,), planes // ratio, 1, num_segments)
 
 
-def build_model(name: str, num_classes: int, num_segments: int = 8, *, dropout: float = 0.5,
-                shift_div: int = 8, shift_place: str = "blockres", cdiv: int = 4, gc_loop: bool = False,
-                ratio: int = 16, partial_bn: bool = False, pretrained: str | None = None) -> VideoNet:
+def build_model(
+    name: str,
+    num_classes: int,
+    num_segments: int = 8,
+    *,
+    dropout: float = 0.5,
+    shift_div: int = 8,
+    shift_place: str = "blockres",
+    cdiv: int = 4,
+    gc_loop: bool = False,
+    ratio: int = 16,
+    partial_bn: bool = False,
+    pretrained: str | None = None,
+) -> VideoNet:
     """Build a registered model (see list_models()).
 
     shift_div / shift_place: TSM families; cdiv / gc_loop: GC families (groups of planes // cdiv channels, the
@@ -72,8 +88,13 @@ def build_model(name: str, num_classes: int, num_segments: int = 8, *, dropout: 
         context = partial(_single_context, kind=kinds[0], ratio=ratio, num_segments=num_segments)
     else:
         context = None
-    backbone = ResNet(arch, num_segments=num_segments, shift_div=shift_div if spec["shift"] else None,
-                      shift_place=shift_place, context=context)
+    backbone = ResNet(
+        arch,
+        num_segments=num_segments,
+        shift_div=shift_div if spec["shift"] else None,
+        shift_place=shift_place,
+        context=context,
+    )
     if pretrained is not None:
         load_imagenet(backbone, torchvision_imagenet_state(arch) if pretrained == "imagenet" else pretrained)
     return VideoNet(backbone, num_classes, num_segments, dropout=dropout, partial_bn=partial_bn)

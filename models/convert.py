@@ -8,6 +8,7 @@ The format is recognised from the key names: 'module.base_model.*' + 'module.new
 their norm 'bn1', ECal-G's linear 'conv'). ECal-S's BatchNorm is never applied by the reference: its entries
 are dropped.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,17 +24,25 @@ from . import build_model
 log = logging.getLogger(__name__)
 
 _EFT = re.compile(r"\.eft([1-4])\.(conv|bn1)\.")
-_EFT_NAMES = {("1", "conv"): ".gc.ecal_l.conv.", ("1", "bn1"): ".gc.ecal_l.bn.",
-              ("2", "conv"): ".gc.ecal_t.conv.", ("2", "bn1"): ".gc.ecal_t.bn.",
-              ("3", "conv"): ".gc.ecal_s.conv.", ("3", "bn1"): None,  # the unused ECal-S BatchNorm
-              ("4", "conv"): ".gc.ecal_g.linear.", ("4", "bn1"): ".gc.ecal_g.bn."}
+_EFT_NAMES = {
+    ("1", "conv"): ".gc.ecal_l.conv.",
+    ("1", "bn1"): ".gc.ecal_l.bn.",
+    ("2", "conv"): ".gc.ecal_t.conv.",
+    ("2", "bn1"): ".gc.ecal_t.bn.",
+    ("3", "conv"): ".gc.ecal_s.conv.",
+    ("3", "bn1"): None,  # the unused ECal-S BatchNorm
+    ("4", "conv"): ".gc.ecal_g.linear.",
+    ("4", "bn1"): ".gc.ecal_g.bn.",
+}
 
 
 def detect_format(keys: list[str]) -> str:
     """'gc' | 'tsm' | 'tsn' for release state_dict keys (without 'module.'); ValueError otherwise."""
     if not any(k.startswith("base_model.") for k in keys) or not any(k.startswith("new_fc.") for k in keys):
-        raise ValueError("not a TSN/TSM/GC release checkpoint: expected keys 'module.base_model.*' and "
-                         f"'module.new_fc.*', found e.g. {keys[:5]}")
+        raise ValueError(
+            "not a TSN/TSM/GC release checkpoint: expected keys 'module.base_model.*' and "
+            f"'module.new_fc.*', found e.g. {keys[:5]}"
+        )
     if any(_EFT.search(k) or ".eft" in k for k in keys):
         return "gc"
     return "tsm" if any(".conv1.net." in k for k in keys) else "tsn"
@@ -50,7 +59,7 @@ def _rename(key: str) -> str | None:
     match = _EFT.search(ours)
     if match:
         target = _EFT_NAMES[match.groups()]
-        return None if target is None else ours[:match.start()] + target + ours[match.end():]
+        return None if target is None else ours[: match.start()] + target + ours[match.end() :]
     if ".eft" in ours:
         raise KeyError(key)
     return ours
@@ -79,8 +88,9 @@ def infer_model_name(state: Mapping[str, torch.Tensor], fmt: str) -> str:
     return {"gc": "gc_tsm", "tsm": "tsm", "tsn": "tsn"}[fmt] + "_" + arch
 
 
-def convert_state_dict(source: str | Path | Mapping, model_name: str | None = None,
-                       **model_options) -> tuple[dict[str, torch.Tensor], str]:
+def convert_state_dict(
+    source: str | Path | Mapping, model_name: str | None = None, **model_options
+) -> tuple[dict[str, torch.Tensor], str]:
     """Release checkpoint -> (state_dict for build_model(model_name, ...), model_name).
 
     The result is checked against the model built on the meta device: missing, unknown or mis-shaped keys
@@ -101,21 +111,34 @@ def convert_state_dict(source: str | Path | Mapping, model_name: str | None = No
         else:
             converted[ours] = value
     if dropped:
-        log.info("dropped %d entries of ECal-S's BatchNorm, which the reference never applies (e.g. %s)",
-                 len(dropped), dropped[0])
+        log.info(
+            "dropped %d entries of ECal-S's BatchNorm, which the reference never applies (e.g. %s)",
+            len(dropped),
+            dropped[0],
+        )
     num_classes = converted["fc.weight"].shape[0]
     num_segments = model_options.pop("num_segments", 8)
     with torch.device("meta"):
         expected = build_model(model_name, num_classes, num_segments, **model_options).state_dict()
     missing = [k for k in expected if k not in converted]
     unknown += [k for k in converted if k not in expected]
-    wrong = [f"{k}: {tuple(v.shape)} vs {tuple(expected[k].shape)}" for k, v in converted.items()
-             if k in expected and v.shape != expected[k].shape]
+    wrong = [
+        f"{k}: {tuple(v.shape)} vs {tuple(expected[k].shape)}"
+        for k, v in converted.items()
+        if k in expected and v.shape != expected[k].shape
+    ]
     if missing or unknown or wrong:
-        raise ValueError(f"{fmt.upper()} checkpoint does not match {model_name} ({num_classes} classes): "
-                         f"missing keys {missing}, unknown keys {unknown}, wrong shapes {wrong}")
-    log.info("converted a %s-format checkpoint to %s (%d classes, %d tensors)", fmt.upper(), model_name,
-             num_classes, len(converted))
+        raise ValueError(
+            f"{fmt.upper()} checkpoint does not match {model_name} ({num_classes} classes): "
+            f"missing keys {missing}, unknown keys {unknown}, wrong shapes {wrong}"
+        )
+    log.info(
+        "converted a %s-format checkpoint to %s (%d classes, %d tensors)",
+        fmt.upper(),
+        model_name,
+        num_classes,
+        len(converted),
+    )
     return converted, model_name
 
 
@@ -132,8 +155,12 @@ def main(argv: list[str] | None = None) -> None:
         parser.exit(2, f"error: {err}\n")
     args.dst.parent.mkdir(parents=True, exist_ok=True)
     torch.save(state, args.dst)
-    log.info("wrote %s: model.load_state_dict(torch.load(%r)) for build_model(%r, ...)",
-             args.dst, str(args.dst), name)
+    log.info(
+        "wrote %s: model.load_state_dict(torch.load(%r)) for build_model(%r, ...)",
+        args.dst,
+        str(args.dst),
+        name,
+    )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """Optimizer parameter groups with the TSN/TSM/GC learning-rate and weight-decay multipliers."""
+
 from __future__ import annotations
 
 from torch import nn
@@ -9,8 +10,9 @@ _NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 _FIRST_CONV = "first_conv"
 
 
-def param_groups(model: nn.Module, *, lr: float, weight_decay: float, gc_lr_mult: float = 1.0,
-                 fc_lr_mult: float = 1.0) -> list[dict]:
+def param_groups(
+    model: nn.Module, *, lr: float, weight_decay: float, gc_lr_mult: float = 1.0, fc_lr_mult: float = 1.0
+) -> list[dict]:
     """Groups for torch.optim.SGD with params, lr, weight_decay, name, lr_mult (schedulers rescale by it).
 
     (lr mult, wd mult): first conv weight (1, 1); other conv/linear weights (1, 1); biases (2, 0); norm
@@ -21,9 +23,14 @@ def param_groups(model: nn.Module, *, lr: float, weight_decay: float, gc_lr_mult
     if hasattr(model, "_orig_mod") or isinstance(model, nn.parallel.DistributedDataParallel):
         raise TypeError("param_groups needs the plain model: pass runtime.unwrap_model(model)")
     table = {  # name -> (lr mult, wd mult)
-        _FIRST_CONV: (1.0, 1.0), "weight": (1.0, 1.0), "bias": (2.0, 0.0), "norm": (1.0, 0.0),
-        "gc_weight": (gc_lr_mult, 1.0), "gc_norm_bias": (gc_lr_mult, 0.0),
-        "fc_weight": (fc_lr_mult, 1.0), "fc_bias": (fc_lr_mult, 0.0),
+        _FIRST_CONV: (1.0, 1.0),
+        "weight": (1.0, 1.0),
+        "bias": (2.0, 0.0),
+        "norm": (1.0, 0.0),
+        "gc_weight": (gc_lr_mult, 1.0),
+        "gc_norm_bias": (gc_lr_mult, 0.0),
+        "fc_weight": (fc_lr_mult, 1.0),
+        "fc_bias": (fc_lr_mult, 0.0),
     }
     members: dict[str, list] = {name: [] for name in table}
     fc = getattr(model, "fc", None)
@@ -47,6 +54,15 @@ def param_groups(model: nn.Module, *, lr: float, weight_decay: float, gc_lr_mult
             else:
                 group = "weight"
             members[group].append(p)
-    return [{"params": params, "name": name, "lr_mult": table[name][0], "wd_mult": table[name][1],
-             "lr": lr * table[name][0], "weight_decay": weight_decay * table[name][1]}
-            for name, params in members.items() if params]
+    return [
+        {
+            "params": params,
+            "name": name,
+            "lr_mult": table[name][0],
+            "wd_mult": table[name][1],
+            "lr": lr * table[name][0],
+            "weight_decay": weight_decay * table[name][1],
+        }
+        for name, params in members.items()
+        if params
+    ]

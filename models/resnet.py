@@ -4,6 +4,7 @@ Each bottleneck may carry `shift` (TemporalShift: on the residual input for 'blo
 for 'block') and `gc` (a GroupContext after conv2 -> bn2, before the ReLU). Neither adds or renames
 torchvision parameters, so an ImageNet ResNet state_dict loads strictly into the 2D part (see load_imagenet).
 """
+
 from __future__ import annotations
 
 import logging
@@ -41,9 +42,16 @@ ContextFactory = Callable[[int, int], nn.Module | None]
 class Bottleneck(nn.Module):
     expansion = 4
 
-    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None,
-                 shift: TemporalShift | None = None, shift_place: str = "blockres",
-                 gc: nn.Module | None = None):
+    def __init__(
+        self,
+        inplanes: int,
+        planes: int,
+        stride: int = 1,
+        downsample: nn.Module | None = None,
+        shift: TemporalShift | None = None,
+        shift_place: str = "blockres",
+        gc: nn.Module | None = None,
+    ):
         super().__init__()
         self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
@@ -77,8 +85,15 @@ class Bottleneck(nn.Module):
 class ResNet(nn.Module):
     """conv1 -> bn1 -> relu -> maxpool -> layer1..4; returns the final feature map (no pooling, no fc)."""
 
-    def __init__(self, arch: Arch, *, num_segments: int = 8, shift_div: int | None = None,
-                 shift_place: str = "blockres", context: ContextFactory | None = None):
+    def __init__(
+        self,
+        arch: Arch,
+        *,
+        num_segments: int = 8,
+        shift_div: int | None = None,
+        shift_place: str = "blockres",
+        context: ContextFactory | None = None,
+    ):
         super().__init__()
         if shift_place not in ("blockres", "block"):
             raise ValueError(f"shift_place must be 'blockres' or 'block', not {shift_place!r}")
@@ -99,7 +114,8 @@ class ResNet(nn.Module):
                 if i == 0 and (stride != 1 or inplanes != planes * Bottleneck.expansion):
                     downsample = nn.Sequential(
                         nn.Conv2d(inplanes, planes * Bottleneck.expansion, 1, stride=stride, bias=False),
-                        nn.BatchNorm2d(planes * Bottleneck.expansion))
+                        nn.BatchNorm2d(planes * Bottleneck.expansion),
+                    )
                 shift, gc = None, None
                 if i % every == 0:
                     if shift_div is not None:
@@ -107,8 +123,9 @@ class ResNet(nn.Module):
                     if context is not None:
                         gc = context(planes, temporal_index)
                     temporal_index += 1
-                blocks.append(Bottleneck(inplanes, planes, stride if i == 0 else 1, downsample,
-                                         shift, shift_place, gc))
+                blocks.append(
+                    Bottleneck(inplanes, planes, stride if i == 0 else 1, downsample, shift, shift_place, gc)
+                )
                 inplanes = planes * Bottleneck.expansion
             self.add_module(f"layer{stage + 1}", nn.Sequential(*blocks))
         self.reset_parameters()
@@ -142,9 +159,11 @@ def load_imagenet(backbone: ResNet, source: str | Path | Mapping[str, torch.Tens
     if isinstance(source, (str, Path)):
         path = Path(source)
         if not path.is_file():
-            raise FileNotFoundError(f"pretrained weights {path} not found: pass a local ImageNet ResNet "
-                                    "state_dict (.pth) or pretrained='imagenet' where torchvision is "
-                                    "installed")
+            raise FileNotFoundError(
+                f"pretrained weights {path} not found: pass a local ImageNet ResNet "
+                "state_dict (.pth) or pretrained='imagenet' where torchvision is "
+                "installed"
+            )
         source = torch.load(path, map_location="cpu", weights_only=True)
         if "state_dict" in source:
             source = source["state_dict"]
@@ -157,12 +176,17 @@ def load_imagenet(backbone: ResNet, source: str | Path | Mapping[str, torch.Tens
     wanted = backbone.imagenet_keys()
     missing = [k for k in wanted if k not in state]
     unknown = [k for k in state if k not in expected or ".gc." in k]
-    wrong = [f"{k} {tuple(state[k].shape)} != {tuple(expected[k].shape)}" for k in wanted
-             if k in state and state[k].shape != expected[k].shape]
+    wrong = [
+        f"{k} {tuple(state[k].shape)} != {tuple(expected[k].shape)}"
+        for k in wanted
+        if k in state and state[k].shape != expected[k].shape
+    ]
     if missing or unknown or wrong:
-        raise ValueError("ImageNet weights do not match this backbone (is it the right depth?): "
-                         f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
-                         f"unknown {unknown[:8]}{'...' if len(unknown) > 8 else ''}, wrong shape {wrong[:8]}")
+        raise ValueError(
+            "ImageNet weights do not match this backbone (is it the right depth?): "
+            f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
+            f"unknown {unknown[:8]}{'...' if len(unknown) > 8 else ''}, wrong shape {wrong[:8]}"
+        )
     backbone.load_state_dict(state, strict=False)
 
 
@@ -173,8 +197,10 @@ def torchvision_imagenet_state(arch: Arch) -> dict[str, torch.Tensor]:
     try:
         import torchvision.models as tvm
     except Exception as err:  # the PyPI wheel is a CUDA build that can fail to import on CPU-only machines
-        raise RuntimeError("pretrained='imagenet' needs an importable torchvision "
-                           "(pip install gcvideo[imagenet]); otherwise pass pretrained=<path to a local "
-                           "ImageNet ResNet state_dict>") from err
+        raise RuntimeError(
+            "pretrained='imagenet' needs an importable torchvision "
+            "(pip install gcvideo[imagenet]); otherwise pass pretrained=<path to a local "
+            "ImageNet ResNet state_dict>"
+        ) from err
     weights = tvm.get_model_weights(arch.torchvision_name).IMAGENET1K_V1
     return weights.get_state_dict(progress=False)

@@ -4,6 +4,7 @@ Every operator takes x_BCHW with B = N*T, frame-major inside each clip (row n*T 
 returns a tensor of the same shape and memory format. Nothing here allocates zeros and slice-assigns into
 them: outputs are built with split / F.pad / torch.cat so autograd and torch.compile see plain functional ops.
 """
+
 from __future__ import annotations
 
 import torch
@@ -77,7 +78,6 @@ class ECalL(Calibrator):
         self.bn = nn.BatchNorm3d(channels)
         self.reset_parameters()
 
-
     def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
         # (N, C, T, H, W) view: for a channels_last batch this is channels_last_3d, so Conv3d needs no copy.
         x_NCTHW = x_BCHW.unflatten(0, (-1, self.num_segments)).transpose(1, 2)
@@ -93,7 +93,6 @@ class ECalT(Calibrator):
         self.conv = nn.Conv1d(channels, channels, 3, padding=1, bias=False)
         self.bn = nn.BatchNorm1d(channels)
         self.reset_parameters()
-
 
     def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
         s_NCT = x_BCHW.mean((2, 3)).unflatten(0, (-1, self.num_segments)).transpose(1, 2)
@@ -114,7 +113,6 @@ class ECalS(Calibrator):
         self.conv = nn.Conv2d(channels, channels, 3, padding=2, dilation=2, bias=False)
         self.reset_parameters()
 
-
     def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
         x_NTCHW = x_BCHW.unflatten(0, (-1, self.num_segments))
         gate_NCHW = torch.sigmoid(self.conv(x_NTCHW.mean(1)))
@@ -129,7 +127,6 @@ class ECalG(Calibrator):
         self.linear = nn.Linear(channels, channels, bias=False)
         self.bn = nn.BatchNorm1d(channels)
         self.reset_parameters()
-
 
     def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
         x_NTCHW = x_BCHW.unflatten(0, (-1, self.num_segments))
@@ -149,12 +146,21 @@ class GroupContext(nn.Module):
     (num_groups = 1).
     """
 
-    def __init__(self, planes: int, kinds: tuple[str, ...], group_channels: int, num_groups: int,
-                 num_segments: int, offset: int = 0):
+    def __init__(
+        self,
+        planes: int,
+        kinds: tuple[str, ...],
+        group_channels: int,
+        num_groups: int,
+        num_segments: int,
+        offset: int = 0,
+    ):
         super().__init__()
         if group_channels < 1 or group_channels * num_groups > planes or len(kinds) > num_groups:
-            raise ValueError(f"cannot place {len(kinds)} calibrator(s) of {group_channels} channels in "
-                             f"{num_groups} group(s) of a {planes}-channel conv: lower cdiv / ratio")
+            raise ValueError(
+                f"cannot place {len(kinds)} calibrator(s) of {group_channels} channels in "
+                f"{num_groups} group(s) of a {planes}-channel conv: lower cdiv / ratio"
+            )
         rest = planes - group_channels * num_groups
         self.split_sizes = [group_channels] * num_groups + ([rest] if rest else [])
         self.targets = [(offset + j) % num_groups for j in range(len(kinds))]

@@ -1,4 +1,5 @@
 """TSN head around a frame backbone: per-frame classifier, average consensus over the T frames, partial BN."""
+
 from __future__ import annotations
 
 import torch
@@ -16,8 +17,15 @@ class VideoNet(nn.Module):
     parameters while training (TSN's partial BN).
     """
 
-    def __init__(self, backbone: ResNet, num_classes: int, num_segments: int, *, dropout: float = 0.5,
-                 partial_bn: bool = False):
+    def __init__(
+        self,
+        backbone: ResNet,
+        num_classes: int,
+        num_segments: int,
+        *,
+        dropout: float = 0.5,
+        partial_bn: bool = False,
+    ):
         super().__init__()
         self.num_segments = num_segments
         self.backbone = backbone
@@ -57,8 +65,9 @@ class VideoNet(nn.Module):
     def forward(self, x_NTCHW: torch.Tensor) -> torch.Tensor:
         n, t = x_NTCHW.shape[:2]
         if t != self.num_segments:
-            raise ValueError(f"input has {t} frames per clip, the model was built for num_segments="
-                             f"{self.num_segments}")
+            raise ValueError(
+                f"input has {t} frames per clip, the model was built for num_segments={self.num_segments}"
+            )
         features_BF = self.backbone(x_NTCHW.flatten(0, 1)).mean((2, 3))
         logits_BK = self.fc(self.dropout(features_BF))
         return logits_BK.unflatten(0, (n, t)).mean(1)

@@ -1,12 +1,15 @@
-"""NVIDIA DALI loaders: CPU decode (MJPEG/VP9) or `mixed` NVDEC decode (H.264/HEVC) of only the sampled frames.
+"""NVIDIA DALI loaders: CPU decode (MJPEG/VP9) or `mixed` NVDEC decode (H.264/HEVC) of only the sampled
+frames.
 
-Python reads each batch's encoded files by offset (pipeline.shards) and feeds them, with the per-sample draws and
+Python reads each batch's encoded files by offset (pipeline.shards) and feeds them, with the per-sample draws
+and
 crop boxes, through ``fn.external_source``; the graph computes the frame indices from the stored frame count
 (the float32 rule of pipeline.sampling, proven equal by a test), decodes them, crops + resizes each view and
 flips + normalises. A decode error fails a whole DALI batch: the loader then decodes that batch's samples one
 by one in a batch-size-1 pipeline, skips and counts the broken ones, and continues (the main pipeline keeps
 running after a failed iteration).
 """
+
 from __future__ import annotations
 
 import logging
@@ -28,8 +31,8 @@ GPU_PIPELINES = int(os.environ.get("GCVIDEO_DALI_PIPELINES", "4"))
 
 def frame_index_graph(num_frames, u, *, sampling_rule: str, num_segments: int, dense_stride: int):
     """pipeline.sampling.frame_indices in DALI float32 arithmetic: draws (clips, T) -> flat int32 indices."""
-    from nvidia.dali import fn, types
     import nvidia.dali.math as dmath
+    from nvidia.dali import fn, types
 
     length = fn.cast(num_frames, dtype=types.FLOAT)
     seg = types.Constant(np.arange(num_segments, dtype=np.float32))
@@ -51,8 +54,12 @@ def decode_frames_dali(video: np.ndarray, indices: np.ndarray, *, gpu: bool = Fa
 
     @pipeline_def(batch_size=1, num_threads=1, device_id=0 if gpu else None)
     def pipe():
-        data, idx = fn.external_source(source=lambda: ([video], [np.asarray(indices, np.int32)]), num_outputs=2,
-                                       batch=True, dtype=[types.UINT8, types.INT32])
+        data, idx = fn.external_source(
+            source=lambda: ([video], [np.asarray(indices, np.int32)]),
+            num_outputs=2,
+            batch=True,
+            dtype=[types.UINT8, types.INT32],
+        )
         return fn.decoders.video(data, frames=idx, device="mixed" if gpu else "cpu", pad_mode="none")
 
     p = pipe()
@@ -61,31 +68,69 @@ def decode_frames_dali(video: np.ndarray, indices: np.ndarray, *, gpu: bool = Fa
     return np.array(out.as_cpu()[0] if gpu else out[0])
 
 
-def build_pipeline(*, gpu: bool, batch_size: int, num_threads: int, device_id: int | None, source,
-                   sampling_rule: str, num_segments: int, dense_stride: int, num_crops: int, out_size: int,
-                   fp16: bool, prefetch: int = 2, seed: int = 0, pipelined: bool = True):
+def build_pipeline(
+    *,
+    gpu: bool,
+    batch_size: int,
+    num_threads: int,
+    device_id: int | None,
+    source,
+    sampling_rule: str,
+    num_segments: int,
+    dense_stride: int,
+    num_crops: int,
+    out_size: int,
+    fp16: bool,
+    prefetch: int = 2,
+    seed: int = 0,
+    pipelined: bool = True,
+):
     """A DALI pipeline for one loader mode. Inputs (per sample, from ``source``): encoded video (uint8),
     num_frames (int32 scalar), draws (clips, T) float32, roi_start/roi_end (crops, 2) float32 as (y, x),
-    flips (crops,) int32. Output: (crops, clips*T, S, S, 3) normalised float (crops axis only if crops > 1)."""
+    flips (crops,) int32. Output: (crops, clips*T, S, S, 3) normalised float (crops axis only if crops >
+    1)."""
     from nvidia.dali import fn, pipeline_def, types
 
-    @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id,
-                  prefetch_queue_depth=prefetch, seed=seed, exec_async=pipelined, exec_pipelined=pipelined)
+    @pipeline_def(
+        batch_size=batch_size,
+        num_threads=num_threads,
+        device_id=device_id,
+        prefetch_queue_depth=prefetch,
+        seed=seed,
+        exec_async=pipelined,
+        exec_pipelined=pipelined,
+    )
     def pipe():
         video, num_frames, u, roi_start, roi_end, flips = fn.external_source(
-            source=source, num_outputs=6, batch=True,
-            dtype=[types.UINT8, types.INT32, types.FLOAT, types.FLOAT, types.FLOAT, types.INT32])
-        idx = frame_index_graph(num_frames, u, sampling_rule=sampling_rule, num_segments=num_segments,
-                                dense_stride=dense_stride)
+            source=source,
+            num_outputs=6,
+            batch=True,
+            dtype=[types.UINT8, types.INT32, types.FLOAT, types.FLOAT, types.FLOAT, types.INT32],
+        )
+        idx = frame_index_graph(
+            num_frames, u, sampling_rule=sampling_rule, num_segments=num_segments, dense_stride=dense_stride
+        )
         frames = fn.decoders.video(video, frames=idx, device="mixed" if gpu else "cpu", pad_mode="none")
         mean = [255 * m for m in IMAGENET_MEAN]
         std = [255 * s for s in IMAGENET_STD]
         views = []
         for k in range(num_crops):
-            v = fn.resize(frames, roi_start=roi_start[k], roi_end=roi_end[k], size=[out_size, out_size],
-                          interp_type=types.INTERP_LINEAR, antialias=True)
-            v = fn.crop_mirror_normalize(v, mirror=flips[k], mean=mean, std=std, output_layout="FHWC",
-                                         dtype=types.FLOAT16 if fp16 else types.FLOAT)
+            v = fn.resize(
+                frames,
+                roi_start=roi_start[k],
+                roi_end=roi_end[k],
+                size=[out_size, out_size],
+                interp_type=types.INTERP_LINEAR,
+                antialias=True,
+            )
+            v = fn.crop_mirror_normalize(
+                v,
+                mirror=flips[k],
+                mean=mean,
+                std=std,
+                output_layout="FHWC",
+                dtype=types.FLOAT16 if fp16 else types.FLOAT,
+            )
             views.append(v)
         return fn.stack(*views) if num_crops > 1 else views[0]
 
@@ -124,9 +169,20 @@ class DaliLoader(Loader):
         threads = max(1, cfg.workers) if not self.gpu else max(2, cfg.workers)
         num_crops = cfg.num_crops if self.mode == "test" else 1
         out = cfg.scale_size if (self.mode == "test" and num_crops == 3) else cfg.crop_size
-        return dict(gpu=self.gpu, batch_size=batch_size, num_threads=threads, device_id=device_id, source=source,
-                    sampling_rule=cfg.sampling, num_segments=cfg.num_segments, dense_stride=cfg.dense_stride,
-                    num_crops=num_crops, out_size=out, fp16=self.dtype == torch.float16, seed=cfg.seed)
+        return dict(
+            gpu=self.gpu,
+            batch_size=batch_size,
+            num_threads=threads,
+            device_id=device_id,
+            source=source,
+            sampling_rule=cfg.sampling,
+            num_segments=cfg.num_segments,
+            dense_stride=cfg.dense_stride,
+            num_crops=num_crops,
+            out_size=out,
+            fp16=self.dtype == torch.float16,
+            seed=cfg.seed,
+        )
 
     def _feed(self, sample_ids: list[int], samples: list) -> tuple:
         videos, nums, us, starts, ends, flips = [], [], [], [], [], []
@@ -142,6 +198,7 @@ class DaliLoader(Loader):
 
     def _batch_source(self, plan: deque, fifo: deque):
         """A DALI source callback: the next planned batch, its sample ids and labels recorded in ``fifo``."""
+
         def source():
             while plan:
                 ids = [int(i) for i in plan.popleft()]
@@ -156,6 +213,7 @@ class DaliLoader(Loader):
                     fifo.append(([g[0] for g in got], [g[1].label for g in got], [g[1].key for g in got]))
                     return self._feed([g[0] for g in got], [g[1] for g in got])
             raise StopIteration
+
         return source
 
     def _decode_one(self, sid: int):
@@ -165,8 +223,9 @@ class DaliLoader(Loader):
             return None
         if self._probe is None:  # runs exactly one source call per run(): no prefetching, no pipelining
             self._probe_queue: deque = deque()
-            self._probe = build_pipeline(**self._pipe_kwargs(1, lambda: self._probe_queue.popleft()),
-                                         prefetch=1, pipelined=False)
+            self._probe = build_pipeline(
+                **self._pipe_kwargs(1, lambda: self._probe_queue.popleft()), prefetch=1, pipelined=False
+            )
             self._probe.build()
         self._probe_queue.append(self._feed([sid], [sample]))
         try:
@@ -180,9 +239,11 @@ class DaliLoader(Loader):
     def _to_torch(self, tensor_list) -> torch.Tensor:
         """One copy out of DALI's buffers (which the next run reuses) into a fresh torch tensor."""
         from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
+
         dense = tensor_list.as_tensor()
-        out = torch.empty(dense.shape(), dtype=to_torch_type[dense.dtype],
-                          device=self.device if self.gpu else "cpu")
+        out = torch.empty(
+            dense.shape(), dtype=to_torch_type[dense.dtype], device=self.device if self.gpu else "cpu"
+        )
         stream = torch.cuda.current_stream(self.device) if self.gpu else None
         return feed_ndarray(dense, out, cuda_stream=stream)
 
@@ -214,8 +275,9 @@ class DaliLoader(Loader):
             for pipe in self._pipes:
                 pipe.reset()
         else:
-            self._pipes = [build_pipeline(**self._pipe_kwargs(self.cfg.batch_size, self._source(p)))
-                           for p in range(P)]
+            self._pipes = [
+                build_pipeline(**self._pipe_kwargs(self.cfg.batch_size, self._source(p))) for p in range(P)
+            ]
             for pipe in self._pipes:
                 pipe.build()
         self._clean = False
@@ -230,7 +292,9 @@ class DaliLoader(Loader):
                 if not fifo:
                     raise
                 ids, labels, keys = fifo.popleft()
-                log.debug("DALI batch failed (%s); decoding its %d samples one by one", error_summary(e), len(ids))
+                log.debug(
+                    "DALI batch failed (%s); decoding its %d samples one by one", error_summary(e), len(ids)
+                )
                 self._rebuild(b % P)
                 res = self._recover(ids, labels, keys)
                 if res is None:
@@ -242,8 +306,11 @@ class DaliLoader(Loader):
     def _arrange(self, x: torch.Tensor) -> torch.Tensor:
         """DALI's (N, [crops,] clips*T, S, S, 3) -> (N, V, T, S, S, 3), V = clips*crops, clip-major."""
         n, t = x.shape[0], self.cfg.num_segments
-        x = x.view(n, -1, x.shape[-4] // t, t, *x.shape[-3:]) if x.dim() == 6 else \
-            x.view(n, 1, x.shape[1] // t, t, *x.shape[-3:])
+        x = (
+            x.view(n, -1, x.shape[-4] // t, t, *x.shape[-3:])
+            if x.dim() == 6
+            else x.view(n, 1, x.shape[1] // t, t, *x.shape[-3:])
+        )
         return x.transpose(1, 2).reshape(n, -1, t, *x.shape[-3:])
 
     def _rebuild(self, p: int) -> None:

@@ -1,9 +1,10 @@
 """LoaderConfig, the epoch plan shared by every backend, backend selection and build_loader."""
+
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -14,7 +15,8 @@ from pipeline.shards import Sample, ShardDataset, read_codec
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "dali-gpu", "dali-cpu", "torch")
-# Codecs DALI's CPU decoder handles (docs/dali-notes.md); only intra-only ones are fast enough to pick by default.
+# Codecs DALI's CPU decoder handles (docs/dali-notes.md); only intra-only ones are fast enough to pick by
+# default.
 DALI_CPU_CODECS = ("mjpeg", "vp9", "vp8")
 INTRA_ONLY_CODECS = ("mjpeg",)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -23,20 +25,22 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclass
 class LoaderConfig:
-    index: str = "data/synthetic/index.json"   # dataset index.json
-    backend: str = "auto"        # auto | dali-gpu | dali-cpu | torch  (auto: GPU->dali-gpu; CPU+mjpeg->dali-cpu; else torch)
-    num_segments: int = 8        # T
-    sampling: str = "tsn"        # tsn | dense
+    index: str = "data/synthetic/index.json"  # dataset index.json
+    backend: str = (
+        "auto"  # auto | dali-gpu | dali-cpu | torch  (auto: GPU->dali-gpu; CPU+mjpeg->dali-cpu; else torch)
+    )
+    num_segments: int = 8  # T
+    sampling: str = "tsn"  # tsn | dense
     dense_stride: int = 8
-    num_clips: int = 1           # test-time clips per video
+    num_clips: int = 1  # test-time clips per video
     twice_sample: bool = False
     crop_size: int = 224
-    scale_size: int = 256        # eval: resize short side to this
-    num_crops: int = 1           # eval crops: 1 (centre), 3, 10
+    scale_size: int = 256  # eval: resize short side to this
+    num_crops: int = 1  # eval crops: 1 (centre), 3, 10
     scales: tuple[float, ...] = (1.0, 0.875, 0.75, 0.66)
     flip: bool = True
-    batch_size: int = 8          # per rank
-    workers: int = 2             # DALI threads / DataLoader workers
+    batch_size: int = 8  # per rank
+    workers: int = 2  # DALI threads / DataLoader workers
     seed: int = 0
 
 
@@ -49,8 +53,10 @@ def select_backend(requested: str, *, codec: str, device: torch.device | str) ->
     if requested == "dali-gpu" and device.type != "cuda":
         raise ValueError("backend dali-gpu decodes with NVDEC and needs a CUDA device; use dali-cpu or torch")
     if requested == "dali-cpu" and codec not in DALI_CPU_CODECS:
-        raise ValueError(f"DALI's CPU video decoder cannot decode {codec!r} (only {DALI_CPU_CODECS}); "
-                         f"use backend torch, dali-gpu, or re-shard with codec mjpeg")
+        raise ValueError(
+            f"DALI's CPU video decoder cannot decode {codec!r} (only {DALI_CPU_CODECS}); "
+            f"use backend torch, dali-gpu, or re-shard with codec mjpeg"
+        )
     if requested != "auto":
         return requested
     if device.type == "cuda":
@@ -61,45 +67,68 @@ def select_backend(requested: str, *, codec: str, device: torch.device | str) ->
 @dataclass
 class Views:
     """How one video becomes model input: draws for frame sampling and crop boxes (see pipeline.sampling)."""
-    u: np.ndarray          # (clips, T) float32 draws
-    boxes: np.ndarray      # (crops, 4) int (x0, y0, x1, y1)
-    flips: np.ndarray      # (crops,) bool
+
+    u: np.ndarray  # (clips, T) float32 draws
+    boxes: np.ndarray  # (crops, 4) int (x0, y0, x1, y1)
+    flips: np.ndarray  # (crops,) bool
     out_size: int
 
 
 def make_views(cfg: LoaderConfig, mode: str, epoch: int, sample_id: int, sample: Sample) -> Views:
     """The draws and crop boxes of one sample in one epoch (a pure function of its arguments)."""
     rng = sampling.sample_rng(cfg.seed, epoch, sample_id) if mode == "train" else None
-    u = sampling.frame_draws(rng, mode=mode, sampling=cfg.sampling, num_segments=cfg.num_segments,
-                             num_clips=cfg.num_clips if mode == "test" else 1, twice_sample=cfg.twice_sample)
+    u = sampling.frame_draws(
+        rng,
+        mode=mode,
+        sampling=cfg.sampling,
+        num_segments=cfg.num_segments,
+        num_clips=cfg.num_clips if mode == "test" else 1,
+        twice_sample=cfg.twice_sample,
+    )
     if mode == "train":
         box = sampling.multiscale_crop_box(rng, sample.width, sample.height, cfg.crop_size, cfg.scales)
         flip = bool(cfg.flip and rng.random() < 0.5)
         return Views(u, np.array([box]), np.array([flip]), cfg.crop_size)
-    boxes, flips, out = sampling.eval_crop_boxes(sample.width, sample.height, scale_size=cfg.scale_size,
-                                                 crop_size=cfg.crop_size,
-                                                 num_crops=cfg.num_crops if mode == "test" else 1)
+    boxes, flips, out = sampling.eval_crop_boxes(
+        sample.width,
+        sample.height,
+        scale_size=cfg.scale_size,
+        crop_size=cfg.crop_size,
+        num_crops=cfg.num_crops if mode == "test" else 1,
+    )
     return Views(u, boxes, flips, out)
 
 
 class Loader:
-    """Backend-independent part of a loader: the epoch plan, views per sample, skipping and the output contract.
+    """Backend-independent part of a loader: the epoch plan, views per sample, skipping and the output
+    contract.
 
     Sample order: train batches are a permutation of the split computed in numpy from (seed, epoch), cut into
     world_size equal contiguous parts (the remainder is dropped) and then into full batches, so every rank has
-    the same number of batches; val/test take every world_size-th sample in index order and keep a partial last
+    the same number of batches; val/test take every world_size-th sample in index order and keep a partial
+    last
     batch, so every sample is seen exactly once. Per-sample draws come from an RNG seeded by (seed, epoch,
     sample), so crops and flips do not depend on batching either; ``set_epoch(e, start_batch=b)`` therefore
     reproduces exactly the batches b, b+1, ... of an uninterrupted run.
-    Broken samples: a sample that fails to read or decode is skipped and counted in ``skipped``; in train mode its
+    Broken samples: a sample that fails to read or decode is skipped and counted in ``skipped``; in train
+    mode its
     slot is refilled with the next samples of this rank's order (wrapping) so batch shapes never change, in
     val/test the batch just gets smaller.
     """
 
     backend = ""  # set by each backend's class
 
-    def __init__(self, cfg: LoaderConfig, *, split: str, mode: str, rank: int = 0, world_size: int = 1,
-                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        cfg: LoaderConfig,
+        *,
+        split: str,
+        mode: str,
+        rank: int = 0,
+        world_size: int = 1,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ):
         if mode not in sampling.MODES:
             raise ValueError(f"mode must be one of {sampling.MODES}, got {mode!r}")
         if not 0 <= rank < world_size:
@@ -118,8 +147,10 @@ class Loader:
             self._per_rank = n // world_size
             self.num_samples = self._per_rank // cfg.batch_size * cfg.batch_size
             if self.num_samples == 0:
-                raise ValueError(f"{cfg.index} split {split!r}: {n} samples cannot fill one batch of "
-                                 f"{cfg.batch_size} on each of {world_size} ranks; lower data.batch_size")
+                raise ValueError(
+                    f"{cfg.index} split {split!r}: {n} samples cannot fill one batch of "
+                    f"{cfg.batch_size} on each of {world_size} ranks; lower data.batch_size"
+                )
         else:
             self.num_samples = len(range(rank, n, world_size))
 
@@ -135,25 +166,28 @@ class Loader:
         n = len(self.dataset)
         if self.mode == "train":
             perm = sampling.epoch_permutation(n, self.cfg.seed, self.epoch)
-            return perm[self.rank * self._per_rank:(self.rank + 1) * self._per_rank]
+            return perm[self.rank * self._per_rank : (self.rank + 1) * self._per_rank]
         return np.arange(self.rank, n, self.world_size)
 
     def batches(self) -> list[np.ndarray]:
         """Sample ids per batch for the rest of the current epoch (from start_batch)."""
-        order = self.rank_order()[:self.num_samples]
+        order = self.rank_order()[: self.num_samples]
         bs = self.cfg.batch_size
-        return [order[i:i + bs] for i in range(self.start_batch * bs, len(order), bs)]
+        return [order[i : i + bs] for i in range(self.start_batch * bs, len(order), bs)]
 
     def replacements(self, batch: np.ndarray) -> Iterator[int]:
-        """Train-mode stand-ins for broken samples: the samples after ``batch`` in this rank's order, wrapping."""
+        """Train-mode stand-ins for broken samples: the samples after ``batch`` in this rank's order,
+        wrapping."""
         order = self.rank_order()
         pos = int(np.flatnonzero(order == batch[-1])[0]) if len(batch) else 0
         for i in range(1, len(order) + 1):
             sid = int(order[(pos + i) % len(order)])
             if sid not in self.bad:
                 yield sid
-        raise RuntimeError(f"every sample of rank {self.rank} in {self.cfg.index} split {self.split!r} is broken "
-                           f"({self.skipped} skipped): nothing left to train on; check the dataset")
+        raise RuntimeError(
+            f"every sample of rank {self.rank} in {self.cfg.index} split {self.split!r} is broken "
+            f"({self.skipped} skipped): nothing left to train on; check the dataset"
+        )
 
     def views(self, sample_id: int, sample: Sample) -> Views:
         return make_views(self.cfg, self.mode, self.epoch, sample_id, sample)
@@ -163,11 +197,17 @@ class Loader:
         if sample_id not in self.bad:
             self.bad.add(sample_id)
             if len(self.bad) >= 8 and len(self.bad) > self._reads // 2:
-                raise RuntimeError(f"{len(self.bad)} of the first {self._reads} samples of {self.cfg.index} failed "
-                                   f"to load, the last with: {error}. This is not a few broken files: check the "
-                                   f"dataset (codec {self.dataset.codec!r}) and the backend") from None
-            log.warning("skipping broken sample %s (%s): %s", self.dataset.refs[sample_id].key,
-                        self.dataset.refs[sample_id].tar, str(error).strip().splitlines()[-1][:300])
+                raise RuntimeError(
+                    f"{len(self.bad)} of the first {self._reads} samples of {self.cfg.index} failed "
+                    f"to load, the last with: {error}. This is not a few broken files: check the "
+                    f"dataset (codec {self.dataset.codec!r}) and the backend"
+                ) from None
+            log.warning(
+                "skipping broken sample %s (%s): %s",
+                self.dataset.refs[sample_id].key,
+                self.dataset.refs[sample_id].tar,
+                str(error).strip().splitlines()[-1][:300],
+            )
 
     def read(self, sample_id: int) -> Sample | None:
         """Read a sample's bytes and metadata, or mark it broken."""
@@ -201,18 +241,36 @@ class Loader:
         return x[:, 0], labels_N
 
 
-def build_loader(cfg: LoaderConfig, split: str = "train", mode: str = "train", rank: int = 0, world_size: int = 1,
-                 device: torch.device | str = torch.device("cpu"), dtype: torch.dtype = torch.float32) -> Loader:
+def build_loader(
+    cfg: LoaderConfig,
+    split: str = "train",
+    mode: str = "train",
+    rank: int = 0,
+    world_size: int = 1,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> Loader:
     """Build the loader for ``split`` with the backend cfg.backend resolves to (see select_backend)."""
     device = torch.device(device)
     backend = select_backend(cfg.backend, codec=read_codec(cfg.index), device=device)
     kwargs = dict(split=split, mode=mode, rank=rank, world_size=world_size, device=device, dtype=dtype)
     if backend == "torch":
         from pipeline.torch_loader import TorchLoader
+
         loader: Loader = TorchLoader(cfg, **kwargs)
     else:
         from pipeline.dali_loader import DaliLoader
+
         loader = DaliLoader(cfg, gpu=backend == "dali-gpu", **kwargs)
-    log.info("%s loader for %s/%s (%s): %d samples, %d batches on rank %d/%d", backend, cfg.index, split, mode,
-             loader.num_samples, len(loader), rank, world_size)
+    log.info(
+        "%s loader for %s/%s (%s): %d samples, %d batches on rank %d/%d",
+        backend,
+        cfg.index,
+        split,
+        mode,
+        loader.num_samples,
+        len(loader),
+        rank,
+        world_size,
+    )
     return loader

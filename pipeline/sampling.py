@@ -8,18 +8,24 @@ draws are fixed. The DALI graph recomputes the rule in float32 DALI arithmetic f
 Rules (0-based frame indices, ``L`` = frames in the video, ``T`` = frames per clip):
 
 - TSN (``sampling="tsn"``): the video is cut into ``T`` equal real-valued segments; clip frame ``k`` is
-  ``floor((k + u_k) * L / T)``. Train: ``u_k`` uniform (a random frame inside each segment); val: ``u_k = 0.5``
-  (segment centres); test: one row per clip, ``u = (c + 0.5) / num_clips`` for clip ``c`` (evenly offset clips)
+  ``floor((k + u_k) * L / T)``. Train: ``u_k`` uniform (a random frame inside each segment); val: ``u_k =
+  0.5``
+  (segment centres); test: one row per clip, ``u = (c + 0.5) / num_clips`` for clip ``c`` (evenly offset
+  clips)
   or, with ``twice_sample``, the centres and the starts (``u = 0.5`` and ``u = 0``).
-- Dense (``sampling="dense"``, I3D / non-local): ``T`` frames ``stride`` apart from a window of ``W = T * stride``
-  frames starting at ``floor(u * max(L - W + 1, 1))``. Train: ``u`` uniform (a random window); val: ``u = 0.5``
+- Dense (``sampling="dense"``, I3D / non-local): ``T`` frames ``stride`` apart from a window of ``W = T *
+stride``
+  frames starting at ``floor(u * max(L - W + 1, 1))``. Train: ``u`` uniform (a random window); val: ``u =
+  0.5``
   (the centre window); test: ``num_clips`` evenly spaced windows, ``u = (c + 0.5) / num_clips``.
 - Short videos: TSN needs no special case (``L < T`` repeats frames in order, every index stays below ``L``).
   Dense windows longer than the video start at 0 and wrap around (``index mod L``, "loop" as in mmaction2).
 
-Crop geometry returns boxes ``(x0, y0, x1, y1)`` in integer pixel coordinates of the stored frame (end exclusive);
+Crop geometry returns boxes ``(x0, y0, x1, y1)`` in integer pixel coordinates of the stored frame (end
+exclusive);
 every loader crops the box and resizes it to the output size, so one box means the same pixels everywhere.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -28,11 +34,20 @@ SAMPLINGS = ("tsn", "dense")
 MODES = ("train", "val", "test")
 
 
-def frame_draws(rng: np.random.Generator | None, *, mode: str, sampling: str, num_segments: int,
-                num_clips: int = 1, twice_sample: bool = False) -> np.ndarray:
+def frame_draws(
+    rng: np.random.Generator | None,
+    *,
+    mode: str,
+    sampling: str,
+    num_segments: int,
+    num_clips: int = 1,
+    twice_sample: bool = False,
+) -> np.ndarray:
     """Uniform draws (num_views_in_time, T) float32 for one video; rng is only used in train mode."""
     if mode not in MODES or sampling not in SAMPLINGS:
-        raise ValueError(f"mode must be one of {MODES} and sampling one of {SAMPLINGS}, got {mode!r}, {sampling!r}")
+        raise ValueError(
+            f"mode must be one of {MODES} and sampling one of {SAMPLINGS}, got {mode!r}, {sampling!r}"
+        )
     width = num_segments if sampling == "tsn" else 1
     if mode == "train":
         assert rng is not None, "train-mode draws need an RNG"
@@ -48,7 +63,8 @@ def frame_draws(rng: np.random.Generator | None, *, mode: str, sampling: str, nu
 
 
 def frame_indices(num_frames: int, u: np.ndarray, *, sampling: str, dense_stride: int = 8) -> np.ndarray:
-    """Frame indices (clips, T) int64 from draws ``u`` (clips, T); float32 arithmetic mirrors the DALI graph."""
+    """Frame indices (clips, T) int64 from draws ``u`` (clips, T); float32 arithmetic mirrors the DALI
+    graph."""
     if num_frames < 1:
         raise ValueError(f"a video needs at least one frame, got num_frames={num_frames}")
     u = np.asarray(u, dtype=np.float32)
@@ -67,20 +83,33 @@ def frame_indices(num_frames: int, u: np.ndarray, *, sampling: str, dense_stride
     return np.minimum(idx, length - 1).astype(np.int64)
 
 
-def tsm_fixed_offsets(image_w: int, image_h: int, crop_w: int, crop_h: int, more_fix_crop: bool = True
-                      ) -> list[tuple[int, int]]:
+def tsm_fixed_offsets(
+    image_w: int, image_h: int, crop_w: int, crop_h: int, more_fix_crop: bool = True
+) -> list[tuple[int, int]]:
     """TSM's fill_fix_offset: corners and centre (+ 8 more positions with more_fix_crop), in pixels."""
     w_step, h_step = (image_w - crop_w) // 4, (image_h - crop_h) // 4
     ret = [(0, 0), (4 * w_step, 0), (0, 4 * h_step), (4 * w_step, 4 * h_step), (2 * w_step, 2 * h_step)]
     if more_fix_crop:
-        ret += [(0, 2 * h_step), (4 * w_step, 2 * h_step), (2 * w_step, 4 * h_step), (2 * w_step, 0),
-                (w_step, h_step), (3 * w_step, h_step), (w_step, 3 * h_step), (3 * w_step, 3 * h_step)]
+        ret += [
+            (0, 2 * h_step),
+            (4 * w_step, 2 * h_step),
+            (2 * w_step, 4 * h_step),
+            (2 * w_step, 0),
+            (w_step, h_step),
+            (3 * w_step, h_step),
+            (w_step, 3 * h_step),
+            (3 * w_step, 3 * h_step),
+        ]
     return ret
 
 
-def multiscale_crop_pairs(image_w: int, image_h: int, crop_size: int,
-                          scales: tuple[float, ...] = (1.0, 0.875, 0.75, 0.66), max_distort: int = 1
-                          ) -> list[tuple[int, int]]:
+def multiscale_crop_pairs(
+    image_w: int,
+    image_h: int,
+    crop_size: int,
+    scales: tuple[float, ...] = (1.0, 0.875, 0.75, 0.66),
+    max_distort: int = 1,
+) -> list[tuple[int, int]]:
     """TSM's GroupMultiScaleCrop candidate (w, h) pairs: scales of the short side, |i - j| <= max_distort."""
     base = min(image_w, image_h)
     sizes = [int(base * s) for s in scales]
@@ -88,10 +117,17 @@ def multiscale_crop_pairs(image_w: int, image_h: int, crop_size: int,
     return [(w, h) for i, h in enumerate(sizes) for j, w in enumerate(sizes) if abs(i - j) <= max_distort]
 
 
-def multiscale_crop_box(rng: np.random.Generator, image_w: int, image_h: int, crop_size: int,
-                        scales: tuple[float, ...] = (1.0, 0.875, 0.75, 0.66), max_distort: int = 1,
-                        more_fix_crop: bool = True) -> tuple[int, int, int, int]:
-    """One training crop box (x0, y0, x1, y1) as TSM samples it (fix_crop=True): a pair, then a fixed offset."""
+def multiscale_crop_box(
+    rng: np.random.Generator,
+    image_w: int,
+    image_h: int,
+    crop_size: int,
+    scales: tuple[float, ...] = (1.0, 0.875, 0.75, 0.66),
+    max_distort: int = 1,
+    more_fix_crop: bool = True,
+) -> tuple[int, int, int, int]:
+    """One training crop box (x0, y0, x1, y1) as TSM samples it (fix_crop=True): a pair, then a fixed
+    offset."""
     pairs = multiscale_crop_pairs(image_w, image_h, crop_size, scales, max_distort)
     crop_w, crop_h = pairs[rng.integers(len(pairs))]
     crop_w, crop_h = min(crop_w, image_w), min(crop_h, image_h)
@@ -100,13 +136,16 @@ def multiscale_crop_box(rng: np.random.Generator, image_w: int, image_h: int, cr
     return x, y, x + crop_w, y + crop_h
 
 
-def eval_crop_boxes(image_w: int, image_h: int, *, scale_size: int, crop_size: int, num_crops: int
-                    ) -> tuple[np.ndarray, np.ndarray, int]:
+def eval_crop_boxes(
+    image_w: int, image_h: int, *, scale_size: int, crop_size: int, num_crops: int
+) -> tuple[np.ndarray, np.ndarray, int]:
     """Evaluation views as (boxes (K, 4) int, flips (K,) bool, output size), boxes in stored-frame pixels.
 
-    The frame is thought of as resized to short side ``scale_size`` (scale s); a crop of ``c`` pixels there is a
+    The frame is thought of as resized to short side ``scale_size`` (scale s); a crop of ``c`` pixels there
+    is a
     box of ``round(c / s)`` pixels here. 1: centre ``crop_size`` crop. 3 (TSM full-resolution test): crops of
-    ``scale_size`` (the whole short side) at the start, end and centre of the long side, output ``scale_size``.
+    ``scale_size`` (the whole short side) at the start, end and centre of the long side, output
+    ``scale_size``.
     10: TSM's over-sampling, 4 corners + centre of ``crop_size`` and their mirror images.
     """
     short = min(image_w, image_h)

@@ -4,6 +4,7 @@ Every loader reads samples by byte offset, taken from the DALI index file (``.id
 each tar, instead of streaming tars: random access is what lets an epoch's order be an exact function of
 (seed, epoch), lets a resumed run start at any batch, and lets each rank read exactly its samples.
 """
+
 from __future__ import annotations
 
 import json
@@ -34,7 +35,7 @@ class SampleRef:
 @dataclass(frozen=True)
 class Sample:
     key: str
-    video: np.ndarray        # encoded file, uint8
+    video: np.ndarray  # encoded file, uint8
     label: int
     num_frames: int
     width: int
@@ -45,11 +46,15 @@ def read_index(index: str | os.PathLike) -> dict:
     """index.json, checked: a missing file or another format is an error that says what to do."""
     path = Path(index)
     if not path.is_file():
-        raise FileNotFoundError(f"dataset index {path} not found: build the dataset with "
-                                f"`python -m preprocess ...` or pass --data.index PATH/index.json")
+        raise FileNotFoundError(
+            f"dataset index {path} not found: build the dataset with "
+            f"`python -m preprocess ...` or pass --data.index PATH/index.json"
+        )
     meta = json.loads(path.read_text())
     if meta.get("format") != FORMAT:
-        raise ValueError(f"{path}: format {meta.get('format')!r} is not {FORMAT!r}; re-shard with this version")
+        raise ValueError(
+            f"{path}: format {meta.get('format')!r} is not {FORMAT!r}; re-shard with this version"
+        )
     return meta
 
 
@@ -58,13 +63,14 @@ def read_codec(index: str | os.PathLike) -> str:
 
 
 def parse_idx(path: Path) -> list[tuple[str, dict[str, tuple[int, int]]]]:
-    """Parse a wds2idx file: one line per sample, repeated ``ext offset size name`` groups -> (key, members)."""
+    """Parse a wds2idx file: one line per sample, repeated ``ext offset size name`` groups -> (key,
+    members)."""
     lines = path.read_text().splitlines()
     version, count = lines[0].split()
     if not version.startswith("v1"):
         raise ValueError(f"{path}: unknown DALI index version {version!r}; rebuild it with wds2idx")
     samples = []
-    for line in lines[1:1 + int(count)]:
+    for line in lines[1 : 1 + int(count)]:
         fields = line.split()
         members = {fields[i]: (int(fields[i + 1]), int(fields[i + 2])) for i in range(0, len(fields), 4)}
         samples.append((fields[3].split(".", 1)[0], members))
@@ -90,9 +96,15 @@ class ShardDataset:
                 missing = {self.video_ext, "meta", "json"} - members.keys()
                 if missing:
                     raise ValueError(f"{idx}: a sample lacks members {sorted(missing)}")
-                self.refs.append(SampleRef(
-                    key=key, tar=str(tar), video=Member(*members[self.video_ext]),
-                    meta=Member(*members["meta"]), info=Member(*members["json"])))
+                self.refs.append(
+                    SampleRef(
+                        key=key,
+                        tar=str(tar),
+                        video=Member(*members[self.video_ext]),
+                        meta=Member(*members["meta"]),
+                        info=Member(*members["json"]),
+                    )
+                )
         self._fds: dict[str, int] = {}
         self._pid = os.getpid()
 
@@ -115,8 +127,14 @@ class ShardDataset:
         info = json.loads(self._read(ref.tar, ref.info))
         label, num_frames = np.frombuffer(self._read(ref.tar, ref.meta), dtype="<i4")[:2]
         video = np.frombuffer(self._read(ref.tar, ref.video), dtype=np.uint8)
-        return Sample(key=ref.key, video=video, label=int(label), num_frames=int(num_frames),
-                      width=int(info["width"]), height=int(info["height"]))
+        return Sample(
+            key=ref.key,
+            video=video,
+            label=int(label),
+            num_frames=int(num_frames),
+            width=int(info["width"]),
+            height=int(info["height"]),
+        )
 
     def __getstate__(self):
         return {**self.__dict__, "_fds": {}}

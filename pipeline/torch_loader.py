@@ -3,6 +3,7 @@
 Same plan, draws and boxes as the DALI loaders (pipeline.loader.Loader); each DataLoader item is one whole
 batch, so the workers parallelise across batches and the main process only assembles tensors.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -11,9 +12,9 @@ import multiprocessing
 
 import av
 import numpy as np
-from av.video.reformatter import VideoReformatter
 import torch
 import torch.nn.functional as F
+from av.video.reformatter import VideoReformatter
 
 from pipeline import sampling
 from pipeline.loader import IMAGENET_MEAN, IMAGENET_STD, Loader, LoaderConfig, Views, make_views
@@ -44,8 +45,10 @@ def decode_frames(video: np.ndarray | bytes, indices: np.ndarray) -> np.ndarray:
         else:
             got = _decode_seeking(container, stream, wanted, pts, [p for p, k in packets if k])
     if len(got) < len(wanted):
-        raise ValueError(f"the video has fewer frames than its metadata says (wanted index {wanted[-1]}); "
-                         f"it is truncated or num_frames is wrong")
+        raise ValueError(
+            f"the video has fewer frames than its metadata says (wanted index {wanted[-1]}); "
+            f"it is truncated or num_frames is wrong"
+        )
     return np.stack([got[int(i)] for i in indices])
 
 
@@ -63,8 +66,9 @@ def _decode_forward(container, stream, wanted: list[int]) -> dict[int, np.ndarra
     return got
 
 
-def _decode_seeking(container, stream, wanted: list[int], pts: list[int], key_pts: list[int]
-                    ) -> dict[int, np.ndarray]:
+def _decode_seeking(
+    container, stream, wanted: list[int], pts: list[int], key_pts: list[int]
+) -> dict[int, np.ndarray]:
     index_of = {p: i for i, p in enumerate(pts)}
     want = set(wanted)
     key_index = sorted(index_of[p] for p in key_pts if p in index_of)
@@ -92,12 +96,13 @@ def render_views(frames_FHWC: np.ndarray, views: Views, num_segments: int) -> to
     crops = []
     for (x0, y0, x1, y1), flip in zip(views.boxes.tolist(), views.flips.tolist()):
         x = frames[:, :, y0:y1, x0:x1].float()
-        x = F.interpolate(x, size=(views.out_size, views.out_size), mode="bilinear", antialias=True,
-                          align_corners=False)
+        x = F.interpolate(
+            x, size=(views.out_size, views.out_size), mode="bilinear", antialias=True, align_corners=False
+        )
         if flip:
             x = x.flip(-1)
         crops.append(x.sub_(_MEAN).div_(_STD).permute(0, 2, 3, 1))
-    x = torch.stack(crops)                                       # (crops, clips*T, S, S, 3)
+    x = torch.stack(crops)  # (crops, clips*T, S, S, 3)
     x = x.view(x.shape[0], -1, num_segments, *x.shape[2:]).transpose(0, 1)
     return x.reshape(-1, num_segments, *x.shape[3:])
 
@@ -120,8 +125,9 @@ class _Decoder(torch.utils.data.Dataset):
         try:
             sample = self.dataset[sid]
             views = make_views(self.cfg, self.mode, epoch, sid, sample)
-            idx = sampling.frame_indices(sample.num_frames, views.u, sampling=self.cfg.sampling,
-                                         dense_stride=self.cfg.dense_stride)
+            idx = sampling.frame_indices(
+                sample.num_frames, views.u, sampling=self.cfg.sampling, dense_stride=self.cfg.dense_stride
+            )
             x = render_views(decode_frames(sample.video, idx), views, self.cfg.num_segments)
             return sid, x, sample.label, sample.key
         except (ValueError, KeyError, OSError, av.FFmpegError) as e:
@@ -130,7 +136,8 @@ class _Decoder(torch.utils.data.Dataset):
 
 class _Jobs(torch.utils.data.Sampler):
     """The current epoch's jobs, set by the loader before each epoch. No reference back to the loader: a
-    DataLoader with persistent workers that is freed by the cycle collector takes 5 s per worker to shut down."""
+    DataLoader with persistent workers that is freed by the cycle collector takes 5 s per worker to shut
+    down."""
 
     def __init__(self):
         self.jobs: list[tuple[int, tuple[int, ...]]] = []
@@ -141,7 +148,8 @@ class _Jobs(torch.utils.data.Sampler):
 
 def _worker_context():
     """Workers fork from a clean forkserver: forking this process after DALI or OpenMP threads started can
-    deadlock the children; the preload makes each worker start in milliseconds instead of re-importing torch."""
+    deadlock the children; the preload makes each worker start in milliseconds instead of re-importing
+    torch."""
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["torch", "av", "numpy", "pipeline.torch_loader"])
     return ctx
@@ -158,9 +166,15 @@ class TorchLoader(Loader):
         self._data = None
         if cfg.workers > 0:
             self._data = torch.utils.data.DataLoader(
-                self.decoder, sampler=self._jobs, batch_size=None, num_workers=cfg.workers,
-                collate_fn=_identity, prefetch_factor=4, persistent_workers=True,
-                multiprocessing_context=_worker_context())
+                self.decoder,
+                sampler=self._jobs,
+                batch_size=None,
+                num_workers=cfg.workers,
+                collate_fn=_identity,
+                prefetch_factor=4,
+                persistent_workers=True,
+                multiprocessing_context=_worker_context(),
+            )
 
     def _take(self, results, out: list) -> None:
         for sid, x, label, key in results:

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from benchmark import common
 from benchmark import __main__ as cli
+from benchmark import common
 from benchmark.common import Plot
 
 
@@ -20,8 +20,9 @@ def test_timeit_excludes_warmup_and_syncs_before_each_clock_read(monkeypatch):
     events: list[str] = []
     clock = iter(range(100))
     monkeypatch.setattr(common.time, "perf_counter", lambda: (events.append("clock"), float(next(clock)))[1])
-    times = common.timeit(lambda: events.append("call"), warmup=2, iters=3,
-                          sync=lambda: events.append("sync"))
+    times = common.timeit(
+        lambda: events.append("call"), warmup=2, iters=3, sync=lambda: events.append("sync")
+    )
     assert events[:2] == ["call", "call"]  # warm-up, untimed
     assert events[2:] == ["sync", "clock", "call", "sync", "clock"] * 3
     assert times == [1.0, 1.0, 1.0]
@@ -54,11 +55,14 @@ def test_median_and_summary():
     assert s == {"median_s": 0.5, "min_s": 0.25, "max_s": 1.0, "per_s": 16.0}
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("Intel(R) Xeon(R) Platinum 8488C CPU @ 2.40GHz", "intel-xeon-platinum-8488c"),
-    ("NVIDIA H100 80GB HBM3", "nvidia-h100-80gb-hbm3"),
-    ("AMD EPYC 9R14 96-Core Processor", "amd-epyc-9r14-96-core-processor"),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("Intel(R) Xeon(R) Platinum 8488C CPU @ 2.40GHz", "intel-xeon-platinum-8488c"),
+        ("NVIDIA H100 80GB HBM3", "nvidia-h100-80gb-hbm3"),
+        ("AMD EPYC 9R14 96-Core Processor", "amd-epyc-9r14-96-core-processor"),
+    ],
+)
 def test_slug(text, expected):
     assert common.slug(text) == expected
 
@@ -80,8 +84,19 @@ def test_hardware_tag_names_cpu_cores_without_gpu(monkeypatch):
 
 def test_environment_reports_versions_and_command():
     env = common.environment()
-    for key in ("python", "torch", "dali", "av", "ffmpeg", "cpu", "cpu_cores", "gpus", "command", "utc",
-                "git_commit"):
+    for key in (
+        "python",
+        "torch",
+        "dali",
+        "av",
+        "ffmpeg",
+        "cpu",
+        "cpu_cores",
+        "gpus",
+        "command",
+        "utc",
+        "git_commit",
+    ):
         assert key in env
     assert env["python"].startswith("3.")
     assert env["cpu_cores"] >= 1
@@ -91,14 +106,19 @@ def test_environment_reports_versions_and_command():
 
 def test_write_results_writes_json_markdown_and_plots(tmp_path, monkeypatch):
     monkeypatch.setattr(common, "hardware_tag", lambda: "cpu-2c-test")
-    rows = [{"variant": "tsm", "batch": 2, "clips_per_s": 10.5},
-            {"variant": "tsm", "batch": 4, "clips_per_s": 18.25},
-            {"variant": "gc_tsm", "batch": 2, "clips_per_s": 10.0},
-            {"variant": "gc_tsm", "batch": 4, "clips_per_s": 17.0, "note": "a|b"}]
-    plots = [Plot(x="batch", y="clips_per_s", group="variant", title="speed"),
-             Plot(x="variant", y="clips_per_s", filename="bars.png", references=(("target", 20.0),))]
-    path = common.write_results("model", rows, meta={"precision": "bf16", "frames": 8}, plots=plots,
-                                out_dir=tmp_path)
+    rows = [
+        {"variant": "tsm", "batch": 2, "clips_per_s": 10.5},
+        {"variant": "tsm", "batch": 4, "clips_per_s": 18.25},
+        {"variant": "gc_tsm", "batch": 2, "clips_per_s": 10.0},
+        {"variant": "gc_tsm", "batch": 4, "clips_per_s": 17.0, "note": "a|b"},
+    ]
+    plots = [
+        Plot(x="batch", y="clips_per_s", group="variant", title="speed"),
+        Plot(x="variant", y="clips_per_s", filename="bars.png", references=(("target", 20.0),)),
+    ]
+    path = common.write_results(
+        "model", rows, meta={"precision": "bf16", "frames": 8}, plots=plots, out_dir=tmp_path
+    )
 
     date = json.loads(path.read_text())["date"]
     assert path == tmp_path / f"model_cpu-2c-test_{date}.json"
@@ -114,7 +134,7 @@ def test_write_results_writes_json_markdown_and_plots(tmp_path, monkeypatch):
 
     md = path.with_suffix(".md").read_text().splitlines()
     header = "| variant | batch | clips_per_s | note |"
-    table = md[md.index(header):md.index(header) + 6]
+    table = md[md.index(header) : md.index(header) + 6]
     assert table[2] == "| tsm | 2 | 10.5 |  |"
     assert table[5] == "| gc_tsm | 4 | 17 | a\\|b |"
     assert "- precision: bf16" in md
@@ -194,7 +214,12 @@ def test_cli_all_runs_every_benchmark_and_reports_failures(monkeypatch, tmp_path
 def test_cli_help_runs_as_a_module():
     import subprocess
 
-    done = subprocess.run([sys.executable, "-m", "benchmark", "--help"], capture_output=True, text=True,
-                          timeout=60, cwd=Path(__file__).resolve().parent.parent)
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmark", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
     assert done.returncode == 0, done.stderr
     assert "{preprocess,loader,model,train,all}" in done.stdout and "--quick" in done.stdout

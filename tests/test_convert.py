@@ -1,4 +1,5 @@
 """models.convert: TSM- and GC-release state_dicts (built here with the release key names) load strictly."""
+
 from __future__ import annotations
 
 import re
@@ -9,9 +10,15 @@ import torch
 from models import build_model
 from models.convert import convert_state_dict, detect_format, main
 
-_TO_RELEASE = {"ecal_l.conv": "eft1.conv", "ecal_l.bn": "eft1.bn1", "ecal_t.conv": "eft2.conv",
-               "ecal_t.bn": "eft2.bn1", "ecal_s.conv": "eft3.conv", "ecal_g.linear": "eft4.conv",
-               "ecal_g.bn": "eft4.bn1"}
+_TO_RELEASE = {
+    "ecal_l.conv": "eft1.conv",
+    "ecal_l.bn": "eft1.bn1",
+    "ecal_t.conv": "eft2.conv",
+    "ecal_t.bn": "eft2.bn1",
+    "ecal_s.conv": "eft3.conv",
+    "ecal_g.linear": "eft4.conv",
+    "ecal_g.bn": "eft4.bn1",
+}
 
 
 def release_state(model: torch.nn.Module, fmt: str) -> dict[str, torch.Tensor]:
@@ -32,9 +39,15 @@ def release_state(model: torch.nn.Module, fmt: str) -> dict[str, torch.Tensor]:
         for key in [k for k in out if ".eft3.conv.weight" in k]:
             c = out[key].shape[0]
             prefix = key.removesuffix("conv.weight") + "bn1."
-            out.update({prefix + "weight": torch.ones(c), prefix + "bias": torch.zeros(c),
-                        prefix + "running_mean": torch.zeros(c), prefix + "running_var": torch.ones(c),
-                        prefix + "num_batches_tracked": torch.tensor(0)})
+            out.update(
+                {
+                    prefix + "weight": torch.ones(c),
+                    prefix + "bias": torch.zeros(c),
+                    prefix + "running_mean": torch.zeros(c),
+                    prefix + "running_var": torch.ones(c),
+                    prefix + "num_batches_tracked": torch.tensor(0),
+                }
+            )
     return out
 
 
@@ -54,8 +67,9 @@ def test_release_formats_load_strictly(name, fmt, caplog):
         assert torch.equal(fresh.state_dict()[key], value), key
 
 
-@pytest.mark.parametrize("name, fmt", [("tsm_r50", "tsm"), ("gc_tsm_r50", "gc"), ("tsm_r101", "tsm"),
-                                       ("gc_tsm_r101", "gc")])
+@pytest.mark.parametrize(
+    "name, fmt", [("tsm_r50", "tsm"), ("gc_tsm_r50", "gc"), ("tsm_r101", "tsm"), ("gc_tsm_r101", "gc")]
+)
 def test_model_name_inferred_from_keys(name, fmt):
     with torch.device("meta"):
         model = build_model(name, 400)

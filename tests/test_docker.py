@@ -39,8 +39,12 @@ def instructions() -> list[str]:
 
 
 def run_requirements(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REQUIREMENTS), str(ROOT / "pyproject.toml"), *args],
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, str(REQUIREMENTS), str(ROOT / "pyproject.toml"), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def test_every_pyproject_dependency_is_an_exact_pin():
@@ -65,7 +69,8 @@ def test_torchvision_pin_is_the_release_built_for_the_torch_pin():
     vision_minor = int(pins["torchvision"].split(".")[1])
     assert vision_minor == torch_minor + 15, (
         f"torchvision=={pins['torchvision']} is not built for torch=={pins['torch']}: "
-        f"pin torchvision==0.{torch_minor + 15}.x in pyproject.toml")
+        f"pin torchvision==0.{torch_minor + 15}.x in pyproject.toml"
+    )
 
 
 def test_dockerfile_installs_the_rest_from_pyproject_and_checks_the_result():
@@ -73,8 +78,10 @@ def test_dockerfile_installs_the_rest_from_pyproject_and_checks_the_result():
     torch_step = next(i for i, step in enumerate(steps) if '"torch==${TORCH_VERSION}"' in step)
     assert '--index-url "${TORCH_INDEX}"' in steps[torch_step] and "extra-index-url" not in steps[torch_step]
     rest_step = next(i for i, step in enumerate(steps) if "uv pip install -r /tmp/requirements.txt" in step)
-    assert ("docker/requirements.py pyproject.toml --extra imagenet --exclude torch,torchvision "
-            "> /tmp/requirements.txt" in steps[rest_step])
+    assert (
+        "docker/requirements.py pyproject.toml --extra imagenet --exclude torch,torchvision "
+        "> /tmp/requirements.txt" in steps[rest_step]
+    )
     assert steps[rest_step].endswith("docker/requirements.py pyproject.toml --extra imagenet --check")
     # Dependencies before the source (layer cache): pyproject is copied and installed before `COPY . .`.
     assert torch_step < steps.index("COPY pyproject.toml ./") < rest_step < steps.index("COPY . .")
@@ -83,8 +90,11 @@ def test_dockerfile_installs_the_rest_from_pyproject_and_checks_the_result():
 def test_generated_requirements_are_the_pyproject_pins_without_torch():
     done = run_requirements("--extra", "imagenet", "--exclude", "torch,torchvision")
     assert done.returncode == 0, done.stderr
-    expected = [r for r in PROJECT["dependencies"] + PROJECT["optional-dependencies"]["imagenet"]
-                if not r.startswith(("torch==", "torchvision=="))]
+    expected = [
+        r
+        for r in PROJECT["dependencies"] + PROJECT["optional-dependencies"]["imagenet"]
+        if not r.startswith(("torch==", "torchvision=="))
+    ]
     assert done.stdout.split() == expected
     assert "nvidia-dali-cuda130==2.4.0" in expected
 
@@ -96,10 +106,12 @@ def test_requirements_check_compares_installed_versions():
 
 def test_requirements_check_reports_a_mismatch(tmp_path):
     fake = tmp_path / "pyproject.toml"
-    fake.write_text('[project]\nname = "x"\n'
-                    'dependencies = ["numpy==0.0.1", "surely-not-installed-pkg==1.0"]\n')
-    done = subprocess.run([sys.executable, str(REQUIREMENTS), str(fake), "--check"], capture_output=True,
-                          text=True, timeout=60)
+    fake.write_text(
+        '[project]\nname = "x"\ndependencies = ["numpy==0.0.1", "surely-not-installed-pkg==1.0"]\n'
+    )
+    done = subprocess.run(
+        [sys.executable, str(REQUIREMENTS), str(fake), "--check"], capture_output=True, text=True, timeout=60
+    )
     assert done.returncode == 1
     assert "numpy: pinned 0.0.1, installed" in done.stderr
     assert "surely-not-installed-pkg: pinned 1.0, not installed" in done.stderr
@@ -108,8 +120,9 @@ def test_requirements_check_reports_a_mismatch(tmp_path):
 def test_requirements_refuse_unpinned_dependencies(tmp_path):
     fake = tmp_path / "pyproject.toml"
     fake.write_text('[project]\nname = "x"\ndependencies = ["numpy>=2"]\n')
-    done = subprocess.run([sys.executable, str(REQUIREMENTS), str(fake)], capture_output=True, text=True,
-                          timeout=60)
+    done = subprocess.run(
+        [sys.executable, str(REQUIREMENTS), str(fake)], capture_output=True, text=True, timeout=60
+    )
     assert done.returncode != 0 and "not an exact pin" in done.stderr
 
 
@@ -120,8 +133,9 @@ def hadolint_binary() -> str | None:
 
 @pytest.mark.skipif(hadolint_binary() is None, reason="hadolint is not installed (`make setup` installs it)")
 def test_hadolint_finds_nothing():
-    done = subprocess.run([hadolint_binary(), "--no-color", str(DOCKERFILE)], capture_output=True, text=True,
-                          timeout=120)
+    done = subprocess.run(
+        [hadolint_binary(), "--no-color", str(DOCKERFILE)], capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0 and done.stdout.strip() == "", done.stdout + done.stderr
 
 
@@ -156,19 +170,27 @@ def dispatch(tmp_path):
     def run(*args: str, **env: str) -> subprocess.CompletedProcess:
         distributed = ("NPROC_PER_NODE", "NNODES", "RDZV_ENDPOINT", "RDZV_ID")
         clean = {k: v for k, v in os.environ.items() if k not in distributed}
-        return subprocess.run(["bash", str(ENTRYPOINT), *args], capture_output=True, text=True, timeout=30,
-                              env={**clean, "PATH": f"{tmp_path}:{os.environ['PATH']}", **env})
+        return subprocess.run(
+            ["bash", str(ENTRYPOINT), *args],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env={**clean, "PATH": f"{tmp_path}:{os.environ['PATH']}", **env},
+        )
 
     return run
 
 
-@pytest.mark.parametrize("args, expected", [
-    (["preprocess", "merge", "/data/k400"], "python -m preprocess merge /data/k400"),
-    (["train", "--preset", "demo"], "python train.py train --preset demo"),
-    (["evaluate", "/runs/a/best.pt"], "python train.py evaluate /runs/a/best.pt"),
-    (["predict", "/runs/a/best.pt", "v.mp4"], "python train.py predict /runs/a/best.pt v.mp4"),
-    (["benchmark", "all", "--quick"], "python -m benchmark all --quick"),
-])
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["preprocess", "merge", "/data/k400"], "python -m preprocess merge /data/k400"),
+        (["train", "--preset", "demo"], "python train.py train --preset demo"),
+        (["evaluate", "/runs/a/best.pt"], "python train.py evaluate /runs/a/best.pt"),
+        (["predict", "/runs/a/best.pt", "v.mp4"], "python train.py predict /runs/a/best.pt v.mp4"),
+        (["benchmark", "all", "--quick"], "python -m benchmark all --quick"),
+    ],
+)
 def test_entrypoint_dispatches_each_command(dispatch, args, expected):
     done = dispatch(*args)
     assert done.returncode == 0, done.stderr
@@ -177,11 +199,14 @@ def test_entrypoint_dispatches_each_command(dispatch, args, expected):
 
 def test_entrypoint_runs_torchrun_for_one_node_and_for_several(dispatch):
     one_node = dispatch("train", "--preset", "gc_tsm_r50_k400_8f", NPROC_PER_NODE="8")
-    assert one_node.stdout.strip() == ("torchrun --standalone --nnodes 1 --nproc-per-node 8 "
-                                       "train.py train --preset gc_tsm_r50_k400_8f")
+    assert one_node.stdout.strip() == (
+        "torchrun --standalone --nnodes 1 --nproc-per-node 8 train.py train --preset gc_tsm_r50_k400_8f"
+    )
     two_nodes = dispatch("train", NPROC_PER_NODE="8", NNODES="2", RDZV_ENDPOINT="node0:29400", RDZV_ID="k400")
-    assert two_nodes.stdout.strip() == ("torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d "
-                                        "--rdzv-endpoint node0:29400 --rdzv-id k400 train.py train")
+    assert two_nodes.stdout.strip() == (
+        "torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d "
+        "--rdzv-endpoint node0:29400 --rdzv-id k400 train.py train"
+    )
     no_endpoint = dispatch("train", NNODES="2")
     assert no_endpoint.returncode == 2 and "RDZV_ENDPOINT" in no_endpoint.stderr
 

@@ -1,4 +1,5 @@
 """models/: registry, shapes, gradients, reference counts, pretrained weights, partial BN, param groups."""
+
 from __future__ import annotations
 
 import sys
@@ -73,8 +74,15 @@ def test_wrong_number_of_frames_is_a_clear_error():
         build_model("tsm_mini", 4, num_segments=8)(torch.randn(1, 4, 3, 32, 32))
 
 
-@pytest.mark.parametrize("name, params", [("tsn_r50", 24_327_632), ("tsm_r50", 24_327_632),
-                                          ("gc_tsm_r50", 25_590_768), ("gc_tsn_r50", 25_590_768)])
+@pytest.mark.parametrize(
+    "name, params",
+    [
+        ("tsn_r50", 24_327_632),
+        ("tsm_r50", 24_327_632),
+        ("gc_tsm_r50", 25_590_768),
+        ("gc_tsn_r50", 25_590_768),
+    ],
+)
 def test_reference_parameter_counts(name, params):
     with torch.device("meta"):
         model = build_model(name, num_classes=400, num_segments=8)
@@ -117,8 +125,12 @@ def test_gc_groups_and_single_calibrators():
     gc8 = build_model("gc_tsn_mini", 4, cdiv=8).backbone.layer2[0].gc
     assert gc8.split_sizes == [4] * 8 and gc8.targets == [0, 1, 2, 3]
     looped = build_model("gc_tsm_mini", 4, gc_loop=True)
-    assert [b.gc.targets for _, b in _temporal_blocks(looped)] == [[0, 1, 2, 3], [1, 2, 3, 0], [2, 3, 0, 1],
-                                                                    [3, 0, 1, 2]]
+    assert [b.gc.targets for _, b in _temporal_blocks(looped)] == [
+        [0, 1, 2, 3],
+        [1, 2, 3, 0],
+        [2, 3, 0, 1],
+        [3, 0, 1, 2],
+    ]
     single = build_model("ecal_t_tsm_r50", 4).backbone.layer3[0].gc
     assert single.kinds == ("t",) and single.split_sizes == [16, 240] and single.targets == [0]
     assert parse_name("ecal_s_tsn_r101") == {"arch": "r101", "shift": False, "calibrators": ("s",)}
@@ -180,8 +192,9 @@ def test_partial_bn_freezes_all_but_first_bn2d():
     model = build_model("gc_tsm_mini", 4, num_segments=2, partial_bn=True).train()
     bns = [m for m in model.backbone.modules() if isinstance(m, nn.BatchNorm2d)]
     assert bns[0].training and bns[0].weight.requires_grad
-    assert all(not bn.training and not bn.weight.requires_grad and not bn.bias.requires_grad
-               for bn in bns[1:])
+    assert all(
+        not bn.training and not bn.weight.requires_grad and not bn.bias.requires_grad for bn in bns[1:]
+    )
     others = [m for m in model.modules() if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm3d))]
     assert others and all(m.training and m.weight.requires_grad for m in others)
     frozen_stats = bns[1].running_mean.clone()
@@ -239,9 +252,15 @@ def torchvision_resnet_state(layers: tuple[int, ...], width: int = 64, classes: 
         state[f"{name}.weight"] = torch.randn(cout, cin, k, k)
 
     def bn(name, c):
-        state.update({f"{name}.weight": torch.rand(c), f"{name}.bias": torch.randn(c),
-                      f"{name}.running_mean": torch.randn(c), f"{name}.running_var": torch.rand(c) + 0.5,
-                      f"{name}.num_batches_tracked": torch.tensor(100)})
+        state.update(
+            {
+                f"{name}.weight": torch.rand(c),
+                f"{name}.bias": torch.randn(c),
+                f"{name}.running_mean": torch.randn(c),
+                f"{name}.running_var": torch.rand(c) + 0.5,
+                f"{name}.num_batches_tracked": torch.tensor(100),
+            }
+        )
 
     conv("conv1", width, 3, 7)
     bn("bn1", width)

@@ -1,4 +1,5 @@
 """torch.compile(fullgraph=True) of a GC-TSM model: no graph breaks, same outputs as eager (compiled once)."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,5 @@
 """The shift and each calibrator against references written from the formulas with explicit indexing."""
+
 from __future__ import annotations
 
 import pytest
@@ -64,8 +65,9 @@ def test_ecal_l_matches_reference():
     for n in range(N):
         for t in range(T):
             for co in range(C):
-                ctx = sum(w[co, ci, k, 0, 0] * frames(x, n, t + k - 1)[ci]
-                          for ci in range(C) for k in range(3))
+                ctx = sum(
+                    w[co, ci, k, 0, 0] * frames(x, n, t + k - 1)[ci] for ci in range(C) for k in range(3)
+                )
                 gate = torch.sigmoid(bn_ref(ctx, cal.bn, co))
                 torch.testing.assert_close(out[n * T + t, co], x[n * T + t, co] * gate)
 
@@ -80,8 +82,9 @@ def test_ecal_t_matches_reference():
     for n in range(N):
         for t in range(T):
             for co in range(C):
-                ctx = sum(w[co, ci, k] * frames(x, n, t + k - 1)[ci].mean()
-                          for ci in range(C) for k in range(3))
+                ctx = sum(
+                    w[co, ci, k] * frames(x, n, t + k - 1)[ci].mean() for ci in range(C) for k in range(3)
+                )
                 gate = torch.sigmoid(bn_ref(ctx, cal.bn, co))
                 torch.testing.assert_close(out[n * T + t, co], x[n * T + t, co] * gate)
 
@@ -98,9 +101,13 @@ def test_ecal_s_matches_reference():
         for co in range(C):
             for i in range(h):
                 for j in range(w):
-                    ctx = sum(wt[co, ci, a, b] * m[ci, i + 2 * (a - 1), j + 2 * (b - 1)]
-                              for ci in range(C) for a in range(3) for b in range(3)
-                              if 0 <= i + 2 * (a - 1) < h and 0 <= j + 2 * (b - 1) < w)
+                    ctx = sum(
+                        wt[co, ci, a, b] * m[ci, i + 2 * (a - 1), j + 2 * (b - 1)]
+                        for ci in range(C)
+                        for a in range(3)
+                        for b in range(3)
+                        if 0 <= i + 2 * (a - 1) < h and 0 <= j + 2 * (b - 1) < w
+                    )
                     gate = torch.sigmoid(ctx)
                     for t in range(T):
                         torch.testing.assert_close(out[n * T + t, co, i, j], x[n * T + t, co, i, j] * gate)

@@ -1,4 +1,6 @@
-"""Loaders on real shards: MJPEG shards of the real Kinetics clips in ../shared/data, built by the preprocess CLI."""
+"""Loaders on real shards: MJPEG shards of the real Kinetics clips in ../shared/data, built by the preprocess
+CLI."""
+
 from __future__ import annotations
 
 import io
@@ -20,14 +22,38 @@ from pipeline.torch_loader import _decode_forward, decode_frames
 
 ROOT = Path(__file__).resolve().parents[1]
 VIDEOS = ROOT.parent / "shared" / "data" / "videos"
-KINETICS = ["arm_wrestling_demo.mp4", "cleaning_pool_test.mp4", "flipping_pancake.mkv",
-            "clean_and_jerk_GGSY1Qvo990.mp4", "walking_the_dog_ZNVhz7ctTq0.mp4"]
+KINETICS = [
+    "arm_wrestling_demo.mp4",
+    "cleaning_pool_test.mp4",
+    "flipping_pancake.mkv",
+    "clean_and_jerk_GGSY1Qvo990.mp4",
+    "walking_the_dog_ZNVhz7ctTq0.mp4",
+]
 
 
 def _preprocess(out: Path, rows: dict[str, list[tuple[str, str]]], *extra: str) -> Path:
-    args = [sys.executable, "-m", "preprocess", "list", "--root", str(VIDEOS), "--out", str(out), "--name", "t",
-            "--codec", "mjpeg", "--short-side", "64", "--shard-samples", "2", "--workers", "2", "--no-progress",
-            *extra]
+    args = [
+        sys.executable,
+        "-m",
+        "preprocess",
+        "list",
+        "--root",
+        str(VIDEOS),
+        "--out",
+        str(out),
+        "--name",
+        "t",
+        "--codec",
+        "mjpeg",
+        "--short-side",
+        "64",
+        "--shard-samples",
+        "2",
+        "--workers",
+        "2",
+        "--no-progress",
+        *extra,
+    ]
     for split, items in rows.items():
         lst = out.parent / f"{out.name}-{split}.csv"
         lst.write_text("path,label\n" + "".join(f"{p},{label}\n" for p, label in items))
@@ -40,7 +66,9 @@ def _preprocess(out: Path, rows: dict[str, list[tuple[str, str]]], *extra: str) 
 def index(tmp_path_factory) -> Path:
     """6 clips per split (5 Kinetics + a 32-frame clip), short side 64, MJPEG, 2 samples per shard."""
     labels = [Path(k).stem.split("_")[0] for k in KINETICS]
-    rows = [(f"kinetics/{k}", lab) for k, lab in zip(KINETICS, labels)] + [("edge/short_32_frames.mp4", "short")]
+    rows = [(f"kinetics/{k}", lab) for k, lab in zip(KINETICS, labels)] + [
+        ("edge/short_32_frames.mp4", "short")
+    ]
     return _preprocess(tmp_path_factory.mktemp("shards") / "ds", {"train": rows, "val": rows})
 
 
@@ -88,22 +116,29 @@ def test_dali_decodes_the_requested_frames(index):
         assert np.all(neighbour > err[:3]), (neighbour, err)
 
 
-@pytest.mark.parametrize("rule, mode, clips", [("tsn", "train", 1), ("tsn", "test", 2), ("dense", "train", 1),
-                                               ("dense", "test", 3), ("tsn", "val", 1)])
+@pytest.mark.parametrize(
+    "rule, mode, clips",
+    [("tsn", "train", 1), ("tsn", "test", 2), ("dense", "train", 1), ("dense", "test", 3), ("tsn", "val", 1)],
+)
 def test_dali_index_arithmetic_equals_numpy(rule, mode, clips):
     from nvidia.dali import fn, pipeline_def, types
 
     T, stride = 8, 4
     lengths = [1, 3, 7, 8, 31, 32, 33, 64, 100, 301, 1000, 4097]
     rng = np.random.default_rng(0)
-    draws = [sampling.frame_draws(rng, mode=mode, sampling=rule, num_segments=T, num_clips=clips)
-             for _ in lengths]
+    draws = [
+        sampling.frame_draws(rng, mode=mode, sampling=rule, num_segments=T, num_clips=clips) for _ in lengths
+    ]
     draws[0][:] = np.float32(np.nextafter(np.float32(1), np.float32(0)))  # the largest draw
 
     @pipeline_def(batch_size=len(lengths), num_threads=1, device_id=None)
     def pipe():
-        n, u = fn.external_source(source=lambda: ([np.int32(x) for x in lengths], draws), num_outputs=2,
-                                  batch=True, dtype=[types.INT32, types.FLOAT])
+        n, u = fn.external_source(
+            source=lambda: ([np.int32(x) for x in lengths], draws),
+            num_outputs=2,
+            batch=True,
+            dtype=[types.INT32, types.FLOAT],
+        )
         return frame_index_graph(n, u, sampling_rule=rule, num_segments=T, dense_stride=stride)
 
     p = pipe()
@@ -118,7 +153,9 @@ def test_dali_index_arithmetic_equals_numpy(rule, mode, clips):
 def test_dali_and_torch_fallback_agree(index, mode, crops):
     outs = {}
     for backend in ("dali-cpu", "torch"):
-        loader = build_loader(_cfg(index, backend=backend, num_crops=crops, num_clips=2, batch_size=3), "val", mode)
+        loader = build_loader(
+            _cfg(index, backend=backend, num_crops=crops, num_clips=2, batch_size=3), "val", mode
+        )
         loader.set_epoch(2)
         outs[backend] = list(loader)
     assert len(outs["dali-cpu"]) == len(outs["torch"]) == 2
@@ -128,13 +165,17 @@ def test_dali_and_torch_fallback_agree(index, mode, crops):
         assert diff.mean() < 0.05 and diff.max() < 1.2  # normalised units: 0.05 ~ 3 grey levels
         if mode == "test":
             assert a[2] == b[2]
-    other = list(build_loader(_cfg(index, backend="torch", num_crops=crops, num_clips=2, batch_size=3), "val", mode))
+    other = list(
+        build_loader(_cfg(index, backend="torch", num_crops=crops, num_clips=2, batch_size=3), "val", mode)
+    )
     if mode == "train":  # a different epoch draws other frames and crops
         assert (other[0][0] - outs["torch"][0][0]).abs().mean() > 0.1
 
 
 def test_output_contract(index):
-    loader = build_loader(_cfg(index, backend="dali-cpu", batch_size=4), "train", "train", dtype=torch.bfloat16)
+    loader = build_loader(
+        _cfg(index, backend="dali-cpu", batch_size=4), "train", "train", dtype=torch.bfloat16
+    )
     assert loader.classes == json.loads(index.read_text())["classes"] and len(loader) == 1
     assert loader.num_samples == 4
     batches = list(loader)
@@ -142,7 +183,9 @@ def test_output_contract(index):
     x, y = batches[0]
     assert x.shape == (4, 4, 3, 56, 56) and x.dtype == torch.bfloat16 and y.dtype == torch.long
     assert x.flatten(0, 1).is_contiguous(memory_format=torch.channels_last)
-    test = build_loader(_cfg(index, backend="dali-cpu", num_crops=3, num_clips=2, batch_size=4), "val", "test")
+    test = build_loader(
+        _cfg(index, backend="dali-cpu", num_crops=3, num_clips=2, batch_size=4), "val", "test"
+    )
     x, y, keys = next(iter(test))
     assert x.shape == (4, 6, 4, 3, 64, 64) and len(keys) == 4 and len(y) == 4
     # view v = clip * crops + crop: the 3 crops of one clip share their frames, the 2 clips do not
@@ -151,10 +194,14 @@ def test_output_contract(index):
 
 def test_normalisation_and_flip(index):
     """Values are ImageNet-normalised; train flips mirror the crop (same frames and box, flip on and off)."""
-    loaders = {flip: build_loader(_cfg(index, backend="dali-cpu", flip=flip, batch_size=6, scales=(1.0,)),
-                                  "train", "train") for flip in (True, False)}
-    (xf, yf), = list(loaders[True])
-    (xn, yn), = list(loaders[False])
+    loaders = {
+        flip: build_loader(
+            _cfg(index, backend="dali-cpu", flip=flip, batch_size=6, scales=(1.0,)), "train", "train"
+        )
+        for flip in (True, False)
+    }
+    ((xf, yf),) = list(loaders[True])
+    ((xn, yn),) = list(loaders[False])
     assert torch.equal(yf, yn) and -2.2 < float(xn.min()) and float(xn.max()) < 2.7
     mirrored = [torch.allclose(xf[i], xn[i].flip(-1), atol=1e-5) for i in range(6)]
     same = [torch.equal(xf[i], xn[i]) for i in range(6)]
@@ -165,7 +212,9 @@ def test_normalisation_and_flip(index):
 def test_val_ranks_cover_every_sample_once(index, backend):
     keys = []
     for rank in range(4):
-        loader = build_loader(_cfg(index, backend=backend, num_clips=1), "val", "test", rank=rank, world_size=4)
+        loader = build_loader(
+            _cfg(index, backend=backend, num_clips=1), "val", "test", rank=rank, world_size=4
+        )
         got = [k for _, _, batch_keys in loader for k in batch_keys]
         assert len(got) == loader.num_samples
         keys += got
@@ -173,8 +222,10 @@ def test_val_ranks_cover_every_sample_once(index, backend):
 
 
 def test_train_ranks_get_equal_disjoint_batches(index):
-    loaders = [build_loader(_cfg(index, backend="dali-cpu", batch_size=1), "train", "train", rank=r, world_size=4)
-               for r in range(4)]
+    loaders = [
+        build_loader(_cfg(index, backend="dali-cpu", batch_size=1), "train", "train", rank=r, world_size=4)
+        for r in range(4)
+    ]
     for epoch in (0, 1):
         ids = []
         for loader in loaders:
@@ -206,7 +257,7 @@ def test_corrupt_sample_is_skipped_and_counted(corrupt_index, backend):
     keys = [k for _, _, batch_keys in val for k in batch_keys]
     assert val.skipped == 1 and len(keys) == 5 and bad_key not in keys
     train = build_loader(_cfg(index, backend=backend, batch_size=6), "val", "train")
-    (x, y), = list(train)
+    ((x, y),) = list(train)
     assert x.shape[0] == 6 and train.skipped == 1  # refilled to a full batch
     list(train)
     assert train.skipped == 2  # counted again when met again, not decoded again
@@ -229,7 +280,7 @@ def test_fallback_seeking_decode_equals_decoding_forward(h264_index):
             forward = _decode_forward(c, c.streams.video[0], sorted(set(idx.tolist())))
         assert np.array_equal(decode_frames(s.video, idx), np.stack([forward[j] for j in idx]))
     loader = build_loader(_cfg(h264_index, batch_size=3, workers=0), "val", "val")  # auto: H.264 on CPU
-    (x, y), = list(loader)
+    ((x, y),) = list(loader)
     assert loader.backend == "torch" and x.shape == (3, 4, 3, 56, 56) and loader.skipped == 0
 
 
@@ -262,7 +313,9 @@ def test_dali_gpu_decodes_h264_like_the_fallback(tmp_path):
     h264 = _preprocess(tmp_path / "h264", {"val": rows}, "--codec", "h264", "--gop", "8")
     outs = {}
     for backend in ("dali-gpu", "torch"):
-        loader = build_loader(_cfg(h264, backend=backend, batch_size=4), "val", "val", device=torch.device("cuda"))
+        loader = build_loader(
+            _cfg(h264, backend=backend, batch_size=4), "val", "val", device=torch.device("cuda")
+        )
         outs[backend] = list(loader)
     (xg, yg), (xt, yt) = outs["dali-gpu"][0], outs["torch"][0]
     assert xg.is_cuda and xg.shape == xt.shape == (4, 4, 3, 56, 56) and torch.equal(yg.cpu(), yt.cpu())

@@ -1,4 +1,5 @@
 """runtime.py: channels_last / compile / DDP / SyncBN set-up and the precision helpers."""
+
 from __future__ import annotations
 
 import pytest
@@ -58,8 +59,9 @@ def test_setup_model_ddp(tmp_path):
 def test_setup_model_sync_bn_on_gpu(tmp_path):
     dist.init_process_group("nccl", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
-        model = runtime.setup_model(build_model("gc_tsm_mini", 4, num_segments=2), device="cuda", ddp=True,
-                                    sync_bn=True)
+        model = runtime.setup_model(
+            build_model("gc_tsm_mini", 4, num_segments=2), device="cuda", ddp=True, sync_bn=True
+        )
         inner = runtime.unwrap_model(model)
         assert not any(type(m) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d) for m in inner.modules())
         with runtime.autocast("bf16", "cuda"):

@@ -1,4 +1,5 @@
 """Table tests for pipeline.sampling: frame indices per rule, short videos, crop geometry (pure numpy)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -9,28 +10,33 @@ from pipeline import sampling
 
 def _indices(num_frames, mode, rule, T, clips=1, twice=False, stride=8, seed=0):
     rng = np.random.default_rng(seed)
-    u = sampling.frame_draws(rng, mode=mode, sampling=rule, num_segments=T, num_clips=clips, twice_sample=twice)
+    u = sampling.frame_draws(
+        rng, mode=mode, sampling=rule, num_segments=T, num_clips=clips, twice_sample=twice
+    )
     return sampling.frame_indices(num_frames, u, sampling=rule, dense_stride=stride).tolist()
 
 
-@pytest.mark.parametrize("num_frames, mode, rule, T, clips, twice, stride, expected", [
-    # TSN val = segment centres, as TSM's int(tick / 2 + tick * k)
-    (16, "val", "tsn", 8, 1, False, 8, [[1, 3, 5, 7, 9, 11, 13, 15]]),
-    (300, "val", "tsn", 8, 1, False, 8, [[18, 56, 93, 131, 168, 206, 243, 281]]),
-    # shorter than T: frames repeat in order, never past the end
-    (5, "val", "tsn", 8, 1, False, 8, [[0, 0, 1, 2, 2, 3, 4, 4]]),
-    (1, "val", "tsn", 4, 1, False, 8, [[0, 0, 0, 0]]),
-    # test: twice_sample = centres then starts; N clips evenly offset inside the segments
-    (16, "test", "tsn", 8, 1, True, 8, [[1, 3, 5, 7, 9, 11, 13, 15], [0, 2, 4, 6, 8, 10, 12, 14]]),
-    (40, "test", "tsn", 4, 2, False, 8, [[2, 12, 22, 32], [7, 17, 27, 37]]),
-    # dense 8x8: centre window; a 64-frame video is exactly one window
-    (64, "val", "dense", 8, 1, False, 8, [[0, 8, 16, 24, 32, 40, 48, 56]]),
-    (100, "val", "dense", 8, 1, False, 8, [[18, 26, 34, 42, 50, 58, 66, 74]]),
-    # dense on a 32-frame video (shorter than the 64-frame window): start 0, wrap around
-    (32, "val", "dense", 8, 1, False, 8, [[0, 8, 16, 24, 0, 8, 16, 24]]),
-    (32, "test", "dense", 8, 10, False, 8, [[0, 8, 16, 24, 0, 8, 16, 24]] * 10),
-    (40, "val", "dense", 4, 1, False, 2, [[16, 18, 20, 22]]),  # span 40 - 8 + 1 = 33, start floor(16.5)
-])
+@pytest.mark.parametrize(
+    "num_frames, mode, rule, T, clips, twice, stride, expected",
+    [
+        # TSN val = segment centres, as TSM's int(tick / 2 + tick * k)
+        (16, "val", "tsn", 8, 1, False, 8, [[1, 3, 5, 7, 9, 11, 13, 15]]),
+        (300, "val", "tsn", 8, 1, False, 8, [[18, 56, 93, 131, 168, 206, 243, 281]]),
+        # shorter than T: frames repeat in order, never past the end
+        (5, "val", "tsn", 8, 1, False, 8, [[0, 0, 1, 2, 2, 3, 4, 4]]),
+        (1, "val", "tsn", 4, 1, False, 8, [[0, 0, 0, 0]]),
+        # test: twice_sample = centres then starts; N clips evenly offset inside the segments
+        (16, "test", "tsn", 8, 1, True, 8, [[1, 3, 5, 7, 9, 11, 13, 15], [0, 2, 4, 6, 8, 10, 12, 14]]),
+        (40, "test", "tsn", 4, 2, False, 8, [[2, 12, 22, 32], [7, 17, 27, 37]]),
+        # dense 8x8: centre window; a 64-frame video is exactly one window
+        (64, "val", "dense", 8, 1, False, 8, [[0, 8, 16, 24, 32, 40, 48, 56]]),
+        (100, "val", "dense", 8, 1, False, 8, [[18, 26, 34, 42, 50, 58, 66, 74]]),
+        # dense on a 32-frame video (shorter than the 64-frame window): start 0, wrap around
+        (32, "val", "dense", 8, 1, False, 8, [[0, 8, 16, 24, 0, 8, 16, 24]]),
+        (32, "test", "dense", 8, 10, False, 8, [[0, 8, 16, 24, 0, 8, 16, 24]] * 10),
+        (40, "val", "dense", 4, 1, False, 2, [[16, 18, 20, 22]]),  # span 40 - 8 + 1 = 33, start floor(16.5)
+    ],
+)
 def test_frame_index_table(num_frames, mode, rule, T, clips, twice, stride, expected):
     assert _indices(num_frames, mode, rule, T, clips, twice, stride) == expected
 
@@ -95,19 +101,46 @@ def test_bad_arguments_are_named():
 
 # ----- crop geometry (TSM's GroupMultiScaleCrop / GroupCenterCrop / GroupFullResSample / GroupOverSample)
 
+
 def test_multiscale_pairs_match_tsm():
     # 340x256: short side 256 -> 256, 224, 192, 168 (224 snaps to crop size); |i - j| <= 1
     pairs = sampling.multiscale_crop_pairs(340, 256, 224)
-    assert pairs == [(256, 256), (224, 256), (256, 224), (224, 224), (192, 224), (224, 192), (192, 192),
-                     (168, 192), (192, 168), (168, 168)]
-    assert sampling.multiscale_crop_pairs(340, 256, 224, max_distort=0) == [(256, 256), (224, 224), (192, 192),
-                                                                            (168, 168)]
+    assert pairs == [
+        (256, 256),
+        (224, 256),
+        (256, 224),
+        (224, 224),
+        (192, 224),
+        (224, 192),
+        (192, 192),
+        (168, 192),
+        (192, 168),
+        (168, 168),
+    ]
+    assert sampling.multiscale_crop_pairs(340, 256, 224, max_distort=0) == [
+        (256, 256),
+        (224, 224),
+        (192, 192),
+        (168, 168),
+    ]
 
 
 def test_fixed_offsets_match_tsm():
     assert sampling.tsm_fixed_offsets(340, 256, 224, 224) == [
-        (0, 0), (116, 0), (0, 32), (116, 32), (58, 16),
-        (0, 16), (116, 16), (58, 32), (58, 0), (29, 8), (87, 8), (29, 24), (87, 24)]
+        (0, 0),
+        (116, 0),
+        (0, 32),
+        (116, 32),
+        (58, 16),
+        (0, 16),
+        (116, 16),
+        (58, 32),
+        (58, 0),
+        (29, 8),
+        (87, 8),
+        (29, 24),
+        (87, 24),
+    ]
     assert len(sampling.tsm_fixed_offsets(340, 256, 224, 224, more_fix_crop=False)) == 5
 
 
@@ -125,16 +158,30 @@ def test_multiscale_crop_box_draws_pairs_and_offsets():
     assert sampling.multiscale_crop_box(rng_a, 64, 48, 56) == sampling.multiscale_crop_box(rng_b, 64, 48, 56)
 
 
-@pytest.mark.parametrize("w, h, scale, crop, n, boxes, flips, out", [
-    (340, 256, 256, 224, 1, [[58, 16, 282, 240]], [False], 224),
-    # 128x96 stored, thought of as resized to short side 64: a 56 crop there is 84 pixels here
-    (128, 96, 64, 56, 1, [[22, 6, 106, 90]], [False], 56),
-    # TSM full-resolution 3 crops: the whole short side at the start, end and centre of the long side
-    (340, 256, 256, 224, 3, [[0, 0, 256, 256], [84, 0, 340, 256], [42, 0, 298, 256]], [False] * 3, 256),
-    (256, 340, 256, 224, 3, [[0, 0, 256, 256], [0, 84, 256, 340], [0, 42, 256, 298]], [False] * 3, 256),
-    (340, 256, 256, 224, 10, [[0, 0, 224, 224], [116, 0, 340, 224], [0, 32, 224, 256], [116, 32, 340, 256],
-                             [58, 16, 282, 240]] * 2, [False] * 5 + [True] * 5, 224),
-])
+@pytest.mark.parametrize(
+    "w, h, scale, crop, n, boxes, flips, out",
+    [
+        (340, 256, 256, 224, 1, [[58, 16, 282, 240]], [False], 224),
+        # 128x96 stored, thought of as resized to short side 64: a 56 crop there is 84 pixels here
+        (128, 96, 64, 56, 1, [[22, 6, 106, 90]], [False], 56),
+        # TSM full-resolution 3 crops: the whole short side at the start, end and centre of the long side
+        (340, 256, 256, 224, 3, [[0, 0, 256, 256], [84, 0, 340, 256], [42, 0, 298, 256]], [False] * 3, 256),
+        (256, 340, 256, 224, 3, [[0, 0, 256, 256], [0, 84, 256, 340], [0, 42, 256, 298]], [False] * 3, 256),
+        (
+            340,
+            256,
+            256,
+            224,
+            10,
+            [[0, 0, 224, 224], [116, 0, 340, 224], [0, 32, 224, 256], [116, 32, 340, 256], [58, 16, 282, 240]]
+            * 2,
+            [False] * 5 + [True] * 5,
+            224,
+        ),
+    ],
+)
 def test_eval_crop_table(w, h, scale, crop, n, boxes, flips, out):
-    got_boxes, got_flips, got_out = sampling.eval_crop_boxes(w, h, scale_size=scale, crop_size=crop, num_crops=n)
+    got_boxes, got_flips, got_out = sampling.eval_crop_boxes(
+        w, h, scale_size=scale, crop_size=crop, num_crops=n
+    )
     assert got_boxes.tolist() == boxes and got_flips.tolist() == flips and got_out == out

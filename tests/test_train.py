@@ -52,7 +52,8 @@ def tiny_index(tmp_path_factory) -> Path:
 
 
 def tiny_args(index: Path, out: Path, batch_size: int) -> list[str]:
-    """Tiny clips on the torch loader in-process, no warm-up, no live view, TensorBoard or final evaluation."""
+    """Tiny clips on the torch loader in-process, no warm-up, no live view, TensorBoard or final
+    evaluation."""
     return [
         "--data.index",
         str(index),
