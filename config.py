@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
+import models
 from pipeline import LoaderConfig
 
 
@@ -29,18 +32,32 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    name: str = "gc_tsm_mini"  # models.list_models(): {tsn,tsm,gc_tsn,gc_tsm}_{r50,r101,mini}, ecal_*
+    name: str = "gc_tsm_mini"  # one of models.list_models()
     num_classes: int = 0  # 0: take it from the dataset's index.json
     dropout: float = 0.5
-    shift_div: int = 8
-    shift_place: str = "blockres"  # blockres | block
-    cdiv: int = 4
-    gc_loop: bool = False
+    shift_div: int = 8  # TSM: 1/shift_div of the channels shift each way
+    shift_place: Literal["blockres", "block"] = "blockres"
+    cdiv: int = 4  # GC: groups of planes/cdiv channels
+    gc_loop: bool = False  # GC: rotate the calibrator-to-group assignment per block
+    ratio: int = 16  # single-calibrator (ecal_*) models: planes/ratio channels are calibrated
     partial_bn: bool = False
     pretrained: str = ""  # '' | imagenet | path to an ImageNet ResNet state_dict
     channels_last: bool = True
     compile: bool = True  # torch.compile the model (runtime.setup_model)
     sync_bn: bool = False  # convert BatchNorm to SyncBatchNorm under DDP
+
+    def build_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of models.build_model that this config sets."""
+        return {
+            "dropout": self.dropout,
+            "shift_div": self.shift_div,
+            "shift_place": self.shift_place,
+            "cdiv": self.cdiv,
+            "gc_loop": self.gc_loop,
+            "ratio": self.ratio,
+            "partial_bn": self.partial_bn,
+            "pretrained": self.pretrained or None,
+        }
 
 
 @dataclass
@@ -51,7 +68,7 @@ class OptimConfig:
     nesterov: bool = False
     weight_decay: float = 1e-4
     epochs: int = 50
-    schedule: str = "step"  # step | cosine
+    schedule: Literal["step", "cosine"] = "step"
     lr_steps: tuple[float, ...] = (20, 40)  # epochs at which `step` multiplies the lr by lr_decay
     lr_decay: float = 0.1
     warmup_epochs: float = 0.0  # linear warm-up from warmup_start_factor * lr
@@ -66,7 +83,7 @@ class OptimConfig:
 class RunConfig:
     out: str = "runs/demo"  # run directory: config.json, last.pt, best.pt, metrics.jsonl, tb/
     device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
-    precision: str = "auto"  # auto (bf16 on cuda, fp32 on cpu) | fp32 | bf16 | fp16 (with a GradScaler)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on cuda, fp32 on cpu
     seed: int = 0
     resume: bool = False  # continue from <out>/last.pt exactly where it stopped
     tune_from: str = ""  # checkpoint to fine-tune from: backbone loaded, classifier replaced
@@ -77,7 +94,7 @@ class RunConfig:
     tensorboard: bool = True
     live: bool = True  # rich live view on rank 0
     threads: int = 0  # torch intra-op threads on CPU; 0: leave torch's default
-    dist_backend: str = "auto"  # auto (nccl on cuda, gloo on cpu) | nccl | gloo
+    dist_backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: nccl on cuda, gloo on cpu
     final_eval: bool = True  # after training, test best.pt with the --eval.* views and print a summary
 
 
@@ -85,8 +102,8 @@ class RunConfig:
 class EvalConfig:
     split: str = "val"
     num_clips: int = 1
-    num_crops: int = 1  # 1 (centre) | 3 | 10
-    sampling: str = "tsn"  # tsn (uniform) | dense
+    num_crops: Literal[1, 3, 10] = 1  # 1: centre crop
+    sampling: Literal["tsn", "dense"] = "tsn"
     twice_sample: bool = False
     full_res: bool = False  # crops of scale_size x scale_size instead of crop_size
     batch_size: int = 8  # videos per batch (each with num_clips * num_crops views)
@@ -264,17 +281,20 @@ def _did_you_mean(word: str, choices: Sequence[str]) -> str:
 
 
 def all_options(cfg: Config) -> list[str]:
-    return [
-        f"--{section.name}.{f.name}"
-        for section in dataclasses.fields(cfg)
-        if section.name != "preset"
-        for f in dataclasses.fields(getattr(cfg, section.name))
-    ]
+    return [f"--{section}.{name}" for section, name, _ in fields(cfg)]
 
 
 def parse_value(option: str, text: str, annotation: Any) -> Any:
-    """Convert the command-line text of `option` to its field type (bool, int, float, str, tuple[X, ...])."""
+    """Convert the command-line text of `option` to its field type (bool, int, float, str, tuple[X, ...],
+    Literal[...]: its allowed values are checked by validate)."""
     origin = typing.get_origin(annotation)
+    if origin is Literal:
+        choices = typing.get_args(annotation)
+        return (
+            parse_value(option, text, type(choices[0]))
+            if text not in map(str, choices)
+            else (next(c for c in choices if str(c) == text))
+        )
     try:
         if annotation is bool:
             lowered = text.strip().lower()
@@ -359,16 +379,40 @@ def from_dict(d: dict[str, Any]) -> Config:
 
 def help_text(cfg: Config) -> str:
     lines = []
-    for section in dataclasses.fields(cfg):
-        if section.name == "preset":
-            continue
-        obj = getattr(cfg, section.name)
-        for f in dataclasses.fields(obj):
-            lines.append(f"  --{section.name}.{f.name:<22} {getattr(obj, f.name)!r}")
+    for section, name, annotation in fields(cfg):
+        value = getattr(getattr(cfg, section), name)
+        choices = typing.get_args(annotation) if typing.get_origin(annotation) is Literal else ()
+        allowed = f"  ({' | '.join(map(str, choices))})" if choices else ""
+        lines.append(f"  --{section}.{name:<22} {value!r}{allowed}")
     return "\n".join(lines)
 
 
+def parse_train_args(argv: Sequence[str]) -> Config:
+    """`[--preset NAME] [--section.field VALUE ...]` -> the validated config (preset demo by default)."""
+    argv = list(argv)
+    name = "demo"
+    for i, arg in enumerate(argv):
+        if arg == "--preset" or arg.startswith("--preset="):
+            value = arg.partition("=")[2] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else "")
+            if not value or value.startswith("--"):
+                raise ConfigError(f"--preset needs a name: one of {', '.join(PRESETS)}")
+            name = value
+            del argv[i : i + (1 if "=" in arg else 2)]
+            break
+    return validate(apply_overrides(preset(name), argv))
+
+
 # ------------------------------------------------------------------------------------------------ validation
+
+
+def fields(cfg: Config) -> list[tuple[str, str, Any]]:
+    """(section, field, type annotation) of every overridable field."""
+    return [
+        (section.name, name, annotation)
+        for section in dataclasses.fields(cfg)
+        if section.name != "preset"
+        for name, annotation in _field_types(getattr(cfg, section.name)).items()
+    ]
 
 
 def _check(ok: bool, message: str) -> None:
@@ -376,23 +420,36 @@ def _check(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def _check_types(cfg: Config) -> None:
+    """Literal fields hold one of their values; numbers are finite; counts are not negative."""
+    for section, name, annotation in fields(cfg):
+        value, option = getattr(getattr(cfg, section), name), f"--{section}.{name}"
+        if typing.get_origin(annotation) is Literal:
+            choices = typing.get_args(annotation)
+            _check(value in choices, f"{option} must be one of {', '.join(map(str, choices))}, got {value!r}")
+        elif annotation is float:
+            _check(math.isfinite(value), f"{option} must be a finite number, got {value}")
+        elif annotation is int:
+            _check(value >= 0, f"{option} must be >= 0, got {value}")
+
+
 def validate(cfg: Config) -> Config:
     """Reject values that cannot work, naming the option and the allowed range."""
+    _check_types(cfg)
     m, d, o, r, e = cfg.model, cfg.data, cfg.optim, cfg.run, cfg.eval
-    _check(m.num_classes >= 0, f"--model.num_classes must be >= 0 (0: from index.json), got {m.num_classes}")
+    known = models.list_models()
+    _check(
+        m.name in known,
+        f"unknown --model.name {m.name!r}{_did_you_mean(m.name, known)}; known: {', '.join(known)}",
+    )
     _check(0.0 <= m.dropout < 1.0, f"--model.dropout must be in [0, 1), got {m.dropout}")
     _check(
-        m.shift_place in ("blockres", "block"),
-        f"--model.shift_place must be blockres or block, got {m.shift_place!r}",
+        min(m.shift_div, m.cdiv, m.ratio) >= 1,
+        "--model.shift_div, --model.cdiv and --model.ratio must be >= 1",
     )
-    _check(m.shift_div >= 1 and m.cdiv >= 1, "--model.shift_div and --model.cdiv must be >= 1")
-    _check(d.num_segments >= 1, f"--data.num_segments must be >= 1, got {d.num_segments}")
-    _check(d.batch_size >= 1, f"--data.batch_size must be >= 1, got {d.batch_size}")
-    _check(d.workers >= 0, f"--data.workers must be >= 0, got {d.workers}")
-    _check(d.sampling in ("tsn", "dense"), f"--data.sampling must be tsn or dense, got {d.sampling!r}")
     _check(
-        d.backend in ("auto", "dali-gpu", "dali-cpu", "torch"),
-        f"--data.backend must be auto, dali-gpu, dali-cpu or torch, got {d.backend!r}",
+        min(d.num_segments, d.batch_size, d.dali_pipelines) >= 1,
+        "--data.num_segments, --data.batch_size and --data.dali_pipelines must be >= 1",
     )
     _check(
         0 < d.crop_size <= d.scale_size,
@@ -403,11 +460,9 @@ def validate(cfg: Config) -> Config:
         f"--data.scales must be comma-separated numbers in (0, 1], got {d.scales}",
     )
     _check(o.lr > 0, f"--optim.lr must be > 0, got {o.lr}")
-    _check(o.base_batch >= 1, f"--optim.base_batch must be >= 1, got {o.base_batch}")
+    _check(min(o.base_batch, o.epochs) >= 1, "--optim.base_batch and --optim.epochs must be >= 1")
     _check(0 <= o.momentum < 1, f"--optim.momentum must be in [0, 1), got {o.momentum}")
     _check(o.weight_decay >= 0, f"--optim.weight_decay must be >= 0, got {o.weight_decay}")
-    _check(o.epochs >= 1, f"--optim.epochs must be >= 1, got {o.epochs}")
-    _check(o.schedule in ("step", "cosine"), f"--optim.schedule must be step or cosine, got {o.schedule!r}")
     _check(
         list(o.lr_steps) == sorted(o.lr_steps) and all(0 < s < o.epochs for s in o.lr_steps),
         f"--optim.lr_steps must be increasing epochs inside (0, --optim.epochs={o.epochs}), got {o.lr_steps}",
@@ -422,31 +477,15 @@ def validate(cfg: Config) -> Config:
     _check(o.gc_lr_mult > 0 and o.fc_lr_mult > 0, "--optim.gc_lr_mult and --optim.fc_lr_mult must be > 0")
     _check(0 <= o.label_smoothing < 1, f"--optim.label_smoothing must be in [0, 1), got {o.label_smoothing}")
     _check(
-        r.device == "auto" or r.device == "cpu" or r.device.startswith("cuda"),
+        r.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", r.device) is not None,
         f"--run.device must be auto, cpu, cuda or cuda:N, got {r.device!r}",
     )
-    _check(
-        r.precision in ("auto", "fp32", "bf16", "fp16"),
-        f"--run.precision must be auto, fp32, bf16 or fp16, got {r.precision!r}",
-    )
-    _check(
-        r.dist_backend in ("auto", "nccl", "gloo"),
-        f"--run.dist_backend must be auto, nccl or gloo, got {r.dist_backend!r}",
-    )
-    _check(
-        r.ckpt_every >= 0 and r.max_steps >= 0 and r.threads >= 0,
-        "--run.ckpt_every, --run.max_steps and --run.threads must be >= 0",
-    )
-    _check(r.eval_every >= 1 and r.log_every >= 1, "--run.eval_every and --run.log_every must be >= 1")
+    _check(min(r.eval_every, r.log_every) >= 1, "--run.eval_every and --run.log_every must be >= 1")
     _check(bool(r.out), "--run.out must name a run directory")
     _check(
         not (r.resume and r.tune_from),
-        "--resume continues a run and --tune-from starts a new one from "
-        "another run's weights: give one of them",
+        "--resume continues a run and --tune-from starts a new one from another run's weights: give one",
     )
-    _check(e.num_clips >= 1, f"--eval.num_clips must be >= 1, got {e.num_clips}")
-    _check(e.num_crops in (1, 3, 10), f"--eval.num_crops must be 1, 3 or 10, got {e.num_crops}")
-    _check(e.sampling in ("tsn", "dense"), f"--eval.sampling must be tsn or dense, got {e.sampling!r}")
-    _check(e.batch_size >= 1, f"--eval.batch_size must be >= 1, got {e.batch_size}")
+    _check(min(e.num_clips, e.batch_size) >= 1, "--eval.num_clips and --eval.batch_size must be >= 1")
     _check(not (e.twice_sample and e.sampling == "dense"), "--eval.twice_sample applies to tsn sampling only")
     return cfg

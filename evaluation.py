@@ -8,7 +8,8 @@ The arithmetic is pure numpy (tested against hand-computed values):
     pair accuracy = for order-dependent class pairs (a, b): score[label] > score[partner], i.e. the right
                     choice within the pair (chance = 0.5), whatever the other classes score
 `score_videos` runs a model over a test loader (x_NVTCHW, labels_N, keys) and returns the scores by key;
-`write_report` writes results.json, predictions.jsonl and a confusion-matrix PNG.
+`write_report` writes results.json, predictions.jsonl and a confusion-matrix PNG; `evaluate` is
+`python train.py evaluate CKPT [CKPT ...]`; `validate` is the validation pass inside training.
 """
 
 from __future__ import annotations
@@ -21,6 +22,13 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as torch_dist
+import torch.nn.functional as F
+
+import config as C
+import runtime
+from checkpoints import checkpoint_model
+from pipeline import build_loader
 
 log = logging.getLogger(__name__)
 
@@ -28,10 +36,11 @@ log = logging.getLogger(__name__)
 # ------------------------------------------------------------------------------------------- pure arithmetic
 
 
-def average_view_scores(logits_NVK: np.ndarray | torch.Tensor) -> np.ndarray:
-    """(videos, views, classes) logits -> (videos, classes) softmax scores averaged over the views."""
-    logits = torch.as_tensor(logits_NVK, dtype=torch.float64)
-    return logits.softmax(dim=-1).mean(dim=1).numpy()
+def average_view_scores(logits_NVK: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """(videos, views, classes) logits -> (videos, classes) softmax scores averaged over the views, on the
+    logits' device, in float32 or wider."""
+    logits = torch.as_tensor(logits_NVK)
+    return logits.to(torch.promote_types(logits.dtype, torch.float32)).softmax(dim=-1).mean(dim=1)
 
 
 def topk_correct(scores_NK: np.ndarray, labels_N: np.ndarray, k: int) -> np.ndarray:
@@ -126,7 +135,7 @@ def score_videos(model: torch.nn.Module, loader, *, autocast) -> tuple[dict[str,
         n, v = x_NVTCHW.shape[:2]
         with autocast():
             logits = model(x_NVTCHW.flatten(0, 1))
-        probs_NK = logits.float().softmax(dim=-1).view(n, v, -1).mean(dim=1)
+        probs_NK = average_view_scores(logits.view(n, v, -1))
         batches.append((probs_NK, labels_N))
         all_keys += list(keys)
     if not batches:
@@ -211,3 +220,102 @@ def write_report(
     plot_confusion(cm, classes, out_dir / "confusion.png", f"top-1 {result['top1']:.1%} ({len(keys)} videos)")
     (out_dir / "results.json").write_text(json.dumps({**result, **(meta or {})}, indent=2) + "\n")
     return result
+
+
+# ------------------------------------------------------------------------------------------- entry points
+
+
+@torch.no_grad()
+def validate(net, loader, dist: runtime.Dist, device: torch.device, precision: str) -> dict[str, float]:
+    """Loss, top-1 and top-5 over the val split (each rank its part, summed over ranks)."""
+    net.eval()
+    sums = torch.zeros(4, device=device, dtype=torch.float64)  # loss, top1, top5, count
+    for x_NTCHW, labels_N in loader:
+        with runtime.autocast(precision, device.type):
+            logits = net(x_NTCHW)
+        logits = logits.float()
+        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        sums[0] += F.cross_entropy(logits, labels_N, reduction="sum").double()
+        sums[1] += (top5[:, 0] == labels_N).sum()
+        sums[2] += (top5 == labels_N[:, None]).any(1).sum()
+        sums[3] += labels_N.shape[0]
+    loss, top1, top5, n = runtime.all_reduce_sum(sums, dist).tolist()
+    net.train()
+    return {"loss": loss / max(n, 1), "top1": top1 / max(n, 1), "top5": top5 / max(n, 1), "videos": int(n)}
+
+
+def eval_config(cfg: C.Config, overrides: Sequence[str]) -> C.Config:
+    """A checkpoint's config with the --eval.* views (and any other override) applied to its loader."""
+    cfg = C.validate(C.apply_overrides(cfg, overrides))
+    e, d = cfg.eval, cfg.data
+    d.num_clips, d.num_crops, d.twice_sample, d.sampling, d.batch_size = (
+        e.num_clips,
+        e.num_crops,
+        e.twice_sample,
+        e.sampling,
+        e.batch_size,
+    )
+    if e.full_res:
+        d.crop_size = d.scale_size
+    return cfg
+
+
+def score_checkpoint(path: str, overrides: Sequence[str], dist: runtime.Dist, device: torch.device):
+    """(scores, labels, classes, cfg) of one checkpoint over its eval split, gathered from every rank."""
+    model, cfg, classes = checkpoint_model(path, device)
+    cfg = eval_config(cfg, overrides)
+    precision = runtime.resolve_precision(cfg.run.precision, device)
+    net = runtime.setup_model(model, device=device, channels_last=cfg.model.channels_last, compile=False)
+    loader = build_loader(
+        cfg.data, split=cfg.eval.split, mode="test", rank=dist.rank, world_size=dist.world_size, device=device
+    )
+    scores, labels = score_videos(net, loader, autocast=lambda: runtime.autocast(precision, device.type))
+    if dist.enabled:  # every rank scored its own videos: gather them on rank 0
+        parts: list[Any] = [None] * dist.world_size
+        torch_dist.all_gather_object(parts, (scores, labels))
+        scores = {k: v for s, _ in parts for k, v in s.items()}
+        labels = {k: v for _, lab in parts for k, v in lab.items()}
+    return scores, labels, classes or list(loader.classes), cfg
+
+
+def evaluate(checkpoints: Sequence[str], overrides: Sequence[str]) -> dict[str, Any]:
+    """Test every checkpoint with the --eval.* views, ensemble their scores by video key, write the report.
+
+    `overrides` apply to each checkpoint's own config (so an 8- and a 16-frame model keep their frame counts).
+    Under torchrun every rank scores its share; rank 0 writes the report, the others return {}.
+    """
+    if not checkpoints:
+        raise C.ConfigError(
+            "evaluate needs at least one checkpoint: python train.py evaluate RUN/best.pt [...]"
+        )
+    run = C.apply_overrides(C.Config(), overrides).run  # the device and backend to evaluate on
+    dist, device = runtime.init_distributed(run.device, run.dist_backend)
+    first: C.Config | None = None
+    score_sets, labels, per_checkpoint, classes = [], {}, {}, []
+    for path in checkpoints:
+        scores, labels_here, classes, cfg = score_checkpoint(str(path), overrides, dist, device)
+        first = first or cfg
+        score_sets.append(scores)
+        labels.update(labels_here)
+        per_checkpoint[str(path)] = metrics(scores, labels_here, len(classes))
+        log.info(
+            "%s (%s, T=%d, %d clip(s) x %d crop(s)): top-1 %.2f%%",
+            path,
+            cfg.model.name,
+            cfg.data.num_segments,
+            cfg.eval.num_clips,
+            cfg.eval.num_crops,
+            100 * per_checkpoint[str(path)]["top1"],
+        )
+    if not dist.is_main or first is None:
+        return {}
+    index = json.loads(Path(first.data.index).read_text())
+    out = Path(first.eval.out or Path(checkpoints[0]).parent / f"eval-{first.eval.split}")
+    meta = {
+        "checkpoints": [str(p) for p in checkpoints],
+        "per_checkpoint": per_checkpoint,
+        "eval": C.to_dict(first)["eval"],
+        "index": first.data.index,
+    }
+    result = write_report(out, ensemble(score_sets), labels, classes, pairs=class_pairs(index), meta=meta)
+    return {**result, "out": str(out), "per_checkpoint": per_checkpoint}

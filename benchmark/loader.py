@@ -31,7 +31,7 @@ import torch
 from rich.progress import Progress
 
 from benchmark.common import Plot, device_sync, summary, timeit, write_results
-from pipeline import LoaderConfig, build_loader, dali_loader, sampling
+from pipeline import LoaderConfig, build_loader, sampling
 from pipeline.loader import make_views
 from pipeline.shards import ShardDataset
 from pipeline.torch_loader import render_views
@@ -250,7 +250,7 @@ def main(args: argparse.Namespace) -> int:
         ]
         plan.append(("kinetics", "mjpeg", 1, ("dali-cpu", "torch")))
 
-    default_pipelines = dali_loader.GPU_PIPELINES
+    default_pipelines = LoaderConfig().dali_pipelines
     data_dir = getattr(args, "data_dir", None)
     tmp = None if data_dir else tempfile.TemporaryDirectory(prefix="gcvideo-bench-loader-")
     root = Path(data_dir or tmp.name)
@@ -274,12 +274,12 @@ def main(args: argparse.Namespace) -> int:
                     geometry = dict(crop_size=crop, scale_size=short, batch_size=batch)
                 for backend in backends:
                     progress.update(task, description=f"{label} {codec} gop {gop}: {backend}")
-                    # dali-gpu-xP: P decoding pipelines (default dali_loader.GPU_PIPELINES)
+                    # dali-gpu-xP: P decoding pipelines (default LoaderConfig.dali_pipelines)
                     name, _, pipes = backend.partition("-x")
-                    dali_loader.GPU_PIPELINES = int(pipes) if pipes else default_pipelines
                     cfg = LoaderConfig(
                         index=str(index),
                         backend=name if name != "baseline" else "torch",
+                        dali_pipelines=int(pipes) if pipes else default_pipelines,
                         num_segments=frames,
                         workers=workers,
                         **geometry,

@@ -3,8 +3,8 @@
     python -m benchmark train --quick                          # CPU: gc_tsm_mini, the demo's shapes
     python -m benchmark train --index data/k400/index.json     # GPU: gc_tsm_r50 / tsm_r50, bf16, compiled
 
-For every model the step (train.train_step: forward, loss, backward, clipping, SGD, schedule) is timed with a
-device synchronisation before each clock read, warm-up calls excluded (compilation happens there), medians
+For every model the step (training.train_step: forward, loss, backward, clipping, SGD, schedule) is timed with
+a device synchronisation before each clock read, warm-up calls excluded (compilation happens there), medians
 reported. "shards" rows pull each batch from the real loader (pipeline.build_loader) and report the share of
 the step time spent waiting for it; "synthetic" rows reuse one batch on the device, the ceiling the loader is
 measured against. Where nvidia-smi exists, GPU and NVDEC (decoder) utilisation and memory are sampled during
@@ -24,9 +24,10 @@ from pathlib import Path
 
 import torch
 
+import checkpoints
 import config as C
 import runtime
-import train
+import training
 from benchmark.common import Plot, median, timeit, write_results
 from pipeline import build_loader
 
@@ -131,7 +132,7 @@ def bench_config(args: argparse.Namespace, model: str) -> C.Config:
 
 def run_one(cfg: C.Config, data: str, args: argparse.Namespace, warmup: int, iters: int) -> dict:
     device = torch.device(args.device)
-    precision = train.resolve_precision(cfg.run.precision, device)
+    precision = runtime.resolve_precision(cfg.run.precision, device)
     torch.manual_seed(args.seed)
     loader = None
     if data == "shards":
@@ -139,17 +140,17 @@ def run_one(cfg: C.Config, data: str, args: argparse.Namespace, warmup: int, ite
         num_classes = len(loader.classes)
     else:
         num_classes = 400 if cfg.data.crop_size > 100 else 8
-    model = train.build_model(cfg, num_classes)
+    model = checkpoints.build_model(cfg, num_classes)
     net = runtime.setup_model(
         model, device=device, channels_last=cfg.model.channels_last, compile=cfg.model.compile
     )
-    optimizer = train.build_optimizer(model, cfg, train.scaled_lr(cfg.optim, cfg.data.batch_size), False)
-    opt = train.Optimisation(
-        optimizer,
-        train.build_scheduler(optimizer, 1000, cfg.optim),
-        runtime.grad_scaler(precision, device),
-        list(model.parameters()),
-        cfg.optim.clip_grad,
+    opt = training.Optimisation.build(
+        model,
+        cfg,
+        steps_per_epoch=1000,
+        global_batch=cfg.data.batch_size,
+        precision=precision,
+        device=device,
     )
     net.train()
     b, t, s = cfg.data.batch_size, cfg.data.num_segments, cfg.data.crop_size
@@ -171,7 +172,7 @@ def run_one(cfg: C.Config, data: str, args: argparse.Namespace, warmup: int, ite
             t0 = time.perf_counter()
             x, y = next(batches)
             waits.append(time.perf_counter() - t0)
-        train.train_step(net, x, y, opt, precision, device.type)
+        training.train_step(net, x, y, opt, precision, device.type)
 
     sync = torch.cuda.synchronize if device.type == "cuda" else None
     timeit(step, warmup=warmup, iters=1, sync=sync)  # compilation and loader start-up
@@ -227,7 +228,7 @@ def main(args: argparse.Namespace) -> int:
         "index": args.index,
         "device": args.device,
         "threads": torch.get_num_threads(),
-        "what": "clips/s of train.train_step (median over timed steps, synchronised), data_wait = share "
+        "what": "clips/s of training.train_step (median over timed steps, synchronised), data_wait = share "
         "of step time spent in next(loader)",
     }
     path = write_results(

@@ -4,6 +4,8 @@
 (x_NTCHW, labels_N) (train/val) or (x_NVTCHW, labels_N, keys) (test); see docs/pipeline.md.
 """
 
-from pipeline.loader import Loader, LoaderConfig, build_loader, select_backend
+from pipeline.build import build_loader, select_backend
+from pipeline.loader import Loader, LoaderConfig
+from pipeline.shards import DatasetError
 
-__all__ = ["Loader", "LoaderConfig", "build_loader", "select_backend"]
+__all__ = ["DatasetError", "Loader", "LoaderConfig", "build_loader", "select_backend"]

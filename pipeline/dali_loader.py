@@ -1,19 +1,17 @@
 """NVIDIA DALI loaders: CPU decode (MJPEG/VP9) or `mixed` NVDEC decode (H.264/HEVC) of only the sampled
 frames.
 
-Python reads each batch's encoded files by offset (pipeline.shards) and feeds them, with the per-sample draws
-and
-crop boxes, through ``fn.external_source``; the graph computes the frame indices from the stored frame count
-(the float32 rule of pipeline.sampling, proven equal by a test), decodes them, crops + resizes each view and
-flips + normalises. A decode error fails a whole DALI batch: the loader then decodes that batch's samples one
-by one in a batch-size-1 pipeline, skips and counts the broken ones, and continues (the main pipeline keeps
-running after a failed iteration).
+Python reads each batch's encoded files by offset (pipeline.shards) and feeds them, with the per-sample
+draws and crop boxes, through ``fn.external_source``; the graph computes the frame indices from the stored
+frame count (the float32 rule of pipeline.sampling, proven equal by a test), decodes them, crops + resizes
+each view and flips + normalises. A decode error fails a whole DALI batch: the loader then decodes that
+batch's samples one by one in a batch-size-1 pipeline, skips and counts the broken ones, and continues (the
+main pipeline keeps running after a failed iteration).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from collections import deque
 
 import numpy as np
@@ -23,10 +21,6 @@ from pipeline import sampling
 from pipeline.loader import IMAGENET_MEAN, IMAGENET_STD, Loader, LoaderConfig
 
 log = logging.getLogger(__name__)
-
-# One pipeline drives one NVDEC engine (docs/dali-notes.md): the GPU loader spreads batches round-robin over
-# several pipelines so that several videos decode at once. An H100 has 7 NVDEC engines.
-GPU_PIPELINES = int(os.environ.get("GCVIDEO_DALI_PIPELINES", "4"))
 
 
 def frame_index_graph(num_frames, u, *, sampling_rule: str, num_segments: int, dense_stride: int):
@@ -156,7 +150,7 @@ class DaliLoader(Loader):
         self.backend = "dali-gpu" if gpu else "dali-cpu"
         if gpu and self.device.type != "cuda":
             raise ValueError("the dali-gpu backend needs a CUDA device")
-        self.num_pipelines = max(1, GPU_PIPELINES) if gpu else 1
+        self.num_pipelines = cfg.dali_pipelines if gpu else 1
         self._pipes: list = []
         self._states = [{"plan": deque(), "fifo": deque()} for _ in range(self.num_pipelines)]
         self._probe = None
@@ -201,20 +195,21 @@ class DaliLoader(Loader):
 
         def source():
             while plan:
-                ids = [int(i) for i in plan.popleft()]
-                got = [(sid, s) for sid in ids if (s := self.read(sid)) is not None]
-                if self.mode == "train" and len(got) < len(ids):
-                    fill = self.replacements(np.array(ids))
-                    while len(got) < len(ids):
-                        sid = next(fill)
-                        if (s := self.read(sid)) is not None:
-                            got.append((sid, s))
+                ids = plan.popleft()
+                got = [(int(sid), s) for sid in ids if (s := self.read(int(sid))) is not None]
+                got = self.refill(
+                    ids, got, lambda sid: (sid, s) if (s := self.read(sid)) is not None else None
+                )
                 if got:
                     fifo.append(([g[0] for g in got], [g[1].label for g in got], [g[1].key for g in got]))
                     return self._feed([g[0] for g in got], [g[1] for g in got])
             raise StopIteration
 
         return source
+
+    def _read_pair(self, sid: int):
+        sample = self.read(sid)
+        return (sid, sample) if sample is not None else None
 
     def _decode_one(self, sid: int):
         """Decode one sample alone (the slow path after a failed batch); None if it is broken."""
@@ -249,21 +244,19 @@ class DaliLoader(Loader):
 
     def _recover(self, ids: list[int], labels: list[int], keys: list[str]):
         """Decode a failed batch sample by sample, skipping broken samples (train: refilled to full size)."""
-        parts, got_labels, got_keys = [], [], []
-        for sid, label, key in zip(ids, labels, keys):
-            res = self._decode_one(sid)
-            if res is not None:
-                parts.append(res[0]), got_labels.append(label), got_keys.append(key)
-        if self.mode == "train":
-            fill = self.replacements(np.array(ids))
-            while len(parts) < len(ids):
-                sid = next(fill)
-                res = self._decode_one(sid)
-                if res is not None:
-                    parts.append(res[0]), got_labels.append(res[1].label), got_keys.append(res[1].key)
-        if not parts:
+        got = [
+            (res[0], label, key)
+            for sid, label, key in zip(ids, labels, keys)
+            if (res := self._decode_one(sid))
+        ]
+        got = self.refill(np.array(ids), got, self._decode_refill)
+        if not got:
             return None
-        return torch.stack(parts), got_labels, got_keys
+        return torch.stack([g[0] for g in got]), [g[1] for g in got], [g[2] for g in got]
+
+    def _decode_refill(self, sid: int):
+        res = self._decode_one(sid)
+        return (res[0], res[1].label, res[1].key) if res is not None else None
 
     # ----- iteration
     def __iter__(self):

@@ -1,24 +1,22 @@
-"""LoaderConfig, the epoch plan shared by every backend, backend selection and build_loader."""
+"""LoaderConfig and the part every backend shares: the epoch plan, views per sample, broken-sample handling
+and the output contract. Backends subclass Loader; pipeline.build chooses and builds one."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Literal, TypeVar
 
 import numpy as np
 import torch
 
 from pipeline import sampling
-from pipeline.shards import Sample, ShardDataset, read_codec
+from pipeline.shards import DatasetError, Sample, ShardDataset
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
-BACKENDS = ("auto", "dali-gpu", "dali-cpu", "torch")
-# Codecs DALI's CPU decoder handles (docs/dali-notes.md); only intra-only ones are fast enough to pick by
-# default.
-DALI_CPU_CODECS = ("mjpeg", "vp9", "vp8")
-INTRA_ONLY_CODECS = ("mjpeg",)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -26,42 +24,24 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 @dataclass
 class LoaderConfig:
     index: str = "data/synthetic/index.json"  # dataset index.json
-    backend: str = (
-        "auto"  # auto | dali-gpu | dali-cpu | torch  (auto: GPU->dali-gpu; CPU+mjpeg->dali-cpu; else torch)
-    )
+    # auto: dali-gpu on a GPU, dali-cpu for MJPEG on a CPU, torch otherwise (pipeline.build.select_backend)
+    backend: Literal["auto", "dali-gpu", "dali-cpu", "torch"] = "auto"
     num_segments: int = 8  # T
-    sampling: str = "tsn"  # tsn | dense
+    sampling: Literal["tsn", "dense"] = "tsn"
     dense_stride: int = 8
     num_clips: int = 1  # test-time clips per video
     twice_sample: bool = False
     crop_size: int = 224
     scale_size: int = 256  # eval: resize short side to this
-    num_crops: int = 1  # eval crops: 1 (centre), 3, 10
+    num_crops: Literal[1, 3, 10] = 1  # eval crops; 1: centre
     scales: tuple[float, ...] = (1.0, 0.875, 0.75, 0.66)
     flip: bool = True
     batch_size: int = 8  # per rank
     workers: int = 2  # DALI threads / DataLoader workers
+    # dali-gpu: batches go round-robin to this many DALI pipelines, so several batches decode at once (a
+    # throughput setting to measure per GPU; the CPU backends use one pipeline)
+    dali_pipelines: int = 4
     seed: int = 0
-
-
-def select_backend(requested: str, *, codec: str, device: torch.device | str) -> str:
-    """auto: a CUDA device -> dali-gpu; CPU with an intra-only codec (MJPEG) -> dali-cpu; otherwise torch."""
-    device = torch.device(device)
-    codec = codec.lower()
-    if requested not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {requested!r}")
-    if requested == "dali-gpu" and device.type != "cuda":
-        raise ValueError("backend dali-gpu decodes with NVDEC and needs a CUDA device; use dali-cpu or torch")
-    if requested == "dali-cpu" and codec not in DALI_CPU_CODECS:
-        raise ValueError(
-            f"DALI's CPU video decoder cannot decode {codec!r} (only {DALI_CPU_CODECS}); "
-            f"use backend torch, dali-gpu, or re-shard with codec mjpeg"
-        )
-    if requested != "auto":
-        return requested
-    if device.type == "cuda":
-        return "dali-gpu"
-    return "dali-cpu" if codec in INTRA_ONLY_CODECS else "torch"
 
 
 @dataclass
@@ -147,9 +127,14 @@ class Loader:
             self._per_rank = n // world_size
             self.num_samples = self._per_rank // cfg.batch_size * cfg.batch_size
             if self.num_samples == 0:
-                raise ValueError(
-                    f"{cfg.index} split {split!r}: {n} samples cannot fill one batch of "
-                    f"{cfg.batch_size} on each of {world_size} ranks; lower data.batch_size"
+                fix = (
+                    f"lower --data.batch_size (now {cfg.batch_size})"
+                    if cfg.batch_size > 1
+                    else "add samples to the split (python -m preprocess ...)"
+                )
+                raise DatasetError(
+                    f"{cfg.index} split {split!r} has {n} samples: not one full batch of "
+                    f"{cfg.batch_size} on each of {world_size} rank(s); {fix}"
                 )
         else:
             self.num_samples = len(range(rank, n, world_size))
@@ -176,18 +161,27 @@ class Loader:
         return [order[i : i + bs] for i in range(self.start_batch * bs, len(order), bs)]
 
     def replacements(self, batch: np.ndarray) -> Iterator[int]:
-        """Train-mode stand-ins for broken samples: the samples after ``batch`` in this rank's order,
-        wrapping."""
+        """Stand-ins for broken samples: the samples after ``batch`` in this rank's order, wrapping."""
         order = self.rank_order()
         pos = int(np.flatnonzero(order == batch[-1])[0]) if len(batch) else 0
         for i in range(1, len(order) + 1):
             sid = int(order[(pos + i) % len(order)])
             if sid not in self.bad:
                 yield sid
-        raise RuntimeError(
+        raise DatasetError(
             f"every sample of rank {self.rank} in {self.cfg.index} split {self.split!r} is broken "
             f"({self.skipped} skipped): nothing left to train on; check the dataset"
         )
+
+    def refill(self, ids: np.ndarray, got: list[T], load: Callable[[int], T | None]) -> list[T]:
+        """Train mode keeps batch shapes fixed: top ``got`` (the loaded part of batch ``ids``) up with the
+        next loadable samples of this rank's order; ``load`` returns None for a broken sample."""
+        if self.mode == "train" and len(got) < len(ids):
+            fill = self.replacements(ids)
+            while len(got) < len(ids):
+                if (item := load(next(fill))) is not None:
+                    got.append(item)
+        return got
 
     def views(self, sample_id: int, sample: Sample) -> Views:
         return make_views(self.cfg, self.mode, self.epoch, sample_id, sample)
@@ -197,7 +191,7 @@ class Loader:
         if sample_id not in self.bad:
             self.bad.add(sample_id)
             if len(self.bad) >= 8 and len(self.bad) > self._reads // 2:
-                raise RuntimeError(
+                raise DatasetError(
                     f"{len(self.bad)} of the first {self._reads} samples of {self.cfg.index} failed "
                     f"to load, the last with: {error}. This is not a few broken files: check the "
                     f"dataset (codec {self.dataset.codec!r}) and the backend"
@@ -239,38 +233,3 @@ class Loader:
         if self.mode == "test":
             return x, labels_N, keys
         return x[:, 0], labels_N
-
-
-def build_loader(
-    cfg: LoaderConfig,
-    split: str = "train",
-    mode: str = "train",
-    rank: int = 0,
-    world_size: int = 1,
-    device: torch.device | str = "cpu",
-    dtype: torch.dtype = torch.float32,
-) -> Loader:
-    """Build the loader for ``split`` with the backend cfg.backend resolves to (see select_backend)."""
-    device = torch.device(device)
-    backend = select_backend(cfg.backend, codec=read_codec(cfg.index), device=device)
-    kwargs = dict(split=split, mode=mode, rank=rank, world_size=world_size, device=device, dtype=dtype)
-    if backend == "torch":
-        from pipeline.torch_loader import TorchLoader
-
-        loader: Loader = TorchLoader(cfg, **kwargs)
-    else:
-        from pipeline.dali_loader import DaliLoader
-
-        loader = DaliLoader(cfg, gpu=backend == "dali-gpu", **kwargs)
-    log.info(
-        "%s loader for %s/%s (%s): %d samples, %d batches on rank %d/%d",
-        backend,
-        cfg.index,
-        split,
-        mode,
-        loader.num_samples,
-        len(loader),
-        rank,
-        world_size,
-    )
-    return loader

@@ -17,6 +17,11 @@ import numpy as np
 FORMAT = "gcvideo-shards/1"
 
 
+class DatasetError(RuntimeError):
+    """A dataset that cannot be used as it is (missing or malformed files, nothing left to train on); the
+    message names the file and the fix."""
+
+
 @dataclass(frozen=True)
 class Member:
     offset: int
@@ -43,18 +48,21 @@ class Sample:
 
 
 def read_index(index: str | os.PathLike) -> dict:
-    """index.json, checked: a missing file or another format is an error that says what to do."""
+    """index.json, checked: a missing, unreadable or foreign file is an error that says what to do."""
     path = Path(index)
+    rebuild = "build the dataset with `python -m preprocess ...` or pass --data.index PATH/index.json"
     if not path.is_file():
-        raise FileNotFoundError(
-            f"dataset index {path} not found: build the dataset with "
-            f"`python -m preprocess ...` or pass --data.index PATH/index.json"
-        )
-    meta = json.loads(path.read_text())
-    if meta.get("format") != FORMAT:
-        raise ValueError(
-            f"{path}: format {meta.get('format')!r} is not {FORMAT!r}; re-shard with this version"
-        )
+        what = "is a directory, not a file" if path.is_dir() else "not found"
+        raise DatasetError(f"dataset index {path} {what}: {rebuild}")
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DatasetError(f"dataset index {path} cannot be read as JSON ({e}): {rebuild}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise DatasetError(f"{path}: format {found!r} is not {FORMAT!r}; re-shard with this version")
+    if not isinstance(meta.get("splits"), dict) or not isinstance(meta.get("classes"), list):
+        raise DatasetError(f"{path} has no 'splits' object or no 'classes' list: {rebuild}")
     return meta
 
 
@@ -84,7 +92,10 @@ class ShardDataset:
         self.index_path = Path(index)
         meta = read_index(index)
         if split not in meta["splits"]:
-            raise KeyError(f"{self.index_path} has no split {split!r} (has {sorted(meta['splits'])})")
+            raise DatasetError(
+                f"{self.index_path} has no split {split!r} (has {sorted(meta['splits'])}): shard one with "
+                f"`python -m preprocess ... --split {split}=LIST` or choose another split"
+            )
         self.classes: list[str] = list(meta["classes"])
         self.codec: str = meta.get("codec", "")
         self.video_ext: str = meta.get("video_ext", "mp4")

@@ -184,6 +184,11 @@ class TorchLoader(Loader):
             else:
                 out.append((x, label, key))
 
+    def _load(self, sid: int):
+        got: list = []
+        self._take([self.decoder.load_one(self.epoch, sid)], got)
+        return got[0] if got else None
+
     def __iter__(self):
         self.plan = self.batches()
         # samples already known to be broken are not sent to the workers (counted as skipped below)
@@ -193,10 +198,7 @@ class TorchLoader(Loader):
             self.skipped += len(ids) - len(results)  # known broken, not sent to the workers
             got: list = []
             self._take(results, got)
-            if self.mode == "train" and len(got) < len(ids):
-                fill = self.replacements(ids)
-                while len(got) < len(ids):
-                    self._take([self.decoder.load_one(self.epoch, next(fill))], got)
+            got = self.refill(ids, got, self._load)
             if not got:
                 continue
             x = torch.stack([g[0] for g in got])

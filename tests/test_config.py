@@ -93,16 +93,23 @@ def test_bad_options_are_rejected_by_name(args, message):
     "args, message",
     [
         (["--optim.lr", "-1"], "--optim.lr must be > 0"),
-        (["--optim.schedule", "poly"], "--optim.schedule must be step or cosine, got 'poly'"),
+        (["--optim.schedule", "poly"], "--optim.schedule must be one of step, cosine, got 'poly'"),
         (["--data.crop_size", "80"], "--data.crop_size must be in (0, --data.scale_size=64]"),
         (["--optim.lr_steps", "5,2", "--optim.schedule", "step"], "--optim.lr_steps must be increasing"),
         (["--optim.lr_steps", "17"], "inside (0, --optim.epochs=16)"),
         (["--model.dropout", "1"], "--model.dropout must be in [0, 1)"),
-        (["--run.precision", "fp8"], "--run.precision must be auto, fp32, bf16 or fp16"),
-        (["--eval.num_crops", "5"], "--eval.num_crops must be 1, 3 or 10"),
+        (["--run.precision", "fp8"], "--run.precision must be one of auto, fp32, bf16, fp16"),
+        (["--eval.num_crops", "5"], "--eval.num_crops must be one of 1, 3, 10"),
         (["--run.device", "tpu"], "--run.device must be auto, cpu, cuda or cuda:N"),
-        (["--resume", "--tune-from", "x.pt"], "give one of them"),
+        (["--resume", "--tune-from", "x.pt"], "give one"),
         (["--optim.warmup_epochs", "16"], "--optim.warmup_epochs must be in [0, --optim.epochs=16)"),
+        (["--optim.lr", "inf"], "--optim.lr must be a finite number, got inf"),
+        (["--optim.momentum", "nan"], "--optim.momentum must be a finite number"),
+        (["--data.workers", "-1"], "--data.workers must be >= 0, got -1"),
+        (["--data.backend", "opencv"], "--data.backend must be one of auto, dali-gpu, dali-cpu, torch"),
+        (["--model.shift_place", "middle"], "--model.shift_place must be one of blockres, block"),
+        (["--model.name", "gc_tsm_r5"], "unknown --model.name 'gc_tsm_r5' (did you mean 'gc_tsm_r50'?)"),
+        (["--model.ratio", "0"], "--model.ratio must be >= 1"),
     ],
 )
 def test_bad_values_are_rejected_with_the_allowed_range(args, message):
@@ -123,3 +130,36 @@ def test_from_dict_ignores_removed_fields_and_keeps_new_defaults():
     del d["run"]["log_every"]
     cfg = C.from_dict(d)
     assert cfg.run.log_every == C.RunConfig().log_every and cfg.optim.lr == C.demo().optim.lr
+
+
+def test_literal_fields_are_the_one_list_of_allowed_values():
+    cfg = C.apply_overrides(
+        C.demo(), ["--eval.num_crops", "3", "--model.ratio", "8", "--data.dali_pipelines", "2"]
+    )
+    assert cfg.eval.num_crops == 3 and isinstance(cfg.eval.num_crops, int)
+    assert cfg.model.ratio == 8 and cfg.model.build_kwargs()["ratio"] == 8
+    assert cfg.data.dali_pipelines == 2
+    help_text = C.help_text(C.demo())
+    assert "--run.precision" in help_text and "(auto | fp32 | bf16 | fp16)" in help_text
+    assert "(1 | 3 | 10)" in help_text
+
+
+def test_every_build_model_option_is_reachable_from_the_command_line():
+    import inspect
+
+    import models
+
+    options = {
+        p for p in inspect.signature(models.build_model).parameters if p not in ("name", "num_classes")
+    }
+    reachable = set(C.ModelConfig().build_kwargs()) | {"num_segments"}  # num_segments: --data.num_segments
+    assert options == reachable
+
+
+def test_parse_train_args_takes_the_preset_anywhere():
+    cfg = C.parse_train_args(["--optim.lr", "0.5", "--preset", "demo_tsn"])
+    assert cfg.preset == "demo_tsn" and cfg.model.name == "tsn_mini" and cfg.optim.lr == 0.5
+    assert C.parse_train_args(["--preset=gc_tsm_r50_k400_8f"]).model.name == "gc_tsm_r50"
+    for argv in (["--preset"], ["--preset", "--optim.lr", "1"]):
+        with pytest.raises(C.ConfigError, match="--preset needs a name"):
+            C.parse_train_args(argv)

@@ -16,7 +16,7 @@ def test_views_are_averaged_as_softmax_scores_not_logits():
     # video 0: views with logits (0, ln 3) and (ln 3, 0) -> softmax (1/4, 3/4) and (3/4, 1/4) -> (1/2, 1/2)
     # video 1: logits (0, 0) -> (1/2, 1/2) and (0, ln 4) -> (1/5, 4/5) -> (0.35, 0.65)
     logits = np.array([[[0.0, math.log(3)], [math.log(3), 0.0]], [[0.0, 0.0], [0.0, math.log(4)]]])
-    scores = E.average_view_scores(logits)
+    scores = E.average_view_scores(logits).numpy()
     np.testing.assert_allclose(scores, [[0.5, 0.5], [(0.5 + 0.2) / 2, (0.5 + 0.8) / 2]])
 
 

@@ -6,22 +6,19 @@ from __future__ import annotations
 import io
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import av
 import numpy as np
 import pytest
 import torch
+from conftest import VIDEOS, run_preprocess
 
-from pipeline import LoaderConfig, build_loader, sampling, select_backend
+from pipeline import DatasetError, LoaderConfig, build_loader, sampling, select_backend
 from pipeline.dali_loader import decode_frames_dali, frame_index_graph
 from pipeline.shards import ShardDataset, parse_idx
 from pipeline.torch_loader import _decode_forward, decode_frames
 
-ROOT = Path(__file__).resolve().parents[1]
-VIDEOS = ROOT.parent / "shared" / "data" / "videos"
 KINETICS = [
     "arm_wrestling_demo.mp4",
     "cleaning_pool_test.mp4",
@@ -32,33 +29,13 @@ KINETICS = [
 
 
 def _preprocess(out: Path, rows: dict[str, list[tuple[str, str]]], *extra: str) -> Path:
-    args = [
-        sys.executable,
-        "-m",
-        "preprocess",
-        "list",
-        "--root",
-        str(VIDEOS),
-        "--out",
-        str(out),
-        "--name",
-        "t",
-        "--codec",
-        "mjpeg",
-        "--short-side",
-        "64",
-        "--shard-samples",
-        "2",
-        "--workers",
-        "2",
-        "--no-progress",
-        *extra,
-    ]
+    args = ["list", "--root", str(VIDEOS), "--out", str(out), "--name", "t", "--codec", "mjpeg"]
+    args += ["--short-side", "64", "--shard-samples", "2", "--workers", "2", *extra]
     for split, items in rows.items():
         lst = out.parent / f"{out.name}-{split}.csv"
         lst.write_text("path,label\n" + "".join(f"{p},{label}\n" for p, label in items))
         args += ["--split", f"{split}={lst}"]
-    subprocess.run(args, cwd=ROOT, check=True, capture_output=True, timeout=300)
+    run_preprocess(*args)
     return out / "index.json"
 
 
@@ -298,11 +275,11 @@ def test_select_backend_table():
 
 
 def test_bad_paths_and_sizes_are_named(index, tmp_path):
-    with pytest.raises(FileNotFoundError, match="preprocess"):
+    with pytest.raises(DatasetError, match="preprocess"):
         build_loader(_cfg(tmp_path / "nothing.json"), "train", "train")
-    with pytest.raises(KeyError, match="no split 'test'"):
+    with pytest.raises(DatasetError, match="no split 'test'"):
         build_loader(_cfg(index), "test", "test")
-    with pytest.raises(ValueError, match="batch_size"):
+    with pytest.raises(DatasetError, match="batch_size"):
         build_loader(_cfg(index, batch_size=64), "train", "train")
 
 

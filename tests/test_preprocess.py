@@ -17,16 +17,12 @@ from pathlib import Path
 
 import av
 import pytest
+from conftest import EDGE, K400_CLASSES, KINETICS, ROOT
 
 from preprocess.__main__ import main as cli_main
 from preprocess.ffmpeg_args import count_frames_args
 from preprocess.transcode import NO_FRAMES
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT / ".." / "shared" / "data"
-KINETICS = DATA / "videos" / "kinetics"
-EDGE = DATA / "videos" / "edge"
-K400_CLASSES = DATA / "annotations" / "label_maps" / "kinetics_label_map_k400.txt"
 EXPECTED_FAILURES = {
     "audio_only.wav": "no video stream",
     "mp4_audio_only.mp4": "no video stream",

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 import struct
 from fractions import Fraction
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import DATA
 
 from preprocess.__main__ import main as cli_main
 from preprocess.ffmpeg_args import EncodeSettings, count_frames_args, frames_args, output_size, transcode_args
@@ -27,7 +27,6 @@ from preprocess.synthetic import render
 from preprocess.transcode import frame_pattern
 from preprocess.writer import meta_bytes
 
-DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 ANN = DATA / "annotations"
 
 

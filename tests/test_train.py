@@ -18,37 +18,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT
 
+import checkpoints
 import config as C
+import evaluation
+import predict
 import train
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="session")
-def tiny_index(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("synthetic")
-    cmd = [
-        sys.executable,
-        "-m",
-        "preprocess",
-        "synthetic",
-        "--out",
-        str(out),
-        "--train-per-class",
-        "4",
-        "--val-per-class",
-        "2",
-        "--frames",
-        "8",
-        "--frame-size",
-        "32",
-        "--workers",
-        "1",
-        "--no-progress",
-    ]
-    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
-    return out / "index.json"
 
 
 def tiny_args(index: Path, out: Path, batch_size: int) -> list[str]:
@@ -106,7 +82,7 @@ def tiny_cfg(index: Path, out: Path, *extra: str) -> C.Config:
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
-    return torch.load(path, weights_only=False)["model"]
+    return torch.load(path, weights_only=True)["model"]
 
 
 @pytest.fixture(scope="module")
@@ -120,23 +96,22 @@ def straight_run(tiny_index, tmp_path_factory) -> Path:
 def test_run_directory_holds_config_checkpoints_metrics_and_tensorboard(straight_run):
     saved = json.loads((straight_run / "config.json").read_text())
     assert saved["model"]["name"] == "gc_tsm_mini" and saved["model"]["num_classes"] == 8
-    ckpt = torch.load(straight_run / "last.pt", weights_only=False)
+    ckpt = torch.load(straight_run / "last.pt", weights_only=True)
     assert set(ckpt) >= {
         "model",
         "optimizer",
         "scheduler",
         "scaler",
-        "epoch",
-        "step",
         "config",
         "rng",
-        "loader",
+        "state",
     }
-    assert (
-        C.from_dict(ckpt["config"]) == C.from_dict(saved)
-        and ckpt["loader"] == {"epoch": 2, "start_batch": 0}
-        and ckpt["step"] == 16
-    )
+    assert C.from_dict(ckpt["config"]) == C.from_dict(saved) and ckpt["state"] == {
+        "epoch": 2,
+        "start_batch": 0,
+        "step": 16,
+        "best_top1": ckpt["state"]["best_top1"],
+    }
     assert (straight_run / "best.pt").exists()
     assert not list(straight_run.glob(".*.tmp"))
     lines = [json.loads(x) for x in (straight_run / "metrics.jsonl").read_text().splitlines()]
@@ -150,7 +125,7 @@ def test_stopped_mid_epoch_and_resumed_reaches_the_same_weights(tiny_index, stra
     # (dropout 0.5 is on, so the random stream must continue too)
     first = train.train(tiny_cfg(tiny_index, tmp_path, "--run.max_steps", "5"))
     assert first["stopped_early"] and first["step"] == 5
-    assert torch.load(tmp_path / "last.pt", weights_only=False)["loader"] == {"epoch": 0, "start_batch": 5}
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["state"]["start_batch"] == 5
     # a second stop exactly at the end of epoch 0 (8 steps), then resume to the end
     again = train.train(tiny_cfg(tiny_index, tmp_path, "--resume", "--run.max_steps", "8"))
     assert again["stopped_early"] and again["step"] == 8
@@ -184,7 +159,7 @@ def test_a_diverging_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_
     )
     with pytest.raises(train.TrainingError, match="NaN or infinite"):
         train.train(cfg)
-    ckpt = torch.load(tmp_path / "last.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
 
 
@@ -200,7 +175,7 @@ def test_tune_from_replaces_the_classifier_with_fc_lr_x5(tiny_index, straight_ru
         "1",
     )
     train.train(cfg)
-    ckpt = torch.load(tmp_path / "last.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
     groups = {g["name"]: g for g in ckpt["optimizer"]["param_groups"]}
     assert groups["fc_weight"]["lr_mult"] == 5 and groups["fc_weight"]["initial_lr"] == pytest.approx(
         5 * 0.02
@@ -209,7 +184,7 @@ def test_tune_from_replaces_the_classifier_with_fc_lr_x5(tiny_index, straight_ru
 
 
 def test_evaluate_multi_view_and_ensemble(tiny_index, straight_run, tmp_path):
-    one = train.evaluate(
+    one = evaluation.evaluate(
         [str(straight_run / "best.pt")],
         ["--eval.num_clips", "2", "--eval.num_crops", "3", "--eval.out", str(tmp_path / "one")],
     )
@@ -218,7 +193,7 @@ def test_evaluate_multi_view_and_ensemble(tiny_index, straight_run, tmp_path):
     assert len(predictions) == 16 and all(len(p["top5"]) == 5 for p in predictions)
     assert (tmp_path / "one" / "confusion.png").stat().st_size > 1000
     # an ensemble of a checkpoint with itself scores exactly what the checkpoint scores alone
-    two = train.evaluate(
+    two = evaluation.evaluate(
         [str(straight_run / "best.pt")] * 2,
         ["--eval.num_clips", "2", "--eval.num_crops", "3", "--eval.out", str(tmp_path / "two")],
     )
@@ -237,11 +212,11 @@ def test_predict_matches_the_val_loader(tiny_index, straight_run, tmp_path):
         video = tmp_path / f"clip.{index['video_ext']}"
         video.write_bytes(tar.extractfile(member).read())
         key = member.name.rsplit(".", 1)[0]
-    top = train.predict(str(straight_run / "best.pt"), str(video))
+    top = predict.predict(str(straight_run / "best.pt"), str(video))
     assert len(top) == 5 and all(name in index["classes"] for name, _ in top)
     assert [s for _, s in top] == sorted((s for _, s in top), reverse=True)
     # the same clip through the val loader (1 clip, centre crop) gives the same scores
-    report = train.evaluate([str(straight_run / "best.pt")], ["--eval.out", str(tmp_path / "ev")])
+    report = evaluation.evaluate([str(straight_run / "best.pt")], ["--eval.out", str(tmp_path / "ev")])
     assert report["videos"] == 16
     pred = {
         json.loads(x)["key"]: json.loads(x)
@@ -252,36 +227,31 @@ def test_predict_matches_the_val_loader(tiny_index, straight_run, tmp_path):
 
 
 DDP_PROBE = textwrap.dedent("""
-    # Runs under torchrun: trains through train.train while recording which clips each rank was given.
+    # Runs under torchrun: trains through train.fit with a train loader that records each rank's clips.
     import hashlib, json, os, sys
-    import torch
-    import config as C, train
+    import config as C, runtime, train
 
     rank = int(os.environ["RANK"])
-    seen = []
-    real_build = train.build_loader
-
-    def recording_build(cfg, split, mode, **kw):
-        loader = real_build(cfg, split=split, mode=mode, **kw)
-        if mode != "train":
-            return loader
-
-        class Recorder:
-            def __getattr__(self, name):
-                return getattr(loader, name)
-
-            def __len__(self):
-                return len(loader)
-
-            def __iter__(self):
-                for x, y in loader:
-                    seen.extend(hashlib.sha1(c.numpy().tobytes()).hexdigest() for c in x)
-                    yield x, y
-        return Recorder()
-
-    train.build_loader = recording_build
     cfg = C.validate(C.apply_overrides(C.demo(), sys.argv[2:]))
-    result = train.train(cfg)
+    dist, device = runtime.init_distributed(cfg.run.device, cfg.run.dist_backend)
+    train_loader, val_loader = train.build_loaders(cfg, dist, device)
+    seen = []
+
+    class Recorder:
+        classes = train_loader.classes
+
+        def __len__(self):
+            return len(train_loader)
+
+        def set_epoch(self, epoch, start_batch=0):
+            train_loader.set_epoch(epoch, start_batch)
+
+        def __iter__(self):
+            for x, y in train_loader:
+                seen.extend(hashlib.sha1(c.numpy().tobytes()).hexdigest() for c in x)
+                yield x, y
+
+    result = train.fit(cfg, Recorder(), val_loader)
     out = {"seen": seen, "world_size": result["world_size"], "step": result["step"]}
     with open(os.path.join(sys.argv[1], f"rank{rank}.json"), "w") as f:
         json.dump(out, f)
@@ -311,8 +281,8 @@ def test_two_process_gloo_ddp_gives_each_rank_its_own_clips(tiny_index, tmp_path
     assert [r["world_size"] for r in ranks] == [2, 2] and [r["step"] for r in ranks] == [3, 3]
     assert [len(r["seen"]) for r in ranks] == [6, 6]  # 3 steps x 2 clips on each rank
     assert not set(ranks[0]["seen"]) & set(ranks[1]["seen"]), "the ranks trained on the same clips"
-    ckpt = torch.load(run_dir / "last.pt", weights_only=False)
-    assert len(ckpt["rng"]) == 2 and ckpt["step"] == 3
+    ckpt = torch.load(run_dir / "last.pt", weights_only=True)
+    assert len(ckpt["rng"]) == 2 and ckpt["state"]["step"] == 3
 
 
 @pytest.mark.slow
@@ -323,7 +293,7 @@ def test_compiled_training_checkpoints_plain_weights(tiny_index, tmp_path):
         )
     )
     assert result["step"] == 2
-    ckpt = torch.load(tmp_path / "last.pt", weights_only=False)
-    plain = train.build_model(C.from_dict(ckpt["config"]), 8).state_dict()
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
+    plain = checkpoints.build_model(C.from_dict(ckpt["config"]), 8).state_dict()
     assert ckpt["model"].keys() == plain.keys()  # no _orig_mod. / module. prefixes
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())

@@ -1,5 +1,5 @@
-"""train.py pieces that need no data: lr scaling and schedule, parameter groups, checkpoints, fine-tune
-loading."""
+"""training.py and checkpoints.py without data: lr scaling and schedule, parameter groups, checkpoint
+writing, RNG state, fine-tune loading."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import math
 import pytest
 import torch
 
+import checkpoints
 import config as C
-import train
+import training
 
 
 def optim(**kw) -> C.OptimConfig:
@@ -18,51 +19,51 @@ def optim(**kw) -> C.OptimConfig:
 
 def test_lr_scales_linearly_with_the_global_batch():
     o = C.OptimConfig(lr=0.02, base_batch=128)
-    assert train.scaled_lr(o, 64) == pytest.approx(0.01)
-    assert train.scaled_lr(o, 8 * 16) == pytest.approx(0.02)
+    assert training.scaled_lr(o, 64) == pytest.approx(0.01)
+    assert training.scaled_lr(o, 8 * 16) == pytest.approx(0.02)
 
 
 def test_step_schedule_with_linear_warmup():
     o = optim(warmup_epochs=1, warmup_start_factor=0.1)
     spe = 10  # steps per epoch
-    assert train.lr_factor(0, spe, o) == pytest.approx(0.1)
-    assert train.lr_factor(5, spe, o) == pytest.approx(0.55)  # half-way through the warm-up
-    assert train.lr_factor(10, spe, o) == pytest.approx(1.0)
-    assert train.lr_factor(39, spe, o) == pytest.approx(1.0)
-    assert train.lr_factor(40, spe, o) == pytest.approx(0.1)  # epoch 4
-    assert train.lr_factor(80, spe, o) == pytest.approx(0.01)  # epoch 8
+    assert training.lr_factor(0, spe, o) == pytest.approx(0.1)
+    assert training.lr_factor(5, spe, o) == pytest.approx(0.55)  # half-way through the warm-up
+    assert training.lr_factor(10, spe, o) == pytest.approx(1.0)
+    assert training.lr_factor(39, spe, o) == pytest.approx(1.0)
+    assert training.lr_factor(40, spe, o) == pytest.approx(0.1)  # epoch 4
+    assert training.lr_factor(80, spe, o) == pytest.approx(0.01)  # epoch 8
 
 
 def test_cosine_schedule_after_warmup():
     o = optim(schedule="cosine", lr_steps=(), warmup_epochs=2)
     spe = 5
-    assert train.lr_factor(10, spe, o) == pytest.approx(1.0)
-    assert train.lr_factor(30, spe, o) == pytest.approx(0.5)  # half-way through the 8 cosine epochs
-    assert train.lr_factor(50, spe, o) == pytest.approx(0.0, abs=1e-12)
-    assert train.lr_factor(20, spe, o) == pytest.approx(0.5 * (1 + math.cos(math.pi * 2 / 8)))
+    assert training.lr_factor(10, spe, o) == pytest.approx(1.0)
+    assert training.lr_factor(30, spe, o) == pytest.approx(0.5)  # half-way through the 8 cosine epochs
+    assert training.lr_factor(50, spe, o) == pytest.approx(0.0, abs=1e-12)
+    assert training.lr_factor(20, spe, o) == pytest.approx(0.5 * (1 + math.cos(math.pi * 2 / 8)))
 
 
 def test_scheduler_keeps_the_group_multipliers():
     cfg = C.demo()
-    model = train.build_model(cfg, 8)
-    opt = train.build_optimizer(model, cfg, 0.1, fine_tuning=True)
+    model = checkpoints.build_model(cfg, 8)
+    opt = training.build_optimizer(model, cfg, 0.1, fine_tuning=True)
     groups = {g["name"]: g for g in opt.param_groups}
     assert groups["fc_weight"]["lr"] == pytest.approx(0.5) and groups["fc_bias"]["lr"] == pytest.approx(0.5)
     assert groups["fc_bias"]["weight_decay"] == 0 and groups["norm"]["weight_decay"] == 0
     assert groups["weight"]["weight_decay"] == cfg.optim.weight_decay
-    sched = train.build_scheduler(opt, 4, optim(lr_steps=(1,)))
+    sched = training.build_scheduler(opt, 4, optim(lr_steps=(1,)))
     for _ in range(4):
         opt.step()
         sched.step()
     assert groups["fc_weight"]["lr"] == pytest.approx(0.05) and groups["weight"]["lr"] == pytest.approx(0.01)
     # not fine-tuning: the classifier is ordinary (its bias at the usual lr x2, no weight decay)
-    plain = {g["name"]: g for g in train.build_optimizer(model, cfg, 0.1, False).param_groups}
+    plain = {g["name"]: g for g in training.build_optimizer(model, cfg, 0.1, False).param_groups}
     assert "fc_weight" not in plain and plain["bias"]["lr"] == pytest.approx(0.2)
 
 
 def test_checkpoint_writes_are_atomic(tmp_path):
     path = tmp_path / "last.pt"
-    train.save_atomic({"step": 1}, path)
+    checkpoints.save_atomic({"step": 1}, path)
     assert torch.load(path)["step"] == 1
 
     class Unpicklable:
@@ -70,28 +71,28 @@ def test_checkpoint_writes_are_atomic(tmp_path):
             raise RuntimeError("disk full, say")
 
     with pytest.raises(RuntimeError, match="disk full"):
-        train.save_atomic({"step": 2, "bad": Unpicklable()}, path)
+        checkpoints.save_atomic({"step": 2, "bad": Unpicklable()}, path)
     assert torch.load(path)["step"] == 1  # the old checkpoint is intact
-    train.copy_atomic(path, tmp_path / "best.pt")
+    checkpoints.copy_atomic(path, tmp_path / "best.pt")
     assert torch.load(tmp_path / "best.pt")["step"] == 1
 
 
 def test_rng_state_round_trip():
-    state = train.rng_state()
+    state = checkpoints.rng_state()
     a = torch.rand(3)
-    train.set_rng_state(state)
+    checkpoints.set_rng_state(state)
     assert torch.equal(torch.rand(3), a)
 
 
 def test_tune_from_loads_the_backbone_and_replaces_the_classifier(tmp_path):
     cfg = C.demo()
-    kinetics = train.build_model(cfg, 10)
+    kinetics = checkpoints.build_model(cfg, 10)
     with torch.no_grad():
         for p in kinetics.parameters():
             p.add_(1.0)  # make every weight differ from a fresh model's
     torch.save({"model": kinetics.state_dict(), "config": C.to_dict(cfg)}, tmp_path / "k.pt")
-    ucf = train.build_model(cfg, 4)
-    new_fc = train.load_for_finetuning(ucf, str(tmp_path / "k.pt"))
+    ucf = checkpoints.build_model(cfg, 4)
+    new_fc = checkpoints.load_for_finetuning(ucf, str(tmp_path / "k.pt"))
     assert new_fc == ["fc.bias", "fc.weight"]
     src, dst = kinetics.state_dict(), ucf.state_dict()
     assert all(torch.equal(src[k], dst[k]) for k in dst if not k.startswith("fc."))
@@ -100,14 +101,14 @@ def test_tune_from_loads_the_backbone_and_replaces_the_classifier(tmp_path):
     torch.save(
         {"state_dict": {f"module.{k}": v for k, v in kinetics.state_dict().items()}}, tmp_path / "d.pt"
     )
-    train.load_for_finetuning(train.build_model(cfg, 4), str(tmp_path / "d.pt"))
+    checkpoints.load_for_finetuning(checkpoints.build_model(cfg, 4), str(tmp_path / "d.pt"))
     # a checkpoint of another architecture is refused by name
-    tsn = train.build_model(C.apply_overrides(C.demo(), ["--model.name", "tsn_mini"]), 10)
+    tsn = checkpoints.build_model(C.apply_overrides(C.demo(), ["--model.name", "tsn_mini"]), 10)
     torch.save({"model": tsn.state_dict()}, tmp_path / "tsn.pt")
-    with pytest.raises(train.TrainingError, match="same --model.name"):
-        train.load_for_finetuning(train.build_model(cfg, 4), str(tmp_path / "tsn.pt"))
+    with pytest.raises(checkpoints.CheckpointError, match="same --model.name"):
+        checkpoints.load_for_finetuning(checkpoints.build_model(cfg, 4), str(tmp_path / "tsn.pt"))
 
 
 def test_unknown_model_name_is_a_config_error():
     with pytest.raises(C.ConfigError, match="unknown --model.name 'gc_tsm_tiny'"):
-        train.build_model(C.apply_overrides(C.demo(), ["--model.name", "gc_tsm_tiny"]), 8)
+        C.validate(C.apply_overrides(C.demo(), ["--model.name", "gc_tsm_tiny"]))

@@ -1,0 +1,164 @@
+"""Checkpoints: the model a config describes, and files that are written atomically and loaded without
+running code.
+
+A gcvideo checkpoint is a dict of tensors and plain data only (model, optimizer, scheduler, scaler, train
+state, classes, RNG states, resolved config), so `torch.load(..., weights_only=True)` reads it: a file whose
+pickle carries anything else is refused instead of executed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import config as C
+import models
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used (missing, truncated, unsafe, for another model); says what to do."""
+
+
+def build_model(cfg: C.Config, num_classes: int) -> models.VideoNet:
+    """The plain model `cfg.model` describes, for `num_classes` classes and cfg.data.num_segments frames."""
+    return models.build_model(cfg.model.name, num_classes, cfg.data.num_segments, **cfg.model.build_kwargs())
+
+
+# ------------------------------------------------------------------------------------------------ reading
+
+
+def load(path: str | Path, what: str = "checkpoint") -> Any:
+    """torch.load with weights_only=True and a message for every way the file can be unusable."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{what} {path} not found")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{what} {path} is empty (0 bytes): it was not written completely")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = str(e).strip().splitlines()[0][:200]
+        raise CheckpointError(
+            f"{what} {path} refused: besides tensors and plain data its pickle holds Python objects, and "
+            f"loading them could run code from the file ({reason}). Checkpoints written by this gcvideo "
+            f"load safely; for an older or foreign file you trust, re-save just its tensors with "
+            f"torch.save, or convert a released model with `python -m models.convert`"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise CheckpointError(
+            f"{what} {path} cannot be read ({str(e).strip().splitlines()[0][:200]}): it is truncated or "
+            f"not a torch checkpoint"
+        ) from None
+
+
+def model_state(ckpt: Any, path: str | Path) -> dict[str, torch.Tensor]:
+    """A gcvideo checkpoint's weights, or a plain / {'state_dict': ...} file, without DDP's 'module.'."""
+    state = ckpt.get("model") or ckpt.get("state_dict") or ckpt if isinstance(ckpt, dict) else None
+    if (
+        not isinstance(state, dict)
+        or not state
+        or not all(isinstance(v, torch.Tensor) for v in state.values())
+    ):
+        raise CheckpointError(f"{path} holds no model weights (a dict of tensors, or one under 'model')")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def load_for_finetuning(model: torch.nn.Module, path: str) -> list[str]:
+    """Load every weight of `path` but the classifier (the model has a new one); return the new classifier
+    keys."""
+    source = model_state(load(path, "--tune-from checkpoint"), path)
+    target = model.state_dict()
+    classifier = set(model.classifier_names())
+    keep = {
+        k: v for k, v in source.items() if k in target and k not in classifier and v.shape == target[k].shape
+    }
+    missing = sorted(set(target) - set(keep) - classifier)
+    if missing:
+        raise CheckpointError(
+            f"--tune-from {path}: {len(missing)} weights of {type(model).__name__} are not in it "
+            f"(first: {missing[:3]}); was it trained with the same --model.name?"
+        )
+    model.load_state_dict(keep, strict=False)
+    return sorted(classifier)
+
+
+def checkpoint_model(path: str | Path, device: torch.device) -> tuple[models.VideoNet, C.Config, list[str]]:
+    """The plain model of a gcvideo checkpoint, in eval mode, with the config and class names it was
+    trained with."""
+    ckpt = load(path)
+    if not isinstance(ckpt, dict) or "config" not in ckpt:
+        raise CheckpointError(
+            f"{path} is not a gcvideo checkpoint (no config inside); a converted or plain state_dict needs "
+            f"the model named: see `python train.py evaluate --help`"
+        )
+    cfg = C.from_dict(ckpt["config"])
+    model = build_model(cfg, cfg.model.num_classes)
+    model.load_state_dict(model_state(ckpt, path))
+    return model.to(device).eval(), cfg, list(ckpt.get("classes") or [])
+
+
+# ------------------------------------------------------------------------------------------------ writing
+
+
+def save_atomic(obj: Any, path: Path) -> None:
+    """Write to a temporary file beside `path` and rename it: a reader never sees half a checkpoint."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def copy_atomic(src: Path, dst: Path) -> None:
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+# ----------------------------------------------------------------------------------------------- RNG state
+
+
+def rng_state() -> dict[str, Any]:
+    """Every generator's state as tensors and plain data (loadable with weights_only=True)."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "gauss": [has_gauss, gauss],
+        },
+        "python": [version, list(internal), gauss_next],
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore rng_state(); GPUs beyond those saved (or saved beyond those present) are named, not fatal."""
+    torch.set_rng_state(state["torch"])
+    numpy = state["numpy"]
+    keys = numpy["keys"].numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", keys, numpy["pos"], int(numpy["gauss"][0]), float(numpy["gauss"][1])))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    saved = list(state.get("cuda") or [])
+    present = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    for i in range(min(len(saved), present)):
+        torch.cuda.set_rng_state(saved[i], i)
+    if len(saved) != present:
+        log.warning(
+            "the checkpoint holds RNG states of %d GPU(s) and this machine has %d: restored %d; the others "
+            "start from their seeds, so random draws on them differ from an uninterrupted run",
+            len(saved),
+            present,
+            min(len(saved), present),
+        )

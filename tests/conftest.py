@@ -1,0 +1,35 @@
+"""Paths and data shared by the test files: the repository, ../shared/data, a preprocess runner, and one
+tiny synthetic dataset (built once per session by the preprocess CLI, as `make train` builds the demo set)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+VIDEOS = DATA / "videos"
+KINETICS = VIDEOS / "kinetics"
+EDGE = VIDEOS / "edge"
+K400_CLASSES = DATA / "annotations" / "label_maps" / "kinetics_label_map_k400.txt"
+# 8 classes x (4 train + 2 val) clips of 8 frames at 32x32: seconds to build and to train on
+TINY_SYNTHETIC = ["--train-per-class", "4", "--val-per-class", "2", "--frames", "8", "--frame-size", "32"]
+
+
+def run_preprocess(*argv: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`python -m preprocess ARGV --no-progress` from the repository root; a non-zero exit fails the test."""
+    cmd = [sys.executable, "-m", "preprocess", *argv, "--no-progress"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}"
+    return done
+
+
+@pytest.fixture(scope="session")
+def tiny_index(tmp_path_factory) -> Path:
+    """index.json of the tiny synthetic dataset (MJPEG, 32 train and 16 val clips)."""
+    out = tmp_path_factory.mktemp("tiny-synthetic")
+    run_preprocess("synthetic", "--out", str(out), *TINY_SYNTHETIC, "--workers", "1")
+    return out / "index.json"
