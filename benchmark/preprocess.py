@@ -56,7 +56,7 @@ def _kinetics_dataset(repeat: int):
 def transcode_rows(args: argparse.Namespace, repeat: int, iters: int) -> list[dict]:
     from preprocess import transcode
     from preprocess.ffmpeg_args import EncodeSettings
-    from preprocess.runner import RunConfig, run
+    from preprocess.runner import ShardJob, run
 
     workers = os.cpu_count() or 1
     dataset = _kinetics_dataset(repeat)
@@ -65,7 +65,7 @@ def transcode_rows(args: argparse.Namespace, repeat: int, iters: int) -> list[di
         walls, summary = [], None
         for _ in range(iters):
             with tempfile.TemporaryDirectory() as tmp:
-                cfg = RunConfig(
+                cfg = ShardJob(
                     out=Path(tmp),
                     name="bench",
                     settings=EncodeSettings(codec=codec, short_side=args.short_side),
@@ -105,12 +105,12 @@ def transcode_rows(args: argparse.Namespace, repeat: int, iters: int) -> list[di
 def synthetic_rows() -> list[dict]:
     from preprocess import synthetic
     from preprocess.ffmpeg_args import EncodeSettings
-    from preprocess.runner import RunConfig, run
+    from preprocess.runner import ShardJob, run
 
     workers = os.cpu_count() or 1
     dataset = synthetic.synthetic_dataset({"train": 384, "val": 64}, 16, seed=0)
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = RunConfig(
+        cfg = ShardJob(
             out=Path(tmp),
             name="synthetic",
             shard_samples=512,

@@ -3,7 +3,7 @@
 Frame sampling is split into *draws* (uniform numbers in [0, 1), one row per clip) and a deterministic *rule*
 that turns draws and a video's frame count into frame indices. Training draws come from an RNG; evaluation
 draws are fixed. The DALI graph recomputes the rule in float32 DALI arithmetic from the same draws
-(``pipeline.dali_loader``); tests/test_pipeline_dali.py proves both give the same indices.
+(``pipeline.dali_loader``); tests/test_pipeline.py proves both give the same indices.
 
 Rules (0-based frame indices, ``L`` = frames in the video, ``T`` = frames per clip):
 

@@ -23,7 +23,7 @@ from rich.logging import RichHandler
 
 from preprocess.ffmpeg_args import CODECS, EncodeSettings
 from preprocess.jobs import InputError
-from preprocess.runner import RunConfig, run
+from preprocess.runner import ShardJob, run
 from preprocess.sources import kinetics_dataset, list_dataset, parse_split_args
 
 log = logging.getLogger("preprocess")
@@ -223,11 +223,11 @@ def settings_from(args: argparse.Namespace) -> EncodeSettings:
         raise InputError(f"bad option: {err}") from err
 
 
-def run_config(args: argparse.Namespace, settings: EncodeSettings) -> RunConfig:
+def shard_job(args: argparse.Namespace, settings: EncodeSettings) -> ShardJob:
     if not re.fullmatch(r"[A-Za-z0-9_]+", args.name):
         raise InputError(f"--name {args.name!r} must be letters, digits or _ (it prefixes shard file names)")
     kind, size = args.shard_size
-    return RunConfig(
+    return ShardJob(
         out=Path(args.out or f"data/{args.name}"),
         name=args.name,
         settings=settings,
@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
             synthetic.main(args, console)
             return 0
         settings = settings_from(args)
-        cfg = run_config(args, settings)
+        cfg = shard_job(args, settings)
         if args.command == "kinetics":
             dataset = kinetics_dataset(args.csv, args.videos, args.classes, args.splits)
         else:

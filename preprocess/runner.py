@@ -55,7 +55,7 @@ class Dataset:
 
 
 @dataclass
-class RunConfig:
+class ShardJob:
     out: Path
     name: str
     settings: EncodeSettings
@@ -114,7 +114,7 @@ def tool_versions() -> dict[str, str]:
     }
 
 
-def settings_record(cfg: RunConfig) -> dict[str, Any]:
+def settings_record(cfg: ShardJob) -> dict[str, Any]:
     return {
         **asdict(cfg.settings),
         "shard_samples": cfg.shard_samples,
@@ -123,7 +123,7 @@ def settings_record(cfg: RunConfig) -> dict[str, Any]:
     }
 
 
-def resolve_shard_samples(cfg: RunConfig, dataset: Dataset, process_fn: ProcessFn) -> int:
+def resolve_shard_samples(cfg: ShardJob, dataset: Dataset, process_fn: ProcessFn) -> int:
     """Samples per shard for a byte target: the value of an earlier run into this output, or a pilot's."""
     plan_path = cfg.out / RECORDS / "plan.json"
     if plan_path.exists():
@@ -148,12 +148,12 @@ def resolve_shard_samples(cfg: RunConfig, dataset: Dataset, process_fn: ProcessF
     return samples
 
 
-def _results_for(jobs: list[Job], process_fn: ProcessFn, cfg: RunConfig) -> list[Sample | Failure]:
+def _results_for(jobs: list[Job], process_fn: ProcessFn, cfg: ShardJob) -> list[Sample | Failure]:
     plan = ShardPlan("pilot", 0, tuple(jobs))
     return list(_results([plan], process_fn, cfg.settings, cfg.workers or os.cpu_count() or 1))
 
 
-def _check_plan(cfg: RunConfig, dataset: Dataset, plans: list[ShardPlan]) -> None:
+def _check_plan(cfg: ShardJob, dataset: Dataset, plans: list[ShardPlan]) -> None:
     """Refuse to mix shards made from other inputs or settings into one output directory."""
     fingerprint = {
         "name": cfg.name,
@@ -225,7 +225,7 @@ def _results(
 
 
 def _write_shard(
-    cfg: RunConfig, plan: ShardPlan, results: Iterator[Sample | Failure], feedback: Feedback
+    cfg: ShardJob, plan: ShardPlan, results: Iterator[Sample | Failure], feedback: Feedback
 ) -> dict[str, Any]:
     writer: ShardWriter | None = None
     samples, failures, total_bytes, seconds = [], [], 0, 0.0
@@ -260,7 +260,7 @@ def _write_shard(
     return record
 
 
-def _finished(cfg: RunConfig, plan: ShardPlan) -> dict[str, Any] | None:
+def _finished(cfg: ShardJob, plan: ShardPlan) -> dict[str, Any] | None:
     record_path = cfg.out / RECORDS / f"{plan.stem(cfg.name)}.json"
     if not record_path.exists():
         return None
@@ -271,14 +271,14 @@ def _finished(cfg: RunConfig, plan: ShardPlan) -> dict[str, Any] | None:
     return record
 
 
-def _remove_stale(cfg: RunConfig, plans: list[ShardPlan]) -> None:
+def _remove_stale(cfg: ShardJob, plans: list[ShardPlan]) -> None:
     for plan in plans:
         for suffix in (".tar", ".idx"):
             Path(str(cfg.out / plan.stem(cfg.name)) + suffix + TMP_SUFFIX).unlink(missing_ok=True)
 
 
 def build_index(
-    cfg: RunConfig, dataset: Dataset, records: list[dict[str, Any]], failures: int, tools: dict[str, str]
+    cfg: ShardJob, dataset: Dataset, records: list[dict[str, Any]], failures: int, tools: dict[str, str]
 ) -> dict[str, Any]:
     splits: dict[str, Any] = {s: {"num_samples": 0, "shards": []} for s in dataset.splits}
     for record in sorted(records, key=lambda r: r["stem"]):
@@ -311,7 +311,7 @@ def part_suffix(part: tuple[int, int]) -> str:
 
 
 def run(
-    dataset: Dataset, cfg: RunConfig, process_fn: ProcessFn, console: Console | None = None
+    dataset: Dataset, cfg: ShardJob, process_fn: ProcessFn, console: Console | None = None
 ) -> dict[str, Any]:
     """Process every pending shard of this part; write index.json (or index.part-i-of-N.json) + failures."""
     console = console or Console(stderr=True)
@@ -364,7 +364,7 @@ def run(
     return summary
 
 
-def print_summary(console: Console, cfg: RunConfig, summary: dict[str, Any]) -> None:
+def print_summary(console: Console, cfg: ShardJob, summary: dict[str, Any]) -> None:
     table = Table(title=f"{cfg.name}{part_suffix(cfg.part)} -> {cfg.out}")
     for column in ("split", "rows", "in shards", "failed", "shards", "hours of video"):
         table.add_column(column, justify="right" if column != "split" else "left")

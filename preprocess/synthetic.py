@@ -24,7 +24,7 @@ from rich.console import Console
 
 from preprocess.ffmpeg_args import EncodeSettings
 from preprocess.jobs import Failure, Job, Sample
-from preprocess.runner import Dataset, RunConfig, run
+from preprocess.runner import Dataset, ShardJob, run
 from preprocess.transcode import ValidationError, inspect_video, sample_info
 
 CLASSES = [
@@ -165,7 +165,7 @@ def main(args: argparse.Namespace, console: Console) -> dict:
     if size % 2:
         raise SystemExit(f"--frame-size must be even (4:2:0 chroma), got {size}")
     settings = EncodeSettings(codec="mjpeg", short_side=None, size=(size, size), mjpeg_quality=args.quality)
-    cfg = RunConfig(
+    cfg = ShardJob(
         out=Path(args.out),
         name=args.name,
         settings=settings,
