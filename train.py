@@ -321,7 +321,7 @@ def setup_run(cfg: C.Config, train_loader) -> tuple[Run, TrainState]:
             precision,
             len(train_loader),
             global_batch,
-            opt.base_lr(),
+            training.scaled_lr(cfg.optim, global_batch),
         )
     return Run(cfg, out, dist, device, precision, net, opt, classes), state
 
