@@ -111,12 +111,17 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 
 def to_channels_last(model: nn.Module) -> nn.Module:
-    """4-D parameters/buffers -> channels_last, 5-D (Conv3d) -> channels_last_3d; in place."""
+    """4-D parameters/buffers -> channels_last, 5-D (Conv3d) -> channels_last_3d; in place.
+
+    The layout is written out explicitly: `.contiguous(memory_format=...)` is a no-op for 1x1 kernels (their
+    strides already pass as channels_last), their gradients then come back in the other layout and DDP copies
+    each one ("Grad strides do not match bucket view strides").
+    """
     formats = {4: torch.channels_last, 5: torch.channels_last_3d}
     for tensor in [*model.parameters(), *model.buffers()]:
         fmt = formats.get(tensor.dim())
         if fmt is not None:
-            tensor.data = tensor.data.contiguous(memory_format=fmt)
+            tensor.data = torch.empty_like(tensor.data, memory_format=fmt).copy_(tensor.data)
     return model
 
 

@@ -38,7 +38,7 @@ import evaluation
 import predict
 import runtime
 import training
-from pipeline import DatasetError, build_loader
+from pipeline import DatasetError, ResourceError, build_loader
 
 log = logging.getLogger("train")
 ROOT = Path(__file__).resolve().parent
@@ -439,9 +439,13 @@ def run_train(argv: list[str]) -> None:
     start = time.perf_counter()
     result = train(cfg)
     train_s = time.perf_counter() - start
-    if result["stopped_early"] or int(os.environ.get("RANK", "0")) != 0 or not cfg.run.final_eval:
+    if result["stopped_early"] or not cfg.run.final_eval:
         return
-    report = evaluation.evaluate([str(result["out"] / "best.pt")], [])
+    # every rank scores its share of the videos (evaluate gathers them on rank 0, which alone reports)
+    where = ["--run.device", cfg.run.device, "--run.dist_backend", cfg.run.dist_backend]
+    report = evaluation.evaluate([str(result["out"] / "best.pt")], where)
+    if not report:
+        return
     rows = [
         ("model", cfg.model.name),
         ("device", f"{result['device']} x{result['world_size']} ({result['precision']})"),
@@ -474,6 +478,7 @@ USER_ERRORS = (
     C.ConfigError,
     TrainingError,
     DatasetError,
+    ResourceError,
     checkpoints.CheckpointError,
     runtime.DeviceError,
     predict.PredictError,

@@ -47,6 +47,14 @@ DEFAULT_RESULTS_DIR = Path(__file__).resolve().parent / "results"
 OUT_ENV = "GCVIDEO_BENCH_OUT"
 
 
+def nvidia_smi_id(cuda_index: int, visible: str | None = None) -> str:
+    """The nvidia-smi --id of torch's GPU `cuda_index`: torch numbers the CUDA_VISIBLE_DEVICES entries 0..n-1,
+    nvidia-smi takes the physical index (or UUID) those entries name."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES") if visible is None else visible
+    entries = [v.strip() for v in (visible or "").split(",") if v.strip()]
+    return entries[cuda_index] if cuda_index < len(entries) else str(cuda_index)
+
+
 def timeit(
     fn: Callable[[], Any], *, warmup: int, iters: int, sync: Callable[[], Any] | None = None
 ) -> list[float]:

@@ -28,8 +28,9 @@ import checkpoints
 import config as C
 import runtime
 import training
-from benchmark.common import Plot, median, timeit, write_results
+from benchmark.common import Plot, median, nvidia_smi_id, timeit, write_results
 from pipeline import build_loader
+from pipeline.loader import explicit_device
 
 log = logging.getLogger(__name__)
 
@@ -59,14 +60,14 @@ class GpuSampler:
     def __init__(self, device: torch.device):
         self.samples: list[tuple[float, ...]] = []
         self.enabled = device.type == "cuda"
-        self.index = device.index or 0
+        self.id = nvidia_smi_id(explicit_device(device).index) if self.enabled else ""
 
     def __enter__(self) -> GpuSampler:
         if self.enabled:
             self.proc = subprocess.Popen(
                 [
                     "nvidia-smi",
-                    f"--id={self.index}",
+                    f"--id={self.id}",
                     f"--query-gpu={','.join(self.FIELDS)}",
                     "--format=csv,noheader,nounits",
                     "-lms",

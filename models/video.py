@@ -33,6 +33,8 @@ class VideoNet(nn.Module):
         self.fc = nn.Linear(backbone.num_features, num_classes)
         self._init_fc()
         self.partial_bn = partial_bn
+        bn_names = [name for name, m in backbone.named_modules() if isinstance(m, nn.BatchNorm2d)]
+        self._partial_bn_names = bn_names[1:]
         if partial_bn:
             for bn in self.frozen_bns():
                 bn.requires_grad_(False)
@@ -41,9 +43,12 @@ class VideoNet(nn.Module):
         nn.init.normal_(self.fc.weight, 0.0, 0.001)
         nn.init.zeros_(self.fc.bias)
 
-    def frozen_bns(self) -> list[nn.BatchNorm2d]:
-        """The BatchNorm2d layers partial BN freezes: all of the backbone's but the first."""
-        return [m for m in self.backbone.modules() if isinstance(m, nn.BatchNorm2d)][1:]
+    def frozen_bns(self) -> list[nn.Module]:
+        """The layers partial BN freezes: every BatchNorm2d of the backbone but the first. Looked up by the
+        names recorded at construction, so they are the same modules after SyncBatchNorm conversion (which
+        keeps names but not the BatchNorm2d class)."""
+        modules = dict(self.backbone.named_modules())
+        return [modules[name] for name in self._partial_bn_names]
 
     def train(self, mode: bool = True) -> VideoNet:
         super().train(mode)

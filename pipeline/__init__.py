@@ -5,7 +5,7 @@
 """
 
 from pipeline.build import build_loader, select_backend
-from pipeline.loader import Loader, LoaderConfig
+from pipeline.loader import Loader, LoaderConfig, ResourceError
 from pipeline.shards import DatasetError
 
-__all__ = ["DatasetError", "Loader", "LoaderConfig", "build_loader", "select_backend"]
+__all__ = ["DatasetError", "Loader", "LoaderConfig", "ResourceError", "build_loader", "select_backend"]

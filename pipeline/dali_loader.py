@@ -12,13 +12,14 @@ main pipeline keeps running after a failed iteration).
 from __future__ import annotations
 
 import logging
+import re
 from collections import deque
 
 import numpy as np
 import torch
 
 from pipeline import sampling
-from pipeline.loader import IMAGENET_MEAN, IMAGENET_STD, Loader, LoaderConfig
+from pipeline.loader import IMAGENET_MEAN, IMAGENET_STD, Loader, LoaderConfig, ResourceError
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +43,16 @@ def frame_index_graph(num_frames, u, *, sampling_rule: str, num_segments: int, d
     return fn.cast(fn.reshape(idx, shape=[-1]), dtype=types.INT32)
 
 
-def decode_frames_dali(video: np.ndarray, indices: np.ndarray, *, gpu: bool = False) -> np.ndarray:
+def decode_frames_dali(
+    video: np.ndarray, indices: np.ndarray, *, gpu: bool = False, device_id: int | None = None
+) -> np.ndarray:
     """Frames ``indices`` of one encoded file decoded by DALI, (len, H, W, 3) uint8 (tests, benchmarks)."""
     from nvidia.dali import fn, pipeline_def, types
 
-    @pipeline_def(batch_size=1, num_threads=1, device_id=0 if gpu else None)
+    if gpu and device_id is None:
+        device_id = torch.cuda.current_device()
+
+    @pipeline_def(batch_size=1, num_threads=1, device_id=device_id if gpu else None)
     def pipe():
         data, idx = fn.external_source(
             source=lambda: ([video], [np.asarray(indices, np.int32)]),
@@ -131,6 +137,20 @@ def build_pipeline(
     return pipe()
 
 
+# Messages of failures that say nothing about the file: out of GPU memory, NVDEC sessions exhausted, a CUDA
+# error. Such a sample is retried alone and, if it fails again, the run stops instead of skipping it for good.
+RESOURCE_ERROR = re.compile(
+    r"out of memory|cudaErrorMemoryAllocation|CUDA_ERROR_OUT_OF_MEMORY|CUDA error|cuda runtime|"
+    r"NVDEC.*(busy|limit|session)|cuvid.*(resource|memory)|no free decoder",
+    re.IGNORECASE,
+)
+
+
+def is_resource_error(message: str) -> bool:
+    """True for a decode failure caused by the GPU's resources, not by the video file."""
+    return RESOURCE_ERROR.search(message) is not None
+
+
 def error_summary(error: BaseException) -> str:
     """The informative line of a DALI error (its message is mostly the pipeline-definition traceback)."""
     lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
@@ -156,10 +176,19 @@ class DaliLoader(Loader):
         self._probe = None
         self._clean = True
 
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """A consumer that takes exactly len(self) batches never resumes the generator to its drain: drain
+        here, so the next epoch resets the pipelines instead of rebuilding them and their thread pools."""
+        if not self._clean and self._pipes:
+            for state in self._states:
+                state["plan"].clear()  # batches not taken yet are not decoded for nothing
+            self._drain()
+        super().set_epoch(epoch, start_batch)
+
     # ----- pipeline construction
     def _pipe_kwargs(self, batch_size: int, source) -> dict:
         cfg = self.cfg
-        device_id = (self.device.index or 0) if self.gpu else None
+        device_id = self.device.index if self.gpu else None
         threads = max(1, cfg.workers) if not self.gpu else max(2, cfg.workers)
         num_crops = cfg.num_crops if self.mode == "test" else 1
         out = cfg.scale_size if (self.mode == "test" and num_crops == 3) else cfg.crop_size
@@ -227,7 +256,13 @@ class DaliLoader(Loader):
             out = self._probe.run()[0]
         except Exception as e:  # noqa: BLE001 (DALI raises RuntimeError subclasses that vary by version)
             self._probe = None  # a DALI pipeline that raised may be unusable: build a fresh one next time
-            self.mark_bad(sid, error_summary(e))
+            reason = error_summary(e)
+            if is_resource_error(reason):  # the batch failed, and so did this sample alone: fail loudly
+                raise ResourceError(
+                    f"decoding {sample.key} failed twice for lack of a GPU resource ({reason}); the file is "
+                    f"not marked broken. Lower --data.batch_size or --data.dali_pipelines, or free GPU memory"
+                ) from None
+            self.mark_bad(sid, reason)
             return None
         return self._to_torch(out)[0], sample
 

@@ -79,6 +79,18 @@ def make_views(cfg: LoaderConfig, mode: str, epoch: int, sample_id: int, sample:
     return Views(u, boxes, flips, out)
 
 
+class ResourceError(RuntimeError):
+    """Decoding failed for lack of a device resource (GPU memory, decoder sessions), not because of a file."""
+
+
+def explicit_device(device: torch.device | str) -> torch.device:
+    """`cuda` -> `cuda:<current index>`: DALI's device_id and torch's allocations must name the same GPU."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 class Loader:
     """Backend-independent part of a loader: the epoch plan, views per sample, skipping and the output
     contract.
@@ -115,7 +127,7 @@ class Loader:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         self.cfg, self.split, self.mode = cfg, split, mode
         self.rank, self.world_size = rank, world_size
-        self.device, self.dtype = torch.device(device), dtype
+        self.device, self.dtype = explicit_device(device), dtype
         self.dataset = ShardDataset(cfg.index, split)
         self.classes = self.dataset.classes
         self.epoch, self.start_batch = 0, 0

@@ -223,3 +223,11 @@ def test_cli_help_runs_as_a_module():
     )
     assert done.returncode == 0, done.stderr
     assert "{preprocess,loader,model,train,all}" in done.stdout and "--quick" in done.stdout
+
+
+@pytest.mark.parametrize(
+    "index, visible, expected",
+    [(0, "", "0"), (1, "", "1"), (0, "3", "3"), (1, "2,5", "5"), (0, "GPU-1a2b,GPU-3c4d", "GPU-1a2b")],
+)
+def test_nvidia_smi_id_follows_cuda_visible_devices(index, visible, expected):
+    assert common.nvidia_smi_id(index, visible) == expected

@@ -317,3 +317,15 @@ def test_imagenet_without_torchvision_is_a_clear_error(monkeypatch):
 
 def test_temporal_shift_module_repr():
     assert "shift_div=8" in repr(TemporalShift(8, 8))
+
+
+def test_partial_bn_survives_sync_batchnorm_conversion():
+    model = build_model("gc_tsm_mini", 4, num_segments=2, partial_bn=True)
+    before = model.frozen_bns()
+    assert len(before) == sum(isinstance(m, nn.BatchNorm2d) for m in model.backbone.modules()) - 1 > 0
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(model).train()
+    after = model.frozen_bns()
+    assert len(after) == len(before) and all(isinstance(m, nn.SyncBatchNorm) for m in after)
+    assert all(not m.training and not m.weight.requires_grad for m in after)
+    first = next(m for m in model.backbone.modules() if isinstance(m, nn.SyncBatchNorm))
+    assert first.training and first not in after

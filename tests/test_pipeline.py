@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import torch
 from conftest import VIDEOS, run_preprocess
 
 from pipeline import DatasetError, LoaderConfig, build_loader, sampling, select_backend
+from pipeline.build import BACKENDS
 from pipeline.dali_loader import decode_frames_dali, frame_index_graph
 from pipeline.shards import ShardDataset, parse_idx
 from pipeline.torch_loader import _decode_forward, decode_frames
@@ -261,17 +263,76 @@ def test_fallback_seeking_decode_equals_decoding_forward(h264_index):
     assert loader.backend == "torch" and x.shape == (3, 4, 3, 56, 56) and loader.skipped == 0
 
 
-def test_select_backend_table():
-    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
-    assert select_backend("auto", codec="mjpeg", device=cpu) == "dali-cpu"
-    assert select_backend("auto", codec="h264", device=cpu) == "torch"
-    assert select_backend("auto", codec="vp9", device=cpu) == "torch"
-    assert select_backend("auto", codec="h264", device=gpu) == "dali-gpu"
-    assert select_backend("torch", codec="mjpeg", device=gpu) == "torch"
-    with pytest.raises(ValueError, match="cannot decode 'h264'"):
-        select_backend("dali-cpu", codec="h264", device=cpu)
-    with pytest.raises(ValueError, match="CUDA"):
-        select_backend("dali-gpu", codec="h264", device=cpu)
+def test_dali_pipelines_are_built_once_across_epochs(index, monkeypatch):
+    from pipeline import dali_loader
+
+    built = []
+    real_build = dali_loader.build_pipeline
+    monkeypatch.setattr(dali_loader, "build_pipeline", lambda **kw: built.append(1) or real_build(**kw))
+    loader = build_loader(_cfg(index, backend="dali-cpu", batch_size=2), "train", "train")
+    epochs = []
+    for epoch in range(3):  # as the training loop does: exactly len(loader) batches, never exhausting it
+        loader.set_epoch(epoch)
+        batches = iter(loader)
+        epochs.append([next(batches)[0].clone() for _ in range(len(loader))])
+    assert len(built) == 1
+    fresh = build_loader(_cfg(index, backend="dali-cpu", batch_size=2), "train", "train")
+    for epoch in (0, 2):
+        fresh.set_epoch(epoch)
+        for got, want in zip(epochs[epoch], fresh):
+            torch.testing.assert_close(got, want[0])
+
+
+@pytest.mark.parametrize(
+    "message, resource",
+    [
+        ("CUDA error: out of memory", True),
+        ("cudaErrorMemoryAllocation: out of memory allocating 12 MB", True),
+        ("CUDA_ERROR_OUT_OF_MEMORY", True),
+        ("NVDEC: decoder session limit reached", True),
+        ("Failed to create video decoder", False),  # e.g. a codec NVDEC lacks: a property of the file
+        ("Invalid data found when processing input", False),
+        ("Could not find a stream of type video", False),
+        ("moov atom not found", False),
+    ],
+)
+def test_resource_errors_are_told_from_broken_files(message, resource):
+    from pipeline.dali_loader import is_resource_error
+
+    assert is_resource_error(message) is resource
+
+
+def test_explicit_device_names_the_current_gpu(monkeypatch):
+    from pipeline.loader import explicit_device
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert explicit_device("cuda") == torch.device("cuda", 3)
+    assert explicit_device("cuda:1") == torch.device("cuda", 1)
+    assert explicit_device("cpu") == torch.device("cpu")
+
+
+@pytest.mark.parametrize(
+    "requested, codec, device, expected",
+    [
+        ("auto", "mjpeg", "cpu", "dali-cpu"),
+        ("auto", "h264", "cpu", "torch"),
+        ("auto", "vp9", "cpu", "torch"),
+        ("auto", "h264", "cuda:0", "dali-gpu"),
+        ("auto", "hevc", "cuda:0", "dali-gpu"),
+        ("auto", "mjpeg", "cuda:0", "dali-cpu"),  # NVDEC refuses MJPEG: decode on the CPU, move to the GPU
+        ("torch", "mjpeg", "cuda:0", "torch"),
+        ("dali-cpu", "mjpeg", "cuda:0", "dali-cpu"),
+        ("dali-cpu", "h264", "cpu", "cannot decode 'h264'"),
+        ("dali-gpu", "h264", "cpu", "needs a CUDA device"),
+        ("dali-gpu", "mjpeg", "cuda:0", "NVDEC (backend dali-gpu) cannot decode 'mjpeg'"),
+    ],
+)
+def test_select_backend_table(requested, codec, device, expected):
+    if expected in BACKENDS:
+        assert select_backend(requested, codec=codec, device=torch.device(device)) == expected
+    else:
+        with pytest.raises(ValueError, match=re.escape(expected)):
+            select_backend(requested, codec=codec, device=torch.device(device))
 
 
 def test_bad_paths_and_sizes_are_named(index, tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -50,6 +52,23 @@ def test_setup_model_ddp(tmp_path):
         assert runtime.unwrap_model(model) is plain
         model(torch.randn(2, 2, 3, 32, 32)).sum().backward()
         assert plain.fc.weight.grad is not None
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_channels_last_gradients_match_their_parameters(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        plain = build_model("gc_tsm_mini", 4, num_segments=2)
+        model = runtime.setup_model(plain, device="cpu", channels_last=True, ddp=True)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model(torch.randn(2, 2, 3, 32, 32)).sum().backward()
+        assert not [w for w in caught if "Grad strides do not match" in str(w.message)]
+        differ = [
+            n for n, p in plain.named_parameters() if p.grad is not None and p.grad.stride() != p.stride()
+        ]
+        assert not differ, differ[:5]
     finally:
         dist.destroy_process_group()
 

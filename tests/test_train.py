@@ -285,6 +285,23 @@ def test_two_process_gloo_ddp_gives_each_rank_its_own_clips(tiny_index, tmp_path
     assert len(ckpt["rng"]) == 2 and ckpt["state"]["step"] == 3
 
 
+def test_two_process_run_with_final_evaluation_finishes_and_scores_every_video_once(tiny_index, tmp_path):
+    run_dir = tmp_path / "run"
+    args = [*tiny_args(tiny_index, run_dir, batch_size=2), "--optim.epochs", "1", "--run.final_eval", "true"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py"]
+    done = subprocess.run(
+        [*cmd, "train", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    keys = [
+        json.loads(line)["key"]
+        for line in (run_dir / "eval-val" / "predictions.jsonl").read_text().splitlines()
+    ]
+    assert len(keys) == 16 and len(set(keys)) == 16  # 8 classes x 2 val clips, each scored once
+    assert json.loads((run_dir / "eval-val" / "results.json").read_text())["videos"] == 16
+
+
 @pytest.mark.slow
 def test_compiled_training_checkpoints_plain_weights(tiny_index, tmp_path):
     result = train.train(

@@ -112,3 +112,30 @@ def test_tune_from_loads_the_backbone_and_replaces_the_classifier(tmp_path):
 def test_unknown_model_name_is_a_config_error():
     with pytest.raises(C.ConfigError, match="unknown --model.name 'gc_tsm_tiny'"):
         C.validate(C.apply_overrides(C.demo(), ["--model.name", "gc_tsm_tiny"]))
+
+
+def test_rng_state_from_a_machine_with_more_gpus_restores_what_matches(caplog):
+    state = checkpoints.rng_state()
+    state["cuda"] = [torch.zeros(16, dtype=torch.uint8)] * 2  # saved on a 2-GPU machine
+    a = torch.rand(3)
+    with caplog.at_level("WARNING"):
+        checkpoints.set_rng_state(state)
+    assert torch.equal(torch.rand(3), a)  # the CPU streams are restored
+    present = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    assert f"RNG states of 2 GPU(s) and this machine has {present}" in caplog.text
+
+
+def test_checkpoints_load_without_running_code(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    torch.save({"model": {}, "x": Payload()}, tmp_path / "evil.pt")
+    with pytest.raises(checkpoints.CheckpointError, match="could run code"):
+        checkpoints.load(tmp_path / "evil.pt")
+    assert not marker.exists()
+    state = checkpoints.rng_state()
+    checkpoints.save_atomic({"rng": [state], "config": C.to_dict(C.demo())}, tmp_path / "ok.pt")
+    assert checkpoints.load(tmp_path / "ok.pt")["rng"][0]["numpy"]["pos"] == state["numpy"]["pos"]
