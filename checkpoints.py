@@ -8,6 +8,8 @@ pickle carries anything else is refused instead of executed.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import os
 import pickle
@@ -113,14 +115,33 @@ def checkpoint_model(path: str | Path, device: torch.device) -> tuple[models.Vid
 def save_atomic(obj: Any, path: Path) -> None:
     """Write to a temporary file beside `path` and rename it: a reader never sees half a checkpoint."""
     tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with _no_space_message(path, tmp):
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
 
 
 def copy_atomic(src: Path, dst: Path) -> None:
     tmp = dst.with_name(f".{dst.name}.tmp")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+    with _no_space_message(dst, tmp):
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+
+
+@contextlib.contextmanager
+def _no_space_message(path: Path, tmp: Path):
+    """A full disk ends the run with one line, the half-written temporary removed and the old file kept."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
+        if isinstance(e, OSError) and e.errno != errno.ENOSPC and "No space left" not in str(e):
+            raise
+        if isinstance(e, RuntimeError) and "No space left" not in str(e) and "write" not in str(e).lower():
+            raise
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(
+            f"no space left on {path.parent}: {path.name} was not written (the previous one, if any, is "
+            f"intact); free some space, then continue with --resume"
+        ) from None
 
 
 # ----------------------------------------------------------------------------------------------- RNG state

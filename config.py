@@ -86,6 +86,7 @@ class RunConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on cuda, fp32 on cpu
     seed: int = 0
     resume: bool = False  # continue from <out>/last.pt exactly where it stopped
+    overwrite: bool = False  # train into an --run.out that holds an earlier run, replacing it
     tune_from: str = ""  # checkpoint to fine-tune from: backbone loaded, classifier replaced
     ckpt_every: int = 0  # also write last.pt every k steps (0: at the end of every epoch only)
     eval_every: int = 1  # epochs between validations

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -36,6 +37,7 @@ import checkpoints
 import config as C
 import evaluation
 import predict
+import rundir
 import runtime
 import training
 from pipeline import DatasetError, ResourceError, build_loader
@@ -47,6 +49,10 @@ SYNTHETIC_INDEX = Path("data/synthetic/index.json")
 
 class TrainingError(RuntimeError):
     """A run that cannot go on (diverged loss, missing data); the message says why and what to do."""
+
+
+class Stopped(TrainingError):
+    """SIGTERM (a scheduler, `docker stop`, torchrun shutting down) asked the run to end."""
 
 
 @dataclass
@@ -262,25 +268,51 @@ def restore(ckpt: dict[str, Any], opt: training.Optimisation, dist: runtime.Dist
 # --------------------------------------------------------------------------------------------------- training
 
 
+def load_resume(cfg: C.Config, out: Path, dist: runtime.Dist) -> dict[str, Any]:
+    """<out>/last.pt, refused when this run would not continue it exactly (another model, batch size, frame
+    count or number of ranks shifts the loader position or the weights' meaning)."""
+    last = out / "last.pt"
+    if not last.exists():
+        raise TrainingError(f"{last} not found: nothing to resume (start without --resume)")
+    try:
+        ckpt = checkpoints.load(last, "--resume checkpoint")
+    except checkpoints.CheckpointError as e:
+        raise TrainingError(
+            f"{e}. To go on from the best validation instead: copy {out / 'best.pt'} to {last} and --resume; "
+            f"a complete {out / '.last.pt.tmp'}, if present, is the save that was interrupted"
+        ) from None
+    saved = C.from_dict(ckpt["config"])
+    pairs = {
+        "--model.name": (saved.model.name, cfg.model.name),
+        "--data.batch_size": (saved.data.batch_size, cfg.data.batch_size),
+        "--data.num_segments": (saved.data.num_segments, cfg.data.num_segments),
+        "ranks (torchrun --nproc_per_node x nodes)": (len(ckpt["rng"]), dist.world_size),
+    }
+    changed = [f"{k} {a} -> {b}" for k, (a, b) in pairs.items() if a != b]
+    if changed:
+        raise TrainingError(
+            f"--resume would not continue {last} exactly ({'; '.join(changed)}): resume with the same "
+            f"settings, or start a new run from its weights with --tune-from {last}"
+        )
+    return ckpt
+
+
 def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed)
     random.seed(seed)
 
 
-def setup_run(cfg: C.Config, train_loader) -> tuple[Run, TrainState]:
+def setup_run(cfg: C.Config, train_loader, out: Path) -> tuple[Run, TrainState]:
     """Model (fresh, resumed or fine-tuned), optimisation, wrappers; the run directory gets config.json."""
     dist, device = runtime.init_distributed(cfg.run.device, cfg.run.dist_backend)
     if cfg.model.sync_bn and (device.type != "cuda" or not dist.enabled):
         raise C.ConfigError("--model.sync_bn needs DDP on CUDA devices (torchrun on GPUs); drop it here")
     precision = runtime.resolve_precision(cfg.run.precision, device)
-    out = Path(cfg.run.out)
     seed_everything(cfg.run.seed + dist.rank)
     classes = list(train_loader.classes)
     cfg.model.num_classes = cfg.model.num_classes or len(classes)
-    if cfg.run.resume and not (out / "last.pt").exists():
-        raise TrainingError(f"{out / 'last.pt'} not found: nothing to resume (start without --resume)")
-    resume = checkpoints.load(out / "last.pt", "--resume checkpoint") if cfg.run.resume else None
+    resume = load_resume(cfg, out, dist) if cfg.run.resume else None
     model = checkpoints.build_model(cfg, cfg.model.num_classes)
     if resume is not None:
         model.load_state_dict(resume["model"])
@@ -310,7 +342,6 @@ def setup_run(cfg: C.Config, train_loader) -> tuple[Run, TrainState]:
     )
     state = restore(resume, opt, dist) if resume is not None else TrainState()
     if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(C.to_dict(cfg), indent=2) + "\n")
         log.info(
             "%s: %s on %s x%d (%s), %d steps/epoch, global batch %d, lr %.4g",
@@ -369,23 +400,21 @@ def end_epoch(run: Run, state: TrainState, val_loader, meter: Meter, feedback: F
 
 
 def fit(cfg: C.Config, train_loader, val_loader) -> dict[str, Any]:
-    """Train `cfg` with these loaders to the end (or to --run.max_steps); the last validation and where the
-    run stands."""
-    run, state = setup_run(cfg, train_loader)
-    feedback = Feedback(
-        cfg, run.out, len(train_loader) * cfg.optim.epochs, state.step, enabled=run.dist.is_main
+    """Train `cfg` with these loaders to the end (or to --run.max_steps) in its locked run directory; the
+    last validation and where the run stands."""
+    dist, _ = runtime.init_distributed(cfg.run.device, cfg.run.dist_backend)
+    out = (
+        rundir.claim(cfg.run.out, resume=cfg.run.resume, overwrite=cfg.run.overwrite)
+        if dist.is_main
+        else Path(cfg.run.out)
     )
-    meter = Meter(run.device)
-    last_val: dict[str, Any] = {}
-    stopped = False
-    run.net.train()
+    runtime.barrier(dist)
     try:
-        while state.epoch < cfg.optim.epochs and not stopped:
-            stopped = run_epoch(run, state, train_loader, meter, feedback)
-            if not stopped:
-                last_val = end_epoch(run, state, val_loader, meter, feedback) or last_val
+        run, state = setup_run(cfg, train_loader, out)
+        last_val, stopped = train_epochs(run, state, train_loader, val_loader)
     finally:
-        feedback.close()
+        if dist.is_main:
+            rundir.unlock(out)
     runtime.barrier(run.dist)
     return {
         "out": run.out,
@@ -398,6 +427,31 @@ def fit(cfg: C.Config, train_loader, val_loader) -> dict[str, Any]:
         "world_size": run.dist.world_size,
         "stopped_early": stopped,
     }
+
+
+def train_epochs(run: Run, state: TrainState, train_loader, val_loader) -> tuple[dict[str, Any], bool]:
+    """The epochs from `state` on: (the last validation, whether --run.max_steps stopped the run)."""
+    cfg = run.cfg
+    total = len(train_loader) * cfg.optim.epochs
+    feedback = Feedback(cfg, run.out, total, state.step, enabled=run.dist.is_main)
+    meter = Meter(run.device)
+    last_val: dict[str, Any] = {}
+    stopped = False
+    run.net.train()
+    try:
+        while state.epoch < cfg.optim.epochs and not stopped:
+            stopped = run_epoch(run, state, train_loader, meter, feedback)
+            if not stopped:
+                last_val = end_epoch(run, state, val_loader, meter, feedback) or last_val
+    except Stopped as e:
+        last = run.out / "last.pt"
+        kept = (
+            f"{last} holds the last checkpoint: continue with --resume" if last.exists() else "no checkpoint"
+        )
+        raise Stopped(f"{e} at step {state.step} (epoch {state.epoch}); {kept}") from None
+    finally:
+        feedback.close()
+    return last_val, stopped
 
 
 def train(cfg: C.Config) -> dict[str, Any]:
@@ -436,6 +490,12 @@ def summary_table(title: str, rows: list[tuple[str, str]]) -> None:
 
 def run_train(argv: list[str]) -> None:
     cfg = C.parse_train_args(argv)
+    given_out = any(a.split("=")[0] in ("--run.out", "--out") for a in argv)
+    if not (given_out or cfg.run.resume or cfg.run.overwrite) and int(os.environ.get("RANK", "0")) == 0:
+        out = rundir.fresh(cfg.run.out)  # a preset's default directory: never over an earlier run
+        if out != cfg.run.out:
+            log.info("%s holds an earlier run (--resume continues it): this one goes to %s", cfg.run.out, out)
+        cfg.run.out = out
     start = time.perf_counter()
     result = train(cfg)
     train_s = time.perf_counter() - start
@@ -479,10 +539,15 @@ USER_ERRORS = (
     TrainingError,
     DatasetError,
     ResourceError,
+    rundir.RunDirError,
     checkpoints.CheckpointError,
     runtime.DeviceError,
     predict.PredictError,
 )
+
+
+def _terminate(signum, frame) -> None:
+    raise Stopped("stopped by SIGTERM")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -499,11 +564,12 @@ def main(argv: list[str] | None = None) -> int:
         aliases = ", ".join(f"{k}={v}" for k, v in C.ALIASES.items())
         sys.stdout.write(USAGE.format(presets=", ".join(C.PRESETS), options=options, aliases=aliases) + "\n")
         return 0
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         {"train": run_train, "evaluate": run_evaluate, "predict": predict.main}[command](argv)
     except USER_ERRORS as e:
         log.error("%s", e)
-        return 2 if isinstance(e, C.ConfigError) else 1
+        return 2 if isinstance(e, C.ConfigError) else 128 + signal.SIGTERM if isinstance(e, Stopped) else 1
     finally:
         if torch_dist.is_initialized():
             torch_dist.destroy_process_group()

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import json
 import os
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 FORMAT = "gcvideo-shards/1"
+# Shards open at once per reader (per DataLoader worker): Kinetics-400 has ~940 shards at 256 videos each,
+# more than a default `ulimit -n` of 1024 leaves room for once sockets, libraries and workers take theirs.
+MAX_OPEN_SHARDS = 64
 
 
 class DatasetError(RuntimeError):
@@ -70,18 +74,47 @@ def read_codec(index: str | os.PathLike) -> str:
     return read_index(index).get("codec", "")
 
 
+def check_files(index: Path, paths: list[Path]) -> None:
+    """Every shard and index file that index.json lists exists: training on part of a dataset is an error."""
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        names = ", ".join(str(p) for p in missing[:5]) + (
+            f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        )
+        raise DatasetError(
+            f"{index} lists {len(missing)} file(s) that are missing: {names}. Re-run the preprocess command "
+            f"(it rebuilds only what is missing), or rebuild an index with DALI's wds2idx TAR IDX"
+        )
+
+
+def check_index_matches(tar: Path, idx: Path, samples: list, num_samples: int | None) -> None:
+    """A stale .idx (from another version of its tar) would send reads to wrong offsets: compare the sample
+    count with index.json and the last member's end with the tar's size."""
+    end = max((off + size for _, members in samples for off, size in members.values()), default=0)
+    if (num_samples is not None and len(samples) != num_samples) or end > tar.stat().st_size:
+        raise DatasetError(
+            f"{idx} does not match {tar} ({len(samples)} samples indexed, {num_samples} listed; last member "
+            f"ends at byte {end} of {tar.stat().st_size}): rebuild the index with `wds2idx {tar} {idx}` or "
+            f"re-run preprocess"
+        )
+
+
 def parse_idx(path: Path) -> list[tuple[str, dict[str, tuple[int, int]]]]:
-    """Parse a wds2idx file: one line per sample, repeated ``ext offset size name`` groups -> (key,
-    members)."""
-    lines = path.read_text().splitlines()
-    version, count = lines[0].split()
-    if not version.startswith("v1"):
-        raise ValueError(f"{path}: unknown DALI index version {version!r}; rebuild it with wds2idx")
-    samples = []
-    for line in lines[1 : 1 + int(count)]:
-        fields = line.split()
-        members = {fields[i]: (int(fields[i + 1]), int(fields[i + 2])) for i in range(0, len(fields), 4)}
-        samples.append((fields[3].split(".", 1)[0], members))
+    """A wds2idx file: a line per sample, repeated ``ext offset size name`` groups -> [(key, members)]."""
+    try:
+        lines = path.read_text().splitlines()
+        version, count = lines[0].split()
+        if not version.startswith("v1"):
+            raise ValueError(f"unknown DALI index version {version!r}")
+        samples = []
+        for line in lines[1 : 1 + int(count)]:
+            fields = line.split()
+            members = {fields[i]: (int(fields[i + 1]), int(fields[i + 2])) for i in range(0, len(fields), 4)}
+            samples.append((fields[3].split(".", 1)[0], members))
+    except (ValueError, IndexError, UnicodeDecodeError) as e:
+        raise DatasetError(
+            f"{path} is not a DALI index file ({e}): rebuild it with wds2idx or re-run preprocess"
+        ) from None
     return samples
 
 
@@ -100,13 +133,17 @@ class ShardDataset:
         self.codec: str = meta.get("codec", "")
         self.video_ext: str = meta.get("video_ext", "mp4")
         root = self.index_path.parent
+        shards = meta["splits"][split]["shards"]
+        check_files(self.index_path, [root / s["tar"] for s in shards] + [root / s["index"] for s in shards])
         self.refs: list[SampleRef] = []
-        for shard in meta["splits"][split]["shards"]:
+        for shard in shards:
             tar, idx = root / shard["tar"], root / shard["index"]
-            for key, members in parse_idx(idx):
+            samples = parse_idx(idx)
+            check_index_matches(tar, idx, samples, shard.get("num_samples"))
+            for key, members in samples:
                 missing = {self.video_ext, "meta", "json"} - members.keys()
                 if missing:
-                    raise ValueError(f"{idx}: a sample lacks members {sorted(missing)}")
+                    raise DatasetError(f"{idx}: a sample lacks members {sorted(missing)}; re-run preprocess")
                 self.refs.append(
                     SampleRef(
                         key=key,
@@ -116,7 +153,7 @@ class ShardDataset:
                         info=Member(*members["json"]),
                     )
                 )
-        self._fds: dict[str, int] = {}
+        self._fds: OrderedDict[str, int] = OrderedDict()
         self._pid = os.getpid()
 
     def __len__(self) -> int:
@@ -124,10 +161,14 @@ class ShardDataset:
 
     def _read(self, tar: str, member: Member) -> bytes:
         if self._pid != os.getpid():  # forked DataLoader worker: file descriptors are not to be shared
-            self._fds, self._pid = {}, os.getpid()
+            self._fds, self._pid = OrderedDict(), os.getpid()
         fd = self._fds.get(tar)
         if fd is None:
+            if len(self._fds) >= MAX_OPEN_SHARDS:
+                os.close(self._fds.popitem(last=False)[1])
             fd = self._fds[tar] = os.open(tar, os.O_RDONLY)
+        else:
+            self._fds.move_to_end(tar)
         data = os.pread(fd, member.size, member.offset)
         if len(data) != member.size:
             raise OSError(f"{tar}: short read at offset {member.offset}; the shard is truncated, rebuild it")
@@ -137,6 +178,11 @@ class ShardDataset:
         ref = self.refs[i]
         info = json.loads(self._read(ref.tar, ref.info))
         label, num_frames = np.frombuffer(self._read(ref.tar, ref.meta), dtype="<i4")[:2]
+        if not 0 <= label < len(self.classes):
+            raise DatasetError(
+                f"sample {ref.key} in {ref.tar} has label {label}, outside the {len(self.classes)} classes "
+                f"of {self.index_path}: the shard and index.json come from different runs; re-run preprocess"
+            )
         video = np.frombuffer(self._read(ref.tar, ref.video), dtype=np.uint8)
         return Sample(
             key=ref.key,
@@ -148,7 +194,7 @@ class ShardDataset:
         )
 
     def __getstate__(self):
-        return {**self.__dict__, "_fds": {}}
+        return {**self.__dict__, "_fds": OrderedDict()}
 
     def close(self) -> None:
         for fd in self._fds.values():

@@ -7,8 +7,12 @@ batch, so the workers parallelise across batches and the main process only assem
 from __future__ import annotations
 
 import bisect
+import functools
 import io
 import multiprocessing
+import os
+import threading
+import time
 
 import av
 import numpy as np
@@ -18,7 +22,7 @@ from av.video.reformatter import VideoReformatter
 
 from pipeline import sampling
 from pipeline.loader import IMAGENET_MEAN, IMAGENET_STD, Loader, LoaderConfig, Views, make_views
-from pipeline.shards import ShardDataset
+from pipeline.shards import DatasetError, ShardDataset
 
 # Reusing one swscale context is 2.5x faster than frame.to_ndarray(format="rgb24") on small frames.
 _REFORMATTER = VideoReformatter()
@@ -132,6 +136,8 @@ class _Decoder(torch.utils.data.Dataset):
             return sid, x, sample.label, sample.key
         except (ValueError, KeyError, OSError, av.FFmpegError) as e:
             return sid, f"{type(e).__name__}: {e}", -1, ""
+        except DatasetError as e:  # not a broken file but a broken dataset: the main process raises it
+            return sid, e, -1, ""
 
 
 class _Jobs(torch.utils.data.Sampler):
@@ -144,6 +150,24 @@ class _Jobs(torch.utils.data.Sampler):
 
     def __iter__(self):
         return iter(self.jobs)
+
+
+def _exit_with_parent(parent_pid: int, worker_id: int) -> None:
+    """Workers are children of the forkserver, not of the training process, so neither the kernel nor
+    torch's own watchdog (which watches the direct parent) ends them when training dies: a killed run would
+    leave them (and the forkserver) behind. Poll the training process instead."""
+
+    def watch() -> None:
+        while True:
+            time.sleep(0.5)
+            try:
+                os.kill(parent_pid, 0)
+            except ProcessLookupError:
+                os._exit(0)
+            except PermissionError:  # the pid was reused by another user's process: the parent is gone
+                os._exit(0)
+
+    threading.Thread(target=watch, name=f"parent-watch-{worker_id}", daemon=True).start()
 
 
 def _worker_context():
@@ -174,11 +198,14 @@ class TorchLoader(Loader):
                 prefetch_factor=4,
                 persistent_workers=True,
                 multiprocessing_context=_worker_context(),
+                worker_init_fn=functools.partial(_exit_with_parent, os.getpid()),
             )
 
     def _take(self, results, out: list) -> None:
         for sid, x, label, key in results:
             self._reads += 1
+            if isinstance(x, DatasetError):
+                raise x
             if isinstance(x, str):
                 self.mark_bad(sid, x)
             else:

@@ -33,3 +33,36 @@ def tiny_index(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny-synthetic")
     run_preprocess("synthetic", "--out", str(out), *TINY_SYNTHETIC, "--workers", "1")
     return out / "index.json"
+
+
+def tiny_args(index: Path, out: Path, batch_size: int) -> list[str]:
+    """Tiny clips on the torch loader in-process, no warm-up, no live view, TensorBoard or final
+    evaluation."""
+    return [
+        "--data.index",
+        str(index),
+        "--run.out",
+        str(out),
+        "--data.num_segments",
+        "4",
+        "--data.crop_size",
+        "28",
+        "--data.scale_size",
+        "32",
+        "--data.batch_size",
+        str(batch_size),
+        "--data.backend",
+        "torch",
+        "--data.workers",
+        "0",
+        "--optim.warmup_epochs",
+        "0",
+        "--run.device",
+        "cpu",
+        "--run.live",
+        "false",
+        "--run.tensorboard",
+        "false",
+        "--run.final_eval",
+        "false",
+    ]

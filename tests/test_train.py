@@ -18,46 +18,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, tiny_args
 
 import checkpoints
 import config as C
 import evaluation
 import predict
 import train
-
-
-def tiny_args(index: Path, out: Path, batch_size: int) -> list[str]:
-    """Tiny clips on the torch loader in-process, no warm-up, no live view, TensorBoard or final
-    evaluation."""
-    return [
-        "--data.index",
-        str(index),
-        "--run.out",
-        str(out),
-        "--data.num_segments",
-        "4",
-        "--data.crop_size",
-        "28",
-        "--data.scale_size",
-        "32",
-        "--data.batch_size",
-        str(batch_size),
-        "--data.backend",
-        "torch",
-        "--data.workers",
-        "0",
-        "--optim.warmup_epochs",
-        "0",
-        "--run.device",
-        "cpu",
-        "--run.live",
-        "false",
-        "--run.tensorboard",
-        "false",
-        "--run.final_eval",
-        "false",
-    ]
 
 
 def tiny_cfg(index: Path, out: Path, *extra: str) -> C.Config:
