@@ -94,19 +94,38 @@ def load_for_finetuning(model: torch.nn.Module, path: str) -> list[str]:
     return sorted(classifier)
 
 
-def checkpoint_model(path: str | Path, device: torch.device) -> tuple[models.VideoNet, C.Config, list[str]]:
-    """The plain model of a gcvideo checkpoint, in eval mode, with the config and class names it was
-    trained with."""
+def checkpoint_model(
+    path: str | Path, device: torch.device, plain: C.Config | None = None
+) -> tuple[models.VideoNet, C.Config, list[str]]:
+    """The model of a checkpoint in eval mode, with the config and class names it was trained with.
+
+    A gcvideo checkpoint carries its config; a plain state_dict (e.g. from `python -m models.convert`) is
+    built as `plain` describes (--model.name, --data.num_segments ...), its class count read off its
+    classifier; without `plain` it is refused with a message saying so.
+    """
     ckpt = load(path)
-    if not isinstance(ckpt, dict) or "config" not in ckpt:
+    if isinstance(ckpt, dict) and "config" in ckpt:
+        cfg, classes = C.from_dict(ckpt["config"]), list(ckpt.get("classes") or [])
+    elif plain is not None:
+        cfg, classes = plain, []
+        fc = model_state(ckpt, path).get("fc.weight")
+        cfg.model.num_classes = int(fc.shape[0]) if fc is not None else cfg.model.num_classes
+    else:
         raise CheckpointError(
-            f"{path} is not a gcvideo checkpoint (no config inside); a converted or plain state_dict needs "
-            f"the model named: see `python train.py evaluate --help`"
+            f"{path} is not a gcvideo checkpoint (no config inside): for a converted or plain state_dict "
+            f"name the model it holds, e.g. --model.name gc_tsm_r50 --data.num_segments 8, and the data "
+            f"(--data.index, or --classes FILE for predict)"
         )
-    cfg = C.from_dict(ckpt["config"])
     model = build_model(cfg, cfg.model.num_classes)
-    model.load_state_dict(model_state(ckpt, path))
-    return model.to(device).eval(), cfg, list(ckpt.get("classes") or [])
+    try:
+        model.load_state_dict(model_state(ckpt, path))
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[1:3]
+        raise CheckpointError(
+            f"{path} does not fit --model.name {cfg.model.name} with {cfg.model.num_classes} classes: "
+            f"{' '.join(line.strip() for line in first)[:300]}"
+        ) from None
+    return model.to(device).eval(), cfg, classes
 
 
 # ------------------------------------------------------------------------------------------------ writing

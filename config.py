@@ -92,6 +92,7 @@ class RunConfig:
     eval_every: int = 1  # epochs between validations
     log_every: int = 20  # steps between reads of the on-device metrics (the only host syncs)
     max_steps: int = 0  # stop (with a checkpoint) after this many steps in total; 0: no limit
+    target_top1: float = 0.0  # end training once a validation reaches this top-1 (0: train every epoch)
     tensorboard: bool = True
     live: bool = True  # rich live view on rank 0
     threads: int = 0  # torch intra-op threads on CPU; 0: leave torch's default
@@ -487,6 +488,7 @@ def validate(cfg: Config) -> Config:
         not (r.resume and r.tune_from),
         "--resume continues a run and --tune-from starts a new one from another run's weights: give one",
     )
+    _check(0 <= r.target_top1 <= 1, f"--run.target_top1 must be in [0, 1] (0: off), got {r.target_top1}")
     _check(min(e.num_clips, e.batch_size) >= 1, "--eval.num_clips and --eval.batch_size must be >= 1")
     _check(not (e.twice_sample and e.sampling == "dense"), "--eval.twice_sample applies to tsn sampling only")
     return cfg

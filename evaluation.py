@@ -262,13 +262,25 @@ def eval_config(cfg: C.Config, overrides: Sequence[str]) -> C.Config:
 
 def score_checkpoint(path: str, overrides: Sequence[str], dist: runtime.Dist, device: torch.device):
     """(scores, labels, classes, cfg) of one checkpoint over its eval split, gathered from every rank."""
-    model, cfg, classes = checkpoint_model(path, device)
+    named = any(o.split("=")[0] in ("--model.name", "--model") for o in overrides)
+    plain = C.validate(C.apply_overrides(C.Config(), overrides)) if named else None
+    model, cfg, classes = checkpoint_model(path, device, plain)
     cfg = eval_config(cfg, overrides)
     precision = runtime.resolve_precision(cfg.run.precision, device)
     net = runtime.setup_model(model, device=device, channels_last=cfg.model.channels_last, compile=False)
     loader = build_loader(
         cfg.data, split=cfg.eval.split, mode="test", rank=dist.rank, world_size=dist.world_size, device=device
     )
+    if classes and list(loader.classes) != classes:
+        diff = next(
+            (i for i, (a, b) in enumerate(zip(classes, loader.classes)) if a != b),
+            min(len(classes), len(loader.classes)),
+        )
+        raise C.ConfigError(
+            f"{path} was trained on {len(classes)} classes and {cfg.data.index} has {len(loader.classes)}, "
+            f"differing from class {diff}: evaluate on the dataset it was trained on (--data.index), or "
+            f"fine-tune it on this one with --tune-from"
+        )
     scores, labels = score_videos(net, loader, autocast=lambda: runtime.autocast(precision, device.type))
     if dist.enabled:  # every rank scored its own videos: gather them on rank 0
         parts: list[Any] = [None] * dist.world_size

@@ -443,6 +443,11 @@ def train_epochs(run: Run, state: TrainState, train_loader, val_loader) -> tuple
             stopped = run_epoch(run, state, train_loader, meter, feedback)
             if not stopped:
                 last_val = end_epoch(run, state, val_loader, meter, feedback) or last_val
+                if cfg.run.target_top1 and last_val.get("top1", 0.0) >= cfg.run.target_top1:
+                    log.info(
+                        "val top-1 %.1f%% reached --run.target_top1: training ends", 100 * last_val["top1"]
+                    )
+                    break
     except Stopped as e:
         last = run.out / "last.pt"
         kept = (

@@ -279,3 +279,21 @@ def test_killed_runs_leave_no_workers_and_sigterm_keeps_last_pt(sig, tiny_index,
         assert "Traceback" not in stderr
         ckpt = checkpoints.load(tmp_path / "run" / "last.pt")
         assert C.from_dict(ckpt["config"]).optim.epochs == 50
+
+
+def test_evaluate_takes_plain_weights_with_a_model_name_and_refuses_other_classes(
+    finished_run, tiny_index, tmp_path, caplog
+):
+    plain = tmp_path / "converted.pth"
+    torch.save(torch.load(finished_run / "best.pt", weights_only=True)["model"], plain)
+    where = ["--data.index", str(tiny_index), "--run.device", "cpu", "--eval.out", str(tmp_path / "ev")]
+    code, log = run_main(["evaluate", str(plain), *where], caplog)
+    assert code == 1 and "name the model it holds, e.g. --model.name" in log
+    shape = ["--data.num_segments", "4", "--data.crop_size", "28", "--data.scale_size", "32"]
+    assert train.main(["evaluate", str(plain), *where, "--model.name", "gc_tsm_mini", *shape]) == 0
+    assert json.loads((tmp_path / "ev" / "results.json").read_text())["videos"] == 16
+    code, log = run_main(["evaluate", str(plain), *where, "--model.name", "tsm_mini", *shape], caplog)
+    assert code == 1 and "does not fit --model.name tsm_mini" in log
+    other = broken_copy(tiny_index, tmp_path, _edit_index(lambda m: {**m, "classes": m["classes"][::-1]}))
+    code, log = run_main(["evaluate", str(finished_run / "best.pt"), "--data.index", str(other)], caplog)
+    assert code == 2 and "trained on 8 classes" in log and "differing from class 0" in log

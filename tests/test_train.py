@@ -281,3 +281,12 @@ def test_compiled_training_checkpoints_plain_weights(tiny_index, tmp_path):
     plain = checkpoints.build_model(C.from_dict(ckpt["config"]), 8).state_dict()
     assert ckpt["model"].keys() == plain.keys()  # no _orig_mod. / module. prefixes
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def test_training_ends_once_the_target_top1_is_reached(tiny_index, tmp_path, monkeypatch):
+    scores = iter([0.5, 0.9, 0.99])  # the validations of epochs 1, 2, 3
+    real = evaluation.validate
+    monkeypatch.setattr(evaluation, "validate", lambda *a: {**real(*a), "top1": next(scores)})
+    result = train.train(tiny_cfg(tiny_index, tmp_path, "--optim.epochs", "3", "--run.target_top1", "0.9"))
+    assert result["epoch"] == 2 and not result["stopped_early"] and result["val"]["top1"] == 0.9
+    assert (tmp_path / "best.pt").exists() and len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
