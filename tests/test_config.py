@@ -15,9 +15,35 @@ REQUIRED_PRESETS = [
     "gc_tsm_r50_k400_16f",
     "gc_tsn_r50_k400_8f",
     "tsm_r50_k400_8f",
+    "gc_tsm_r50_sthv1_8f",
     "gc_tsm_r50_sthv2_8f",
+    "gc_tsm_r50_sthv2_16f",
+    "ecal_t_tsm_r50_sthv1_8f",
+    "gc_tsm_r50_diving48_16f",
+    "gc_tsm_r50_jester_8f",
+    "tsm_r50_k400_8f_dense",
     "gc_tsm_r50_ucf101_ft",
+    "gc_tsm_r50_hmdb51_ft",
 ]
+
+
+@pytest.mark.parametrize(
+    "name, flip, sampling, frames, views",
+    [
+        ("gc_tsm_r50_k400_8f", True, "tsn", 8, (10, 1)),
+        ("gc_tsm_r50_sthv1_8f", False, "tsn", 8, (2, 1)),  # labels name directions: no flip
+        ("gc_tsm_r50_sthv2_16f", False, "tsn", 16, (2, 1)),
+        ("gc_tsm_r50_jester_8f", False, "tsn", 8, (2, 1)),  # "swiping left" / "swiping right"
+        ("gc_tsm_r50_diving48_16f", True, "tsn", 16, (1, 1)),
+        ("tsm_r50_k400_8f_dense", True, "dense", 8, (10, 3)),  # the non-local test protocol
+        ("gc_tsm_r50_hmdb51_ft", True, "tsn", 8, (10, 1)),
+    ],
+)
+def test_dataset_presets_follow_their_protocols(name, flip, sampling, frames, views):
+    cfg = C.preset(name)
+    assert (cfg.data.flip, cfg.data.sampling, cfg.data.num_segments) == (flip, sampling, frames)
+    assert (cfg.eval.num_clips, cfg.eval.num_crops) == views
+    assert name.startswith(("tsm_", "gc_tsm_r50_k400")) or "_ft" in name or cfg.optim.gc_lr_mult == 5.0
 
 
 @pytest.mark.parametrize("name", REQUIRED_PRESETS)
