@@ -1,4 +1,5 @@
-"""`python -m benchmark <preprocess|loader|model|train|all> [--quick] [--out DIR] [--warmup N] [--iters N]`.
+"""`python -m benchmark <preprocess|loader|model|train|demo|all> [--quick] [--out DIR] [--warmup N]
+[--iters N]`.
 
 Imports benchmark/<what>.py only when asked for, lets it add its own options through an optional
 `add_arguments(parser)`, and calls its `main(args)`. Every benchmark receives these shared attributes:
@@ -31,12 +32,15 @@ from rich.table import Table
 
 from benchmark.common import OUT_ENV
 
-BENCHMARKS = ("preprocess", "loader", "model", "train")
+BENCHMARKS = ("preprocess", "loader", "model", "train")  # what `all` runs
+LONG_BENCHMARKS = ("demo",)  # minutes each: only when named
 log = logging.getLogger("benchmark")
 
 
 def add_shared_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("what", choices=[*BENCHMARKS, "all"], help="benchmark to run ('all': each in turn)")
+    parser.add_argument(
+        "what", choices=[*BENCHMARKS, *LONG_BENCHMARKS, "all"], help="benchmark to run ('all': all but demo)"
+    )
     parser.add_argument(
         "--quick",
         action="store_true",
@@ -114,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     # The module's own options can only be added once we know which module: find its name first.
-    what = next((a for a in argv if a in BENCHMARKS), None)
+    what = next((a for a in argv if a in (*BENCHMARKS, *LONG_BENCHMARKS)), None)
 
     parser = argparse.ArgumentParser(
         prog="python -m benchmark",

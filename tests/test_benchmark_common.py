@@ -77,7 +77,10 @@ def test_hardware_tag_names_cpu_cores_without_gpu(monkeypatch):
     monkeypatch.setattr(common, "_cuda_device_name", lambda: None)
     monkeypatch.setattr(common, "cpu_model", lambda: "Intel(R) Xeon(R) Platinum 8488C CPU @ 2.40GHz")
     monkeypatch.setattr(common, "cpu_count", lambda: 2)
-    assert common.hardware_tag() == "cpu-2c-intel-xeon-platinum-8488c"
+    monkeypatch.setattr(common, "cpu_isa", lambda: "amx")
+    assert common.hardware_tag() == "cpu-2c-intel-xeon-platinum-8488c-amx"
+    monkeypatch.setattr(common, "cpu_isa", lambda: "avx2")  # same name, the slow kind: another file
+    assert common.hardware_tag() == "cpu-2c-intel-xeon-platinum-8488c-avx2"
     monkeypatch.setattr(common, "_cuda_device_name", lambda: "NVIDIA H100 80GB HBM3")
     assert common.hardware_tag() == "gpu-nvidia-h100-80gb-hbm3"
 
@@ -222,7 +225,7 @@ def test_cli_help_runs_as_a_module():
         cwd=Path(__file__).resolve().parent.parent,
     )
     assert done.returncode == 0, done.stderr
-    assert "{preprocess,loader,model,train,all}" in done.stdout and "--quick" in done.stdout
+    assert "{preprocess,loader,model,train,demo,all}" in done.stdout and "--quick" in done.stdout
 
 
 @pytest.mark.parametrize(
