@@ -11,7 +11,14 @@ import pytest
 from conftest import DATA
 
 from preprocess.__main__ import main as cli_main
-from preprocess.ffmpeg_args import EncodeSettings, count_frames_args, frames_args, output_size, transcode_args
+from preprocess.ffmpeg_args import (
+    EncodeSettings,
+    count_frames_args,
+    frames_args,
+    output_size,
+    probe_args,
+    transcode_args,
+)
 from preprocess.jobs import InputError, Job, make_key, unique_keys
 from preprocess.probe import ProbeError, parse_probe
 from preprocess.runner import Dataset, part_of, plan_shards
@@ -92,7 +99,7 @@ def test_transcode_args(settings, start, end, expect, absent):
         "in put.mp4", "out.mp4", stream_index=3, size=(128, 96), settings=settings, start=start, end=end
     )
     assert args[0] == "ffmpeg" and args[-1] == "out.mp4"
-    assert "in put.mp4" in args  # one argument, no shell quoting
+    assert _opt(args, "-i") == "file:in put.mp4"  # one argument, no shell quoting
     for flag, value in expect.items():
         assert _opt(args, flag) == value, flag
     for flag in absent:
@@ -120,8 +127,34 @@ def test_frames_args_and_probe_args():
         and _opt(args, "-start_number") == "1"
         and _opt(args, "-f") == "image2"
     )
-    assert _opt(args, "-i") == "/d/img_%05d.jpg"
-    assert count_frames_args("a b.mp4")[-1] == "a b.mp4"
+    assert _opt(args, "-i") == "file:/d/img_%05d.jpg"
+    assert count_frames_args("a b.mp4")[-1] == "file:a b.mp4"
+
+
+_SETTINGS = EncodeSettings()
+
+
+# Every builder gives ffmpeg/ffprobe the input as one `file:` argument: a path starting with '-' is not an
+# option, one holding ':' is not a protocol, '-' is not stdin.
+@pytest.mark.parametrize(
+    "build, where",
+    [
+        (probe_args, -1),
+        (count_frames_args, -1),
+        (lambda p: transcode_args(p, "o.mp4", stream_index=0, size=(64, 64), settings=_SETTINGS), "-i"),
+        (
+            lambda p: frames_args(
+                p, "o.mp4", start_number=1, frame_rate=12, size=(64, 64), settings=_SETTINGS
+            ),
+            "-i",
+        ),
+    ],
+)
+@pytest.mark.parametrize("path", ["-clip.mp4", "--x", "a:b.mp4", "-", "/abs/-c.mp4", "rel/dir/v.mp4"])
+def test_input_paths_are_file_urls(build, where, path):
+    args = build(path)
+    assert (args[where] if isinstance(where, int) else _opt(args, where)) == f"file:{path}"
+    assert args.count(f"file:{path}") == 1 and path not in args
 
 
 @pytest.mark.parametrize(
