@@ -283,11 +283,14 @@ def command(args: argparse.Namespace, console: Console) -> None:
     settings = settings_from(args)
     cfg = shard_job(args, settings)
     if args.command == "kinetics":
+        inputs = args.csv
         dataset = kinetics_dataset(args.csv, args.videos, args.classes, args.splits)
     else:
         kind = "video" if args.command == "list" else "frames"
+        split_files = parse_split_args(args.split)
+        inputs = list(split_files.values())
         dataset = list_dataset(
-            parse_split_args(args.split),
+            split_files,
             args.root,
             args.classes,
             kind=kind,
@@ -295,7 +298,9 @@ def command(args: argparse.Namespace, console: Console) -> None:
             frame_rate=getattr(args, "frame_rate", None),
         )
     if not dataset.jobs and not dataset.rejected:
-        raise InputError("the inputs list no videos: check the list/CSV files")
+        raise InputError(
+            f"the inputs list no videos: {', '.join(inputs)} hold no rows (of the chosen splits)"
+        )
     run(dataset, cfg, transcode.process, console)
 
 

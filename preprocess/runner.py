@@ -22,6 +22,7 @@ import logging
 import multiprocessing
 import os
 import platform
+import signal
 import socket
 import subprocess
 import sys
@@ -243,8 +244,10 @@ def _results(
     if workers == 1:
         yield from map(fn, jobs)
         return
-    # spawn: workers must not inherit the parent's threads (rich's refresh thread) or open tar files.
-    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+    # spawn: workers must not inherit the parent's threads (rich's refresh thread) or open tar files. Workers
+    # ignore Ctrl-C: the parent alone stops (the pool is terminated with it), with one message, no tracebacks.
+    pool = multiprocessing.get_context("spawn").Pool(workers, signal.signal, (signal.SIGINT, signal.SIG_IGN))
+    with pool:
         yield from pool.imap(fn, jobs, chunksize=1)
 
 
@@ -294,16 +297,28 @@ def _write_shard(
             writer.add(result)
             samples.append(_sample_entry(result))
         files = writer.finish() if writer is not None else _file_sizes(previous)
+        record = _record(stem, work.plan.split, samples, failures, files)
+        # The record goes in first, with the sizes of the files about to be renamed into place: a kill before
+        # the renames leaves files that do not match it, and restart then redoes the shard.
+        write_json_atomic(cfg.out / RECORDS / f"{stem}.json", record)
+        if writer is not None:
+            writer.commit()
     except BaseException:
         if writer is not None:
-            writer.abort()
+            writer.abort()  # a full disk, an interrupt: no temporary file stays behind
         raise
     finally:
         if old is not None:
             old.close()
-    record = {
+    return record
+
+
+def _record(
+    stem: str, split: str, samples: list[dict], failures: list[dict], files: dict[str, int]
+) -> dict[str, Any]:
+    return {
         "stem": stem,
-        "split": work.plan.split,
+        "split": split,
         "num_samples": len(samples),
         "bytes": sum(s.get("bytes", 0) for s in samples),
         "source_seconds": round(sum(s.get("source_seconds", 0.0) for s in samples), 3),
@@ -311,12 +326,6 @@ def _write_shard(
         "samples": samples,
         "failures": failures,
     }
-    # The record goes in first, with the sizes of the files about to be renamed into place: a kill before the
-    # renames leaves files that do not match it, and restart then redoes the shard.
-    write_json_atomic(cfg.out / RECORDS / f"{stem}.json", record)
-    if writer is not None:
-        writer.commit()
-    return record
 
 
 def _file_sizes(record: dict[str, Any]) -> dict[str, int]:

@@ -115,7 +115,7 @@ def read_kinetics_csv(path: str | Path) -> list[KineticsRow]:
     if not reader.fieldnames or not need <= set(reader.fieldnames):
         raise InputError(
             f"{path}: expected a header with label,youtube_id,time_start,time_end,split; got "
-            f"{reader.fieldnames}"
+            f"{reader.fieldnames or 'an empty file'}"
         )
     for line, row in enumerate(reader, start=2):
         try:

@@ -9,11 +9,13 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
 import pytest
-from conftest import EDGE, TINY_SYNTHETIC
+from conftest import EDGE, ROOT, TINY_SYNTHETIC
 
 from preprocess.__main__ import main as cli_main
 
@@ -137,6 +139,19 @@ def test_a_second_run_into_the_same_folder_is_refused(tmp_path, capsys):
     assert _synthetic(out, capsys, "--part", "0/2")[0] == 0
 
 
+def test_parts_of_one_job_run_at_once_into_one_folder(tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = [sys.executable, "-m", "preprocess", "synthetic", "--out", str(out), *TINY_SYNTHETIC]
+    argv += ["--shard-size", "8", "--workers", "1", "--no-progress", "--part"]
+    procs = [subprocess.Popen([*argv, f"{i}/2"], cwd=ROOT, stderr=subprocess.PIPE, text=True) for i in (0, 1)]
+    for proc in procs:
+        assert proc.wait(timeout=120) == 0, proc.stderr.read()
+        proc.stderr.close()
+    assert cli(["merge", str(out)], capsys)[0] == 0
+    index = json.loads((out / "index.json").read_text())
+    assert [s["num_samples"] for s in index["splits"].values()] == [32, 16]
+
+
 def _files(tmp_path: Path) -> dict[str, Path]:
     """Inputs for the table below, written once per test."""
     files = {
@@ -196,7 +211,7 @@ MISTAKES = {
         1,
         ["every one of the 1 rows failed", "file not found (1)", "check --root", "failures.jsonl"],
     ),
-    "empty CSV": (_list("{empty}"), 2, ["the inputs list no videos"]),
+    "empty CSV": (_list("{empty}"), 2, ["the inputs list no videos:", "empty.csv hold no rows"]),
     "list that is not text": (_list("{binary}"), 2, ["binary.txt is not UTF-8 text"]),
     "list JSON that does not parse": (_list("{bad_json}"), 2, ["bad.json is not valid JSON (line 1"]),
     "--out under a regular file": (
@@ -218,7 +233,7 @@ MISTAKES = {
     "kinetics: empty CSV": (
         ["kinetics", "--csv", "{kinetics_empty}", "--videos", "{tmp}"],
         2,
-        ["expected a header"],
+        ["expected a header with label,youtube_id,time_start,time_end,split; got an empty file"],
     ),
     "synthetic: odd frame size": (["synthetic", "--frame-size", "33"], 2, ["--frame-size must be even"]),
     "merge: a part index that does not parse": (
