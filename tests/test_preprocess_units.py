@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import struct
 from fractions import Fraction
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,7 +24,7 @@ from preprocess.ffmpeg_args import (
 )
 from preprocess.jobs import InputError, Job, make_key, unique_keys
 from preprocess.probe import ProbeError, parse_probe
-from preprocess.runner import Dataset, part_of, plan_shards
+from preprocess.runner import Dataset, all_failed_message, part_of, plan_shards
 from preprocess.sources import (
     _list_rows,
     _resolve_label,
@@ -32,7 +35,7 @@ from preprocess.sources import (
 )
 from preprocess.synthetic import render
 from preprocess.transcode import frame_pattern
-from preprocess.writer import meta_bytes
+from preprocess.writer import meta_bytes, write_error
 
 ANN = DATA / "annotations"
 
@@ -401,3 +404,38 @@ def test_bad_shard_size_option(text):
 
     with pytest.raises(argparse.ArgumentTypeError, match="shard size must be"):
         _shard_size(text)
+
+
+@pytest.mark.parametrize(
+    "reasons, expected",
+    [
+        (
+            ["file not found"] * 3,
+            ["3 rows failed", "file not found (3)", "check --root", "f.jsonl must exist"],
+        ),
+        (
+            ["label 'a' is not in the class list", "unreadable: ffprobe cannot open it", "file not found"] * 2
+            + ["label 'b' is not in the class list"],
+            ["7 rows failed", "label 'a' is not in the class list (2)", "check --classes", "ffprobe FILE"],
+        ),
+        (["transcode failed (ffmpeg exit status 1): x"], ["--tolerate-decode-errors", "f.jsonl"]),
+        (["something new"], ["something new (1). see f.jsonl"]),
+    ],
+)
+def test_all_failed_message(reasons, expected):
+    message = all_failed_message([{"reason": r} for r in reasons], Path("f.jsonl"))
+    assert "\n" not in message
+    for text in expected:
+        assert text in message
+
+
+@pytest.mark.parametrize(
+    "code, expected",
+    [
+        (errno.ENOSPC, "no space left on /d/x.tar.tmp: free some space"),
+        (errno.EDQUOT, "disk quota exceeded on /d/x.tar.tmp"),
+        (errno.EACCES, "cannot write /d/x.tar.tmp: Permission denied"),
+    ],
+)
+def test_write_error(code, expected):
+    assert write_error(OSError(code, os.strerror(code)), Path("/d/x.tar.tmp")).startswith(expected)
