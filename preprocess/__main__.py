@@ -20,9 +20,10 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 
 from preprocess.ffmpeg_args import CODECS, EncodeSettings
-from preprocess.jobs import InputError
+from preprocess.jobs import InputError, RunError
 from preprocess.runner import ShardJob, run
 from preprocess.sources import kinetics_dataset, list_dataset, parse_split_args
 
@@ -241,6 +242,8 @@ def shard_job(args: argparse.Namespace, settings: EncodeSettings) -> ShardJob:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit codes: 0 done (rows may have failed: see the table), 2 bad usage or input files (argparse's too),
+    1 the run failed (every row failed, disk full, another run holds --out), 130 interrupted."""
     args = build_parser().parse_args(argv)
     console = Console(stderr=True)
     logging.basicConfig(
@@ -249,40 +252,56 @@ def main(argv: list[str] | None = None) -> int:
         datefmt="[%X]",
         handlers=[RichHandler(console=console, show_path=False)],
     )
+    try:
+        command(args, console)
+    except InputError as err:
+        console.print(f"[red]error:[/red] {escape(str(err))}")
+        return 2
+    except RunError as err:
+        console.print(f"[red]error:[/red] {escape(str(err))}")
+        return 1
+    except KeyboardInterrupt:
+        console.print("interrupted: run the same command again to go on (finished shards are kept)")
+        return 130
+    return 0
+
+
+def command(args: argparse.Namespace, console: Console) -> None:
+    """Run one sub-command; user mistakes raise InputError, a run that cannot finish RunError."""
     from preprocess import transcode
 
-    try:
-        if args.command == "merge":
-            from preprocess.merge import merge
+    if args.command == "merge":
+        from preprocess.merge import merge
 
-            merge(Path(args.out), console)
-            return 0
-        if args.command == "synthetic":
-            from preprocess import synthetic
+        merge(Path(args.out), console)
+        return
+    if args.command == "synthetic":
+        from preprocess import synthetic
 
-            synthetic.main(args, console)
-            return 0
-        settings = settings_from(args)
-        cfg = shard_job(args, settings)
-        if args.command == "kinetics":
-            dataset = kinetics_dataset(args.csv, args.videos, args.classes, args.splits)
-        else:
-            kind = "video" if args.command == "list" else "frames"
-            dataset = list_dataset(
-                parse_split_args(args.split),
-                args.root,
-                args.classes,
-                kind=kind,
-                video_ext=getattr(args, "video_ext", ".webm"),
-                frame_rate=getattr(args, "frame_rate", None),
-            )
-        if not dataset.jobs and not dataset.rejected:
-            raise InputError("the inputs list no videos: check the list/CSV files")
-        run(dataset, cfg, transcode.process, console)
-    except InputError as err:
-        console.print(f"[red]error:[/red] {err}")
-        return 2
-    return 0
+        synthetic.main(args, console)
+        return
+    settings = settings_from(args)
+    cfg = shard_job(args, settings)
+    if args.command == "kinetics":
+        inputs = args.csv
+        dataset = kinetics_dataset(args.csv, args.videos, args.classes, args.splits)
+    else:
+        kind = "video" if args.command == "list" else "frames"
+        split_files = parse_split_args(args.split)
+        inputs = list(split_files.values())
+        dataset = list_dataset(
+            split_files,
+            args.root,
+            args.classes,
+            kind=kind,
+            video_ext=getattr(args, "video_ext", ".webm"),
+            frame_rate=getattr(args, "frame_rate", None),
+        )
+    if not dataset.jobs and not dataset.rejected:
+        raise InputError(
+            f"the inputs list no videos: {', '.join(inputs)} hold no rows (of the chosen splits)"
+        )
+    run(dataset, cfg, transcode.process, console)
 
 
 if __name__ == "__main__":

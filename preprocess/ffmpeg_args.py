@@ -65,8 +65,14 @@ def output_size(
     return even(display_w * scale), even(display_h * scale)
 
 
+def file_url(path: str) -> str:
+    """A local path as ffmpeg must get it: `file:` stops ffprobe from reading `-clip.mp4` as an option and
+    ffmpeg from reading `a:b.mp4` as protocol `a` (or `-` as stdin); the file protocol opens the rest."""
+    return f"file:{path}"
+
+
 def probe_args(path: str) -> list[str]:
-    return ["ffprobe", "-v", "error", "-show_streams", "-show_format", "-of", "json", path]
+    return ["ffprobe", "-v", "error", "-show_streams", "-show_format", "-of", "json", file_url(path)]
 
 
 def count_frames_args(path: str) -> list[str]:
@@ -82,7 +88,7 @@ def count_frames_args(path: str) -> list[str]:
         "stream=nb_read_frames",
         "-of",
         "csv=p=0",
-        path,
+        file_url(path),
     ]
 
 
@@ -146,7 +152,7 @@ def transcode_args(
         input_opts["ss"] = start
     if end is not None:
         input_opts["t"] = end - (start or 0.0)
-    stream = ffmpeg.input(src, **input_opts)[str(stream_index)]
+    stream = ffmpeg.input(file_url(src), **input_opts)[str(stream_index)]
     return _encode(_scaled(stream, size, settings), dst, settings)
 
 
@@ -160,5 +166,5 @@ def frames_args(
     settings: EncodeSettings,
 ) -> list[str]:
     """Encode a numbered JPEG sequence (`pattern` like /dir/img_%05d.jpg) as one video at `frame_rate`."""
-    stream = ffmpeg.input(pattern, format="image2", start_number=start_number, framerate=frame_rate)
+    stream = ffmpeg.input(file_url(pattern), format="image2", start_number=start_number, framerate=frame_rate)
     return _encode(_scaled(stream, size, settings), dst, settings)

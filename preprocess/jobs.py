@@ -10,7 +10,12 @@ FAILURE_TAIL_CHARS = 800  # how much of a tool's message a failure record keeps
 
 
 class InputError(SystemExit):
-    """A bad input file, option or output folder: the message names the thing and what to do."""
+    """A bad input file, option or output folder: the message names the thing and what to do (exit 2)."""
+
+
+class RunError(Exception):
+    """The run could not finish (every row failed, the disk is full, another run holds the folder): the
+    message says why and what to do (exit 1)."""
 
 
 @dataclass(frozen=True)

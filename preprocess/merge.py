@@ -37,6 +37,13 @@ def merge_indexes(parts: list[dict]) -> dict:
     return index
 
 
+def _read_part(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InputError(f"{path} is not valid JSON ({err}): run that part again") from err
+
+
 def merge(out: Path, console: Console) -> dict:
     found = {}
     for path in sorted(out.glob("index.part-*-of-*.json")):
@@ -56,7 +63,7 @@ def merge(out: Path, console: Console) -> dict:
         raise InputError(
             f"parts {missing} of {total} are missing in {out}: run `--part i/{total}` for them first"
         )
-    parts = [json.loads(found[(i, total)].read_text()) for i in range(total)]
+    parts = [_read_part(found[(i, total)]) for i in range(total)]
     index = merge_indexes(parts)
     for split in index["splits"].values():
         for shard in split["shards"]:

@@ -5,17 +5,27 @@ shard mixes classes) and cut into consecutive groups of `shard_samples` jobs. A 
 independent unit: restarting skips shards whose tar exists, and `--part i/N` takes every N-th shard.
 A target in bytes (`shard_bytes`) is turned into a sample count once, from the mean output size of a pilot of
 the first PILOT_VIDEOS planned videos (deterministic, since the encoders are), and kept in .records/plan.json.
+
+A finished shard's record (.records/<stem>.json) lists its samples, its failures and the sizes of its files.
+A re-run retries the failed rows of finished shards (a wrong --root, a download that came late): when some now
+succeed, the shard is rewritten with its kept samples copied byte for byte from the old tar, so the result is
+the shard a single clean run would have written. Shards that are complete and clean are never touched.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import json
 import logging
 import multiprocessing
 import os
 import platform
+import signal
+import socket
 import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -37,12 +47,19 @@ from rich.table import Table
 
 from preprocess import FORMAT, __version__
 from preprocess.ffmpeg_args import EncodeSettings
-from preprocess.jobs import Failure, InputError, Job, Sample
-from preprocess.writer import TMP_SUFFIX, ShardWriter, shard_stem, write_json_atomic
+from preprocess.jobs import Failure, InputError, Job, RunError, Sample
+from preprocess.writer import (
+    TMP_SUFFIX,
+    KeptSamples,
+    ShardWriter,
+    shard_stem,
+    write_json_atomic,
+    write_text_atomic,
+)
 
 log = logging.getLogger("preprocess")
-RECORDS = ".records"
-PILOT_VIDEOS = 8  # per-shard records (samples, failures) of finished shards; what restart and merge read
+RECORDS = ".records"  # per-shard records (samples, failures) of finished shards; what restart and merge read
+PILOT_VIDEOS = 8
 ProcessFn = Callable[[Job, EncodeSettings], "Sample | Failure"]
 
 
@@ -76,6 +93,16 @@ class ShardPlan:
 
     def stem(self, name: str) -> str:
         return shard_stem(name, self.split, self.number)
+
+
+@dataclass(frozen=True)
+class ShardWork:
+    """What a run does to one shard: process `todo` (every job of a new shard, the failed jobs of a finished
+    one) and write the shard, keeping the samples that `previous` (the finished shard's record) lists."""
+
+    plan: ShardPlan
+    todo: tuple[Job, ...]
+    previous: dict[str, Any] | None = None
 
 
 def plan_shards(dataset: Dataset, shard_samples: int, seed: int) -> list[ShardPlan]:
@@ -133,7 +160,7 @@ def resolve_shard_samples(cfg: ShardJob, dataset: Dataset, process_fn: ProcessFn
     pilot = [j for p in plan_shards(dataset, PILOT_VIDEOS, cfg.seed) for j in p.jobs][:PILOT_VIDEOS]
     sizes = [len(r.video) for r in _results_for(pilot, process_fn, cfg) if isinstance(r, Sample)]
     if not sizes:
-        raise InputError(
+        raise RunError(
             f"none of the {len(pilot)} pilot videos transcoded, so --shard-size in bytes cannot be "
             f"estimated: check failures with a sample count (--shard-samples) first"
         )
@@ -149,8 +176,7 @@ def resolve_shard_samples(cfg: ShardJob, dataset: Dataset, process_fn: ProcessFn
 
 
 def _results_for(jobs: list[Job], process_fn: ProcessFn, cfg: ShardJob) -> list[Sample | Failure]:
-    plan = ShardPlan("pilot", 0, tuple(jobs))
-    return list(_results([plan], process_fn, cfg.settings, cfg.workers or os.cpu_count() or 1))
+    return list(_results(jobs, process_fn, cfg.settings, cfg.workers or os.cpu_count() or 1))
 
 
 def _check_plan(cfg: ShardJob, dataset: Dataset, plans: list[ShardPlan]) -> None:
@@ -212,69 +238,209 @@ class Feedback:
 
 
 def _results(
-    plans: list[ShardPlan], process_fn: ProcessFn, settings: EncodeSettings, workers: int
+    jobs: list[Job], process_fn: ProcessFn, settings: EncodeSettings, workers: int
 ) -> Iterator[Sample | Failure]:
-    jobs = [job for plan in plans for job in plan.jobs]
     fn = functools.partial(process_fn, settings=settings)
     if workers == 1:
         yield from map(fn, jobs)
         return
-    # spawn: workers must not inherit the parent's threads (rich's refresh thread) or open tar files.
-    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+    # spawn: workers must not inherit the parent's threads (rich's refresh thread) or open tar files. Workers
+    # ignore Ctrl-C: the parent alone stops (the pool is terminated with it), with one message, no tracebacks.
+    pool = multiprocessing.get_context("spawn").Pool(workers, signal.signal, (signal.SIGINT, signal.SIG_IGN))
+    with pool:
         yield from pool.imap(fn, jobs, chunksize=1)
 
 
-def _write_shard(
-    cfg: ShardJob, plan: ShardPlan, results: Iterator[Sample | Failure], feedback: Feedback
-) -> dict[str, Any]:
-    writer: ShardWriter | None = None
-    samples, failures, total_bytes, seconds = [], [], 0, 0.0
-    for _ in plan.jobs:
-        result = next(results)
-        feedback.update(result)
-        if isinstance(result, Failure):
-            failures.append(result.record())
-            log.debug("failed: %s: %s", result.source, result.reason)
-            continue
-        if writer is None:
-            writer = ShardWriter(cfg.out, plan.stem(cfg.name), cfg.video_ext)
-        writer.add(result)
-        samples.append(
-            {"key": result.key, "num_frames": result.info["num_frames"], "duration": result.info["duration"]}
-        )
-        total_bytes += len(result.video)
-        seconds += result.source_seconds
-    record = {
-        "stem": plan.stem(cfg.name),
-        "split": plan.split,
-        "num_samples": len(samples),
-        "bytes": total_bytes,
-        "source_seconds": round(seconds, 3),
-        "samples": samples,
-        "failures": failures,
+def _sample_entry(sample: Sample) -> dict[str, Any]:
+    return {
+        "key": sample.key,
+        "num_frames": sample.info["num_frames"],
+        "duration": sample.info["duration"],
+        "bytes": len(sample.video),
+        "source_seconds": round(sample.source_seconds, 3),
     }
-    # The record goes in first: a tar with its final name always has one, so restart can trust the tar.
-    write_json_atomic(cfg.out / RECORDS / f"{plan.stem(cfg.name)}.json", record)
-    if writer is not None:
-        writer.close()
+
+
+def _write_shard(
+    cfg: ShardJob, work: ShardWork, results: Iterator[Sample | Failure], feedback: Feedback
+) -> dict[str, Any]:
+    """Consume the results of `work.todo` (in plan order) and write the shard and its record.
+
+    The samples a finished shard keeps are copied from its old tar; the tar is only rewritten when a retried
+    row now succeeds (the writer opens at the first new sample and first copies the kept samples before it).
+    """
+    stem = work.plan.stem(cfg.name)
+    previous = work.previous or {"samples": []}
+    kept = {s["key"]: s for s in previous["samples"]}
+    old = KeptSamples(cfg.out / f"{stem}.tar") if kept else None
+    todo = {job.key for job in work.todo}
+    writer: ShardWriter | None = None
+    samples: list[dict[str, Any]] = []
+    failures: list[dict[str, Any]] = []
+    try:
+        for job in work.plan.jobs:
+            if job.key not in todo:
+                samples.append(kept[job.key])
+                if writer is not None:
+                    writer.add_members(old.members(job.key))  # type: ignore[union-attr]
+                continue
+            result = next(results)
+            feedback.update(result)
+            if isinstance(result, Failure):
+                failures.append(result.record())
+                log.debug("failed: %s: %s", result.source, result.reason)
+                continue
+            if writer is None:
+                writer = ShardWriter(cfg.out, stem, cfg.video_ext)
+                for entry in samples:  # all kept so far: a new sample would have opened the writer
+                    writer.add_members(old.members(entry["key"]))  # type: ignore[union-attr]
+            writer.add(result)
+            samples.append(_sample_entry(result))
+        files = writer.finish() if writer is not None else _file_sizes(previous)
+        record = _record(stem, work.plan.split, samples, failures, files)
+        # The record goes in first, with the sizes of the files about to be renamed into place: a kill before
+        # the renames leaves files that do not match it, and restart then redoes the shard.
+        write_json_atomic(cfg.out / RECORDS / f"{stem}.json", record)
+        if writer is not None:
+            writer.commit()
+    except BaseException:
+        if writer is not None:
+            writer.abort()  # a full disk, an interrupt: no temporary file stays behind
+        raise
+    finally:
+        if old is not None:
+            old.close()
     return record
 
 
+def _record(
+    stem: str, split: str, samples: list[dict], failures: list[dict], files: dict[str, int]
+) -> dict[str, Any]:
+    return {
+        "stem": stem,
+        "split": split,
+        "num_samples": len(samples),
+        "bytes": sum(s.get("bytes", 0) for s in samples),
+        "source_seconds": round(sum(s.get("source_seconds", 0.0) for s in samples), 3),
+        **files,
+        "samples": samples,
+        "failures": failures,
+    }
+
+
+def _file_sizes(record: dict[str, Any]) -> dict[str, int]:
+    return {k: record[k] for k in ("tar_bytes", "idx_bytes") if k in record}
+
+
 def _finished(cfg: ShardJob, plan: ShardPlan) -> dict[str, Any] | None:
+    """The record of a finished shard whose files are the ones it describes, else None (redo the shard)."""
     record_path = cfg.out / RECORDS / f"{plan.stem(cfg.name)}.json"
     if not record_path.exists():
         return None
     record = json.loads(record_path.read_text())
-    tar = cfg.out / f"{plan.stem(cfg.name)}.tar"
-    if record["num_samples"] and not tar.exists():
-        return None
+    if not record["num_samples"]:
+        return record
+    for suffix in ("tar", "idx"):
+        path = cfg.out / f"{plan.stem(cfg.name)}.{suffix}"
+        if not path.exists() or record.get(f"{suffix}_bytes", path.stat().st_size) != path.stat().st_size:
+            return None
     return record
+
+
+def plan_work(cfg: ShardJob, plans: list[ShardPlan]) -> list[ShardWork]:
+    """New and unfinished shards in full; the failed rows of finished ones; nothing for complete ones."""
+    work = []
+    for plan in plans:
+        record = _finished(cfg, plan)
+        if record is None:
+            work.append(ShardWork(plan, plan.jobs))
+            continue
+        kept = {s["key"] for s in record["samples"]}
+        todo = tuple(job for job in plan.jobs if job.key not in kept)
+        if todo:
+            work.append(ShardWork(plan, todo, record))
+    return work
 
 
 def _remove_stale(cfg: ShardJob, plans: list[ShardPlan]) -> None:
     for plan in plans:
         for suffix in (".tar", ".idx"):
             Path(str(cfg.out / plan.stem(cfg.name)) + suffix + TMP_SUFFIX).unlink(missing_ok=True)
+
+
+def make_output_dir(out: Path) -> None:
+    """Create --out (and its .records); a file in the way is a usage error, not a traceback."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file, not a folder: give a folder (it is created when missing)")
+    try:
+        (out / RECORDS).mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as err:
+        blocker = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), out)
+        raise InputError(f"cannot create the output folder {out}: {blocker} is a file") from err
+    except OSError as err:
+        raise InputError(f"cannot create the output folder {out}: {err.strerror or err}") from err
+
+
+def _lock_name(part: tuple[int, int]) -> str:
+    return f"lock.part-{part[0]}-of-{part[1]}"
+
+
+def _try_lock(fd: int, mode: int) -> bool:
+    try:
+        fcntl.flock(fd, mode | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _holder(path: Path) -> str:
+    try:
+        info = json.loads(path.read_text())
+        return f"pid {info['pid']} on {info['host']}, started {info['started']}: {info['command']}"
+    except (OSError, ValueError, KeyError):
+        return "pid unknown"
+
+
+def _busy(out: Path, lock: Path) -> RunError:
+    return RunError(
+        f"another run ({_holder(lock)}) is writing into {out}: wait for it to end or stop it (parts of one "
+        f"job, --part i/N, may run at the same time; a whole run and a part, or two runs of one part, not)"
+    )
+
+
+@contextlib.contextmanager
+def output_lock(out: Path, part: tuple[int, int]) -> Iterator[None]:
+    """Hold `.records/lock.part-i-of-N` (flock: released when the process dies, even by SIGKILL) and refuse to
+    start while another run holds the same part, or any part of another N (their shards overlap ours)."""
+    locks = out / RECORDS
+    locks.mkdir(parents=True, exist_ok=True)
+    path = locks / _lock_name(part)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        if not _try_lock(fd, fcntl.LOCK_EX):
+            raise _busy(out, path)
+        holder = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "command": " ".join(sys.argv),
+        }
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(holder).encode(), 0)
+        for other in locks.glob("lock.part-*-of-*"):
+            if not other.name.endswith(f"-of-{part[1]}") and _held(other):
+                raise _busy(out, other)
+        yield
+    finally:
+        os.close(fd)  # releases the lock; the file stays (removing it would race with a run opening it)
+
+
+def _held(path: Path) -> bool:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return not _try_lock(fd, fcntl.LOCK_SH)
+    finally:
+        os.close(fd)
 
 
 def build_index(
@@ -313,55 +479,101 @@ def part_suffix(part: tuple[int, int]) -> str:
 def run(
     dataset: Dataset, cfg: ShardJob, process_fn: ProcessFn, console: Console | None = None
 ) -> dict[str, Any]:
-    """Process every pending shard of this part; write index.json (or index.part-i-of-N.json) + failures."""
+    """Process every pending shard of this part; write index.json (or index.part-i-of-N.json) + failures.
+
+    Raises RunError (after writing the index and the failures) when every row of this part failed."""
     console = console or Console(stderr=True)
-    (cfg.out / RECORDS).mkdir(parents=True, exist_ok=True)
+    make_output_dir(cfg.out)
+    with output_lock(cfg.out, cfg.part):
+        summary = _run_locked(dataset, cfg, process_fn, console)
+    if summary["failures"] and not summary["index_samples"]:
+        raise RunError(all_failed_message(summary["failures"], summary["failures_path"]))
+    return summary
+
+
+def _run_locked(dataset: Dataset, cfg: ShardJob, process_fn: ProcessFn, console: Console) -> dict[str, Any]:
     if cfg.shard_bytes:
         cfg = replace(cfg, shard_samples=resolve_shard_samples(cfg, dataset, process_fn))
     plans = plan_shards(dataset, cfg.shard_samples, cfg.seed)
     _check_plan(cfg, dataset, plans)
     mine = part_of(plans, cfg.part)
     _remove_stale(cfg, mine)
-    done = {p.stem(cfg.name): r for p in mine if (r := _finished(cfg, p)) is not None}
-    pending = [p for p in mine if p.stem(cfg.name) not in done]
-    total = sum(len(p.jobs) for p in pending)
+    work = plan_work(cfg, mine)
+    jobs = [job for w in work for job in w.todo]
     log.info(
-        "%s: %d shards in this part, %d already finished, %d videos to process with %d workers",
+        "%s: %d shards in this part, %d complete, %d videos to process (%d retried) with %d workers",
         cfg.name,
         len(mine),
-        len(done),
-        total,
+        len(mine) - len(work),
+        len(jobs),
+        sum(len(w.todo) for w in work if w.previous),
         cfg.workers or os.cpu_count(),
     )
-    feedback = Feedback(total, cfg.progress, console)
+    feedback = Feedback(len(jobs), cfg.progress, console)
     start = time.perf_counter()
+    written: dict[str, dict[str, Any]] = {}
     with feedback.progress:
-        results = _results(pending, process_fn, cfg.settings, cfg.workers or os.cpu_count() or 1)
-        for plan in pending:
-            done[plan.stem(cfg.name)] = _write_shard(cfg, plan, results, feedback)
-        results.close()
+        results = _results(jobs, process_fn, cfg.settings, cfg.workers or os.cpu_count() or 1)
+        try:
+            for w in work:
+                written[w.plan.stem(cfg.name)] = _write_shard(cfg, w, results, feedback)
+        finally:
+            results.close()  # stops the pool, also when a shard could not be written
     wall = time.perf_counter() - start
-    records = [done[p.stem(cfg.name)] for p in mine]
+    records = [written.get(p.stem(cfg.name)) or _finished(cfg, p) for p in mine]
     failures = [f.record() for f in dataset.rejected] if cfg.part[0] == 0 else []
     failures += [f for r in records for f in r["failures"]]
     suffix = part_suffix(cfg.part)
-    with open(cfg.out / f"failures{suffix}.jsonl", "w") as f:
-        f.writelines(json.dumps(rec, ensure_ascii=False) + "\n" for rec in failures)
+    failures_path = cfg.out / f"failures{suffix}.jsonl"
+    write_text_atomic(failures_path, "".join(json.dumps(rec, ensure_ascii=False) + "\n" for rec in failures))
     index = build_index(cfg, dataset, records, len(failures), tool_versions())
     if cfg.part[1] > 1:
         index["part"] = list(cfg.part)
     write_json_atomic(cfg.out / f"index{suffix}.json", index)
     summary = {
-        "videos": total,
+        "videos": len(jobs),
         "wall_s": wall,
-        "skipped_shards": len(mine) - len(pending),
+        "skipped_shards": len(mine) - len(work),
         "source_seconds": feedback.seconds,
         "records": records,
         "failures": failures,
+        "failures_path": failures_path,
         "index": index,
+        "index_samples": sum(s["num_samples"] for s in index["splits"].values()),
     }
     print_summary(console, cfg, summary)
     return summary
+
+
+# What to check for the commonest reasons of a run where every row failed: (start of the reason, hint).
+REASON_HINTS = (
+    (
+        "file not found",
+        "check --root (list paths start from it) or --videos: the paths in {failures} must exist",
+    ),
+    ("frame folder not found", "check --root: the frame folders in {failures} must exist"),
+    ("label", "check --classes: every label must be one of its names (or numbers)"),
+    ("unreadable", "check that the files are videos (ffprobe FILE)"),
+    ("no video stream", "check that the files are videos (ffprobe FILE)"),
+    (
+        "transcode failed",
+        "see the ffmpeg messages in {failures} (--tolerate-decode-errors keeps damaged sources)",
+    ),
+    ("internal error", "this is a bug: please report it with {failures}"),
+)
+
+
+def all_failed_message(failures: list[dict[str, Any]], failures_path: Path) -> str:
+    """One line: how many rows, the three commonest reasons with counts, and what to check for them."""
+    reasons = Counter(f["reason"] for f in failures).most_common(3)
+    hints = []
+    for reason, _ in reasons:
+        hint = next((h for start, h in REASON_HINTS if reason.startswith(start)), "see {failures}")
+        if hint not in hints:
+            hints.append(hint)
+    listed = ", ".join(f"{reason} ({count})" for reason, count in reasons)
+    advice = "; ".join(h.format(failures=failures_path) for h in hints)
+    return f"every one of the {len(failures)} rows failed, most often: {listed}. {advice}"
 
 
 def print_summary(console: Console, cfg: ShardJob, summary: dict[str, Any]) -> None:

@@ -4,17 +4,47 @@ frame folders, plus class-name files. Pure parsing, no video is opened here."""
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from preprocess.jobs import Failure, InputError, Job, make_key, unique_keys
 from preprocess.runner import Dataset
 
 VIDEO_EXTS = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".flv", ".mpg", ".mpeg", ".3gp", ".ogv")
 SPLIT_ALIASES = {"validate": "val", "validation": "val", "valid": "val"}
+
+
+# --- reading input files -----------------------------------------------------------------------------------
+
+
+def read_text(path: Path, what: str) -> str:
+    """The text of an input file; a missing, unreadable or non-UTF-8 file is an InputError naming it."""
+    if path.is_dir():
+        raise InputError(f"{what} {path} is a folder, not a file")
+    if not path.is_file():
+        raise InputError(f"{what} {path} not found")
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise InputError(
+            f"{what} {path} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start})"
+        ) from err
+    except OSError as err:
+        raise InputError(f"cannot read {what} {path}: {err.strerror or err}") from err
+
+
+def parse_json(text: str, path: Path) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise InputError(
+            f"{path} is not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})"
+        ) from err
 
 
 # --- class names --------------------------------------------------------------------------------------------
@@ -37,16 +67,12 @@ def read_classes(path: str | Path) -> Classes:
     """One name per line (line order = index), UCF101's classInd.txt ("1 ApplyEyeMakeup"), or an SSv2 labels
     JSON ({"name": "index"})."""
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"class file {path} not found: give a file with one class name per line")
-    text = path.read_text(encoding="utf-8-sig")
+    text = read_text(path, "class file")
     if path.suffix == ".json":
-        mapping = json.loads(text)
-        names = [""] * len(mapping)
-        for name, idx in mapping.items():
-            names[int(idx)] = name
-        return Classes(names)
+        return Classes(_json_classes(parse_json(text, path), path))
     lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        raise InputError(f"class file {path} lists no class names: give one name per line")
     numbered = [re.fullmatch(r"(\d+)\s+(.+)", line) for line in lines]
     if lines and all(numbered):
         pairs = sorted((int(m.group(1)), m.group(2).strip()) for m in numbered)  # type: ignore[union-attr]
@@ -55,6 +81,17 @@ def read_classes(path: str | Path) -> Classes:
             raise InputError(f"class file {path}: numbered lines must count up from {base} without gaps")
         return Classes([n for _, n in pairs], base=base)
     return Classes(lines)
+
+
+def _json_classes(mapping: Any, path: Path) -> list[str]:
+    """SSv2's labels JSON, {name: index} with the indexes 0..N-1 as numbers or strings."""
+    try:
+        by_index = {int(idx): name for name, idx in mapping.items()}
+    except (AttributeError, TypeError, ValueError) as err:
+        raise InputError(f"class file {path}: expected a JSON object {{name: index}} ({err})") from err
+    if sorted(by_index) != list(range(len(mapping))):
+        raise InputError(f"class file {path}: the indexes of {{name: index}} must be 0..{len(mapping) - 1}")
+    return [by_index[i] for i in range(len(mapping))]
 
 
 # --- Kinetics -----------------------------------------------------------------------------------------------
@@ -72,32 +109,29 @@ class KineticsRow:
 def read_kinetics_csv(path: str | Path) -> list[KineticsRow]:
     """The official CSV: label,youtube_id,time_start,time_end,split[,is_cc]; the test CSV has no label."""
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"Kinetics CSV {path} not found")
     rows = []
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        need = {"youtube_id", "time_start", "time_end"}
-        if not reader.fieldnames or not need <= set(reader.fieldnames):
-            raise InputError(
-                f"{path}: expected a header with label,youtube_id,time_start,time_end,split; got "
-                f"{reader.fieldnames}"
+    reader = csv.DictReader(io.StringIO(read_text(path, "Kinetics CSV"), newline=""))
+    need = {"youtube_id", "time_start", "time_end"}
+    if not reader.fieldnames or not need <= set(reader.fieldnames):
+        raise InputError(
+            f"{path}: expected a header with label,youtube_id,time_start,time_end,split; got "
+            f"{reader.fieldnames or 'an empty file'}"
+        )
+    for line, row in enumerate(reader, start=2):
+        try:
+            start, end = float(row["time_start"]), float(row["time_end"])
+        except (TypeError, ValueError) as err:
+            raise InputError(f"{path}:{line}: time_start/time_end are not numbers: {row}") from err
+        split = (row.get("split") or "train").strip()
+        rows.append(
+            KineticsRow(
+                label=(row.get("label") or None),
+                youtube_id=row["youtube_id"].strip(),
+                start=start,
+                end=end,
+                split=SPLIT_ALIASES.get(split, split),
             )
-        for line, row in enumerate(reader, start=2):
-            try:
-                start, end = float(row["time_start"]), float(row["time_end"])
-            except (TypeError, ValueError) as err:
-                raise InputError(f"{path}:{line}: time_start/time_end are not numbers: {row}") from err
-            split = (row.get("split") or "train").strip()
-            rows.append(
-                KineticsRow(
-                    label=(row.get("label") or None),
-                    youtube_id=row["youtube_id"].strip(),
-                    start=start,
-                    end=end,
-                    split=SPLIT_ALIASES.get(split, split),
-                )
-            )
+        )
     return rows
 
 
@@ -178,10 +212,10 @@ def _dataset(classes: list[str], jobs: list[Job], rejected: list[Failure]) -> Da
 
 def _list_rows(path: Path) -> list[tuple[str, str | None]]:
     """(path, label or None) from "path label", "path num_frames label", "path,label" CSV or bare paths."""
-    text = path.read_text(encoding="utf-8-sig")
+    text = read_text(path, "list file")
     if path.suffix == ".json":
-        items = json.loads(text)
-        if not isinstance(items, list):
+        items = parse_json(text, path)
+        if not isinstance(items, list) or not all(isinstance(it, dict) and "id" in it for it in items):
             raise InputError(
                 f"{path}: expected a JSON list of {{'id': ..., 'template': ...}} (Something-Something)"
             )
@@ -238,7 +272,7 @@ def list_dataset(
     raw_rows: dict[str, list[tuple[str, str | None]]] = {}
     for split, file in split_files.items():
         path = Path(file)
-        if not path.is_file():
+        if not path.exists():
             raise InputError(f"list file {path} (split {split}) not found")
         raw_rows[split] = _list_rows(path)
         if path.suffix == ".json" and kind == "video":  # Something-Something ids name <id>.webm files

@@ -23,7 +23,7 @@ from PIL import Image
 from rich.console import Console
 
 from preprocess.ffmpeg_args import EncodeSettings
-from preprocess.jobs import Failure, Job, Sample
+from preprocess.jobs import Failure, InputError, Job, Sample
 from preprocess.runner import Dataset, ShardJob, run
 from preprocess.transcode import ValidationError, inspect_video, sample_info
 
@@ -163,7 +163,7 @@ def synthetic_dataset(per_class: dict[str, int], frames: int, seed: int) -> Data
 def main(args: argparse.Namespace, console: Console) -> dict:
     size = args.frame_size
     if size % 2:
-        raise SystemExit(f"--frame-size must be even (4:2:0 chroma), got {size}")
+        raise InputError(f"--frame-size must be even (4:2:0 chroma), got {size}")
     settings = EncodeSettings(codec="mjpeg", short_side=None, size=(size, size), mjpeg_quality=args.quality)
     cfg = ShardJob(
         out=Path(args.out),

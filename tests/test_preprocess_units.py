@@ -2,19 +2,29 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import struct
 from fractions import Fraction
+from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import DATA
 
 from preprocess.__main__ import main as cli_main
-from preprocess.ffmpeg_args import EncodeSettings, count_frames_args, frames_args, output_size, transcode_args
+from preprocess.ffmpeg_args import (
+    EncodeSettings,
+    count_frames_args,
+    frames_args,
+    output_size,
+    probe_args,
+    transcode_args,
+)
 from preprocess.jobs import InputError, Job, make_key, unique_keys
 from preprocess.probe import ProbeError, parse_probe
-from preprocess.runner import Dataset, part_of, plan_shards
+from preprocess.runner import Dataset, all_failed_message, part_of, plan_shards
 from preprocess.sources import (
     _list_rows,
     _resolve_label,
@@ -25,7 +35,7 @@ from preprocess.sources import (
 )
 from preprocess.synthetic import render
 from preprocess.transcode import frame_pattern
-from preprocess.writer import meta_bytes
+from preprocess.writer import meta_bytes, write_error
 
 ANN = DATA / "annotations"
 
@@ -92,7 +102,7 @@ def test_transcode_args(settings, start, end, expect, absent):
         "in put.mp4", "out.mp4", stream_index=3, size=(128, 96), settings=settings, start=start, end=end
     )
     assert args[0] == "ffmpeg" and args[-1] == "out.mp4"
-    assert "in put.mp4" in args  # one argument, no shell quoting
+    assert _opt(args, "-i") == "file:in put.mp4"  # one argument, no shell quoting
     for flag, value in expect.items():
         assert _opt(args, flag) == value, flag
     for flag in absent:
@@ -120,8 +130,34 @@ def test_frames_args_and_probe_args():
         and _opt(args, "-start_number") == "1"
         and _opt(args, "-f") == "image2"
     )
-    assert _opt(args, "-i") == "/d/img_%05d.jpg"
-    assert count_frames_args("a b.mp4")[-1] == "a b.mp4"
+    assert _opt(args, "-i") == "file:/d/img_%05d.jpg"
+    assert count_frames_args("a b.mp4")[-1] == "file:a b.mp4"
+
+
+_SETTINGS = EncodeSettings()
+
+
+# Every builder gives ffmpeg/ffprobe the input as one `file:` argument: a path starting with '-' is not an
+# option, one holding ':' is not a protocol, '-' is not stdin.
+@pytest.mark.parametrize(
+    "build, where",
+    [
+        (probe_args, -1),
+        (count_frames_args, -1),
+        (lambda p: transcode_args(p, "o.mp4", stream_index=0, size=(64, 64), settings=_SETTINGS), "-i"),
+        (
+            lambda p: frames_args(
+                p, "o.mp4", start_number=1, frame_rate=12, size=(64, 64), settings=_SETTINGS
+            ),
+            "-i",
+        ),
+    ],
+)
+@pytest.mark.parametrize("path", ["-clip.mp4", "--x", "a:b.mp4", "-", "/abs/-c.mp4", "rel/dir/v.mp4"])
+def test_input_paths_are_file_urls(build, where, path):
+    args = build(path)
+    assert (args[where] if isinstance(where, int) else _opt(args, where)) == f"file:{path}"
+    assert args.count(f"file:{path}") == 1 and path not in args
 
 
 @pytest.mark.parametrize(
@@ -368,3 +404,38 @@ def test_bad_shard_size_option(text):
 
     with pytest.raises(argparse.ArgumentTypeError, match="shard size must be"):
         _shard_size(text)
+
+
+@pytest.mark.parametrize(
+    "reasons, expected",
+    [
+        (
+            ["file not found"] * 3,
+            ["3 rows failed", "file not found (3)", "check --root", "f.jsonl must exist"],
+        ),
+        (
+            ["label 'a' is not in the class list", "unreadable: ffprobe cannot open it", "file not found"] * 2
+            + ["label 'b' is not in the class list"],
+            ["7 rows failed", "label 'a' is not in the class list (2)", "check --classes", "ffprobe FILE"],
+        ),
+        (["transcode failed (ffmpeg exit status 1): x"], ["--tolerate-decode-errors", "f.jsonl"]),
+        (["something new"], ["something new (1). see f.jsonl"]),
+    ],
+)
+def test_all_failed_message(reasons, expected):
+    message = all_failed_message([{"reason": r} for r in reasons], Path("f.jsonl"))
+    assert "\n" not in message
+    for text in expected:
+        assert text in message
+
+
+@pytest.mark.parametrize(
+    "code, expected",
+    [
+        (errno.ENOSPC, "no space left on /d/x.tar.tmp: free some space"),
+        (errno.EDQUOT, "disk quota exceeded on /d/x.tar.tmp"),
+        (errno.EACCES, "cannot write /d/x.tar.tmp: Permission denied"),
+    ],
+)
+def test_write_error(code, expected):
+    assert write_error(OSError(code, os.strerror(code)), Path("/d/x.tar.tmp")).startswith(expected)
