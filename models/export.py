@@ -14,7 +14,7 @@ and a model is evaluated at the one crop size it was trained for.
 
 Opset. 18 by default: the lowest opset that torch.onnx's torch.export-based exporter (the supported one; the
 TorchScript exporter is deprecated) emits, since its Pad cannot be converted down to 17. TensorRT's ONNX
-parser reads opsets 9-20 from TensorRT 10.0 on (8.6 stops at 17), so the default builds on every TensorRT
+parser reads opsets 9-20 from TensorRT 10.0 on (8.x stops at 17), so the default builds on every TensorRT
 10.x and later. Every node is in the default ONNX domain: the shift is Split / Slice / Pad / Concat and the
 calibrators are Conv / ReduceMean / Gemm / Sigmoid / Mul, so no custom op or plugin is needed.
 
