@@ -132,6 +132,7 @@ class OnlineTSM:
 
     @torch.no_grad()
     def step(self, frame_CHW: torch.Tensor) -> torch.Tensor:
+        """The next frame (3, H, W) in -> mean logits (num_classes,) of the last `window` frames."""
         self.recent_logits.append(frame_logits(self.model, frame_CHW[None])[0])
         return torch.stack(tuple(self.recent_logits)).mean(0)
 
@@ -174,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
         step = _median_seconds(lambda: online.step(frame), args.warmup, args.iters)
         window = _median_seconds(lambda: model(clip), max(1, args.warmup // 2), max(3, args.iters // 4))
     sys.stdout.write(
-        f"{args.model} {args.size}x{args.size}, {torch.get_num_threads()} threads, median of {args.iters}:\n"
+        f"{args.model} {args.size}x{args.size}, {torch.get_num_threads()} threads, median seconds per frame "
+        f"after {args.warmup} untimed steps:\n"
         f"  online (one frame per step):            {1 / step:7.1f} frames/s ({step * 1e3:.1f} ms/frame)\n"
         f"  offline on the last {args.num_segments} frames per frame: {1 / window:7.1f} frames/s "
         f"({window * 1e3:.1f} ms/frame)\n"
