@@ -8,8 +8,8 @@ Two kinds of file are accepted:
 - a plain state_dict (e.g. the output of `python -m models.convert`), optionally under 'state_dict' and with
   DDP's 'module.' prefix; the model name must then be given, the number of classes is read from fc.weight.
 
-Files are read with torch.load(weights_only=True): nothing in them is executed. Training checkpoints also hold
-numpy's RNG state (an ndarray), so numpy's array reconstruction is allow-listed, and nothing else.
+Files are read with torch.load(weights_only=True): nothing in them is executed (gcvideo's training checkpoints
+hold tensors and plain data only).
 """
 
 from __future__ import annotations
@@ -18,16 +18,13 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from . import build_model, list_models
 from .video import VideoNet
 
-# What numpy.random.get_state() pickles to (train.py keeps it in every checkpoint for --resume).
-_NUMPY_RNG_GLOBALS = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, np.dtypes.UInt32DType]
 # config['model'] keys that change the built model (dropout and partial_bn do not matter in eval mode).
-_MODEL_OPTIONS = ("shift_div", "shift_place", "cdiv", "gc_loop")
+_MODEL_OPTIONS = ("shift_div", "shift_place", "cdiv", "gc_loop", "ratio")
 
 
 class CheckpointError(ValueError):
@@ -40,7 +37,7 @@ def read_weights_file(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found")
     try:
-        with torch.serialization.safe_globals(_NUMPY_RNG_GLOBALS), warnings.catch_warnings():
+        with warnings.catch_warnings():
             # A plain pickle gets a warning about its protocol before the error that says what is wrong.
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
             content = torch.load(path, map_location="cpu", weights_only=True)

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import random
 
-import numpy as np
 import onnx
 import pytest
 import torch
 from torch import nn
 
+import checkpoints
 from models import build_model
 from models.checkpoint import CheckpointError, load_model
 from models.export import check_onnx, export_onnx, main
@@ -95,7 +95,7 @@ def test_export_gc_tsm_r50(tmp_path):
 
 
 def training_checkpoint(model: nn.Module, name: str, num_classes: int, path) -> None:
-    """What train.py saves: weights, optimiser, RNG states (numpy's holds an ndarray) and the config dicts."""
+    """What train.py saves: weights, optimiser, RNG states (as tensors and lists) and the config dicts."""
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     config = {
         "preset": "demo",
@@ -103,7 +103,7 @@ def training_checkpoint(model: nn.Module, name: str, num_classes: int, path) -> 
         "data": {"num_segments": FRAMES, "crop_size": SIZE},
         "optim": {"lr_steps": (20, 40)},
     }
-    rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    rng = checkpoints.rng_state()
     torch.save(
         {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": [rng], "config": config},
         path,
