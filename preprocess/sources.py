@@ -218,7 +218,8 @@ def _list_rows(path: Path) -> list[tuple[str, str | None]]:
         items = parse_json(text, path)
         if not isinstance(items, list) or not all(isinstance(it, dict) and "id" in it for it in items):
             raise InputError(
-                f"{path}: expected a JSON list of {{'id': ..., 'template': ...}} (Something-Something)"
+                f"{path}: expected a JSON list of {{'id': ..., 'template': ...}} (Something-Something) or of "
+                f"{{'vid_name': ..., 'label': ..., 'start_frame': ..., 'end_frame': ...}} (Diving48)"
             )
         return [
             (
