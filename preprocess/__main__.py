@@ -1,10 +1,16 @@
-r"""`python -m preprocess {kinetics,list,frames,synthetic,merge} ...`: videos -> WebDataset shards + index.
+r"""`python -m preprocess {kinetics,list,frames,hmdb51,synthetic,merge} ...`: videos -> WebDataset shards +
+index.
 
 Examples:
   python -m preprocess kinetics --csv kinetics-400_val.csv --videos k400/val --out data/k400 --name k400
   python -m preprocess list --split train=trainlist01.txt --split val=testlist01.txt --root UCF-101 \
       --classes classInd.txt --out data/ucf101 --name ucf101
-  python -m preprocess frames --split train=train.json --root 20bn-something-something-v1 --classes labels.txt
+  python -m preprocess frames --split train=something-something-v1-train.csv \
+      --root 20bn-something-something-v1 --classes something-something-v1-labels.csv --name sthv1
+  python -m preprocess list --split train=Diving48_V2_train.json --split val=Diving48_V2_test.json \
+      --root Diving48_rgb --classes diving48_label_map.txt --out data/diving48 --name diving48
+  python -m preprocess hmdb51 --annotations testTrainMulti_7030_splits --hmdb-split 1 --root hmdb51_org \
+      --classes hmdb51_label_map.txt --out data/hmdb51_1 --name hmdb51_1
   python -m preprocess synthetic                     # the embedded demo dataset in data/synthetic
   python -m preprocess merge data/k400               # after `--part i/N` runs on N machines
 """
@@ -25,7 +31,7 @@ from rich.markup import escape
 from preprocess.ffmpeg_args import CODECS, EncodeSettings
 from preprocess.jobs import InputError, RunError
 from preprocess.runner import ShardJob, run
-from preprocess.sources import kinetics_dataset, list_dataset, parse_split_args
+from preprocess.sources import hmdb51_dataset, kinetics_dataset, list_dataset, parse_split_args
 
 log = logging.getLogger("preprocess")
 
@@ -166,7 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
             metavar="SPLIT=FILE",
             help="a list file for a split (repeatable). Formats: 'path label', 'path num_frames label', "
             "'path,label' CSV (optional header), UCF101 train/test lists, Something-Something "
-            "JSON ([{'id':..., 'template':...}])",
+            "JSON ([{'id':..., 'template':...}]), Something-Something V1 / Jester 'id;label' CSV, Diving48 "
+            "JSON ([{'vid_name':..., 'label':..., 'start_frame':..., 'end_frame':...}], trimmed to the "
+            "frames [start_frame, end_frame))",
         )
         p.add_argument("--root", default=None, help="folder the list's relative paths start from")
         p.add_argument(
@@ -176,7 +184,11 @@ def build_parser() -> argparse.ArgumentParser:
             "labels JSON (default: sorted label names, or 0..max for integer labels)",
         )
         if command == "list":
-            p.add_argument("--video-ext", default=".webm", help="extension for JSON ids (default .webm)")
+            p.add_argument(
+                "--video-ext",
+                default=None,
+                help="extension for JSON ids (default .webm for Something-Something, .mp4 for Diving48)",
+            )
         else:
             p.add_argument(
                 "--frame-rate",
@@ -185,6 +197,27 @@ def build_parser() -> argparse.ArgumentParser:
                 help="rate the frames were extracted at (default 12, Something-Something V1)",
             )
         add_output_options(p, name="dataset", codec="h264", short_side=256, shard_samples=256)
+
+    p = sub.add_parser("hmdb51", help="HMDB51: the official split files + the videos in class folders")
+    p.add_argument(
+        "--annotations",
+        required=True,
+        help="folder of the split files <class>_test_split<k>.txt (lines 'name.avi 1|2|0')",
+    )
+    p.add_argument(
+        "--hmdb-split",
+        type=int,
+        choices=(1, 2, 3),
+        default=1,
+        help="which of the three splits: its 1 rows become split train, its 2 rows split val (default 1)",
+    )
+    p.add_argument("--root", required=True, help="folder of the videos, <root>/<class>/<name>.avi")
+    p.add_argument(
+        "--classes",
+        default=None,
+        help="class names, one per line (default: the split files' class names, sorted)",
+    )
+    add_output_options(p, name="hmdb51", codec="h264", short_side=256, shard_samples=256)
 
     p = sub.add_parser("synthetic", help="generate the embedded demo dataset (8 order-dependent classes)")
     p.add_argument("--out", default="data/synthetic", help="output directory (default data/synthetic)")
@@ -285,6 +318,9 @@ def command(args: argparse.Namespace, console: Console) -> None:
     if args.command == "kinetics":
         inputs = args.csv
         dataset = kinetics_dataset(args.csv, args.videos, args.classes, args.splits)
+    elif args.command == "hmdb51":
+        inputs = [f"{args.annotations} (split {args.hmdb_split})"]
+        dataset = hmdb51_dataset(args.annotations, args.hmdb_split, args.root, args.classes)
     else:
         kind = "video" if args.command == "list" else "frames"
         split_files = parse_split_args(args.split)
@@ -294,7 +330,7 @@ def command(args: argparse.Namespace, console: Console) -> None:
             args.root,
             args.classes,
             kind=kind,
-            video_ext=getattr(args, "video_ext", ".webm"),
+            video_ext=getattr(args, "video_ext", None),
             frame_rate=getattr(args, "frame_rate", None),
         )
     if not dataset.jobs and not dataset.rejected:

@@ -141,8 +141,10 @@ def transcode_args(
     settings: EncodeSettings,
     start: float | None = None,
     end: float | None = None,
+    frames: tuple[int, int] | None = None,
 ) -> list[str]:
-    """Transcode one video stream (absolute index `stream_index`) of `src`, trimmed to [start, end) if given.
+    """Transcode one video stream (absolute index `stream_index`) of `src`, trimmed to [start, end) seconds or
+    to the decoded frames [frames[0], frames[1]) (0-based, end excluded) if given.
 
     Only the chosen stream is mapped, so audio, subtitles, data and other video streams are dropped; ffmpeg's
     autorotate applies the display matrix before `scale`, so `size` must already be the rotated size.
@@ -153,7 +155,16 @@ def transcode_args(
     if end is not None:
         input_opts["t"] = end - (start or 0.0)
     stream = ffmpeg.input(file_url(src), **input_opts)[str(stream_index)]
+    if frames is not None:
+        stream = trim_frames(stream, *frames)
     return _encode(_scaled(stream, size, settings), dst, settings)
+
+
+def trim_frames(stream: ffmpeg.nodes.FilterableStream, first: int, end: int) -> ffmpeg.nodes.FilterableStream:
+    """Keep the decoded frames first..end-1. Frame numbers, not times: a seek (-ss) lands on a keyframe or a
+    rounded timestamp, while `trim` counts every decoded frame, so the count is exact (end - first) even for
+    VFR sources; it runs before `fps`, so frame numbers are the source's. setpts restarts the clock at 0."""
+    return stream.filter("trim", start_frame=first, end_frame=end).filter("setpts", "PTS-STARTPTS")
 
 
 def frames_args(

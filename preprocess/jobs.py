@@ -31,6 +31,8 @@ class Job:
     frame_rate: float | None = None  # frames: the rate the JPEG sequence was sampled at
     seed: int = 0  # synthetic: the clip's random seed
     num_frames: int | None = None  # synthetic: frames to render
+    start_frame: int | None = None  # trim window in source frames, 0-based, end excluded (Diving48)
+    end_frame: int | None = None
 
 
 @dataclass(frozen=True)

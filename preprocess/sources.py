@@ -1,5 +1,6 @@
 """Input rows -> Jobs: the Kinetics CSV, generic lists (path label / CSV / UCF101 / Something-Something JSON),
-frame folders, plus class-name files. Pure parsing, no video is opened here."""
+Something-Something V1 and Jester `id;label` CSVs, Diving48 JSON, HMDB51 split files, frame folders, plus
+class-name files. Pure parsing, no video is opened here."""
 
 from __future__ import annotations
 
@@ -217,7 +218,8 @@ def _list_rows(path: Path) -> list[tuple[str, str | None]]:
         items = parse_json(text, path)
         if not isinstance(items, list) or not all(isinstance(it, dict) and "id" in it for it in items):
             raise InputError(
-                f"{path}: expected a JSON list of {{'id': ..., 'template': ...}} (Something-Something)"
+                f"{path}: expected a JSON list of {{'id': ..., 'template': ...}} (Something-Something) or of "
+                f"{{'vid_name': ..., 'label': ..., 'start_frame': ..., 'end_frame': ...}} (Diving48)"
             )
         return [
             (
@@ -227,6 +229,8 @@ def _list_rows(path: Path) -> list[tuple[str, str | None]]:
             for it in items
         ]
     lines = [line for line in text.splitlines() if line.strip()]
+    if any(";" in line for line in lines):  # before the comma test: V1 labels may hold commas
+        return id_label_rows(text, path)
     if path.suffix == ".csv" or (lines and "," in lines[0] and len(lines[0].split(",")) == 2):
         rows = list(csv.reader(lines))
         if rows and rows[0] and rows[0][0].strip().lower() in ("path", "video", "filename", "file"):
@@ -246,7 +250,10 @@ def _list_rows(path: Path) -> list[tuple[str, str | None]]:
 
 def _resolve_label(raw: str | None, rel_path: str, classes: Classes | None) -> int | str:
     """Integer labels count from classes.base; names are looked up; a missing label comes from the folder name
-    (UCF101 test lists). Returns an error message (str) when nothing fits."""
+    (UCF101 test lists), and a row with neither (Something-Something and Jester test CSVs: bare ids) is
+    unlabelled (-1), like a Kinetics test row. Returns an error message (str) when nothing fits."""
+    if raw is None and not Path(rel_path).parent.name:
+        return -1
     if raw is not None and re.fullmatch(r"-?\d+", raw):
         label = int(raw) - (classes.base if classes else 0)
         if classes and not 0 <= label < len(classes.names):
@@ -259,40 +266,76 @@ def _resolve_label(raw: str | None, rel_path: str, classes: Classes | None) -> i
     return label if label is not None else f"label {name!r} is not in the class list"
 
 
+@dataclass(frozen=True)
+class Row:
+    """One annotation row: a path under --root, its label as written (a name, a number or None) and, for
+    Diving48, the window of source frames to keep (0-based, end excluded)."""
+
+    path: str
+    label: str | None
+    start_frame: int | None = None
+    end_frame: int | None = None
+
+
+def read_rows(path: Path, kind: str, video_ext: str | None) -> list[Row]:
+    """The rows of one list file of any supported format; JSON ids (SSv2, Diving48) get a video extension."""
+    if path.suffix == ".json":
+        items = parse_json(read_text(path, "list file"), path)
+        if isinstance(items, list) and items and isinstance(items[0], dict) and "vid_name" in items[0]:
+            return diving48_rows(items, path, video_ext or ".mp4")
+    rows = [Row(rel, label) for rel, label in _list_rows(path)]
+    if path.suffix == ".json" and kind == "video":  # Something-Something ids name <id>.webm files
+        ext = video_ext or ".webm"
+        rows = [Row(r.path if os.path.splitext(r.path)[1] else r.path + ext, r.label) for r in rows]
+    return rows
+
+
 def list_dataset(
     split_files: dict[str, str],
     root: str | None,
     classes_path: str | None,
     *,
     kind: str = "video",
-    video_ext: str = ".webm",
+    video_ext: str | None = None,
     frame_rate: float | None = None,
 ) -> Dataset:
     classes = read_classes(classes_path) if classes_path else None
-    raw_rows: dict[str, list[tuple[str, str | None]]] = {}
+    rows: dict[str, list[Row]] = {}
     for split, file in split_files.items():
         path = Path(file)
         if not path.exists():
             raise InputError(f"list file {path} (split {split}) not found")
-        raw_rows[split] = _list_rows(path)
-        if path.suffix == ".json" and kind == "video":  # Something-Something ids name <id>.webm files
-            raw_rows[split] = [
-                (p if os.path.splitext(p)[1] else p + video_ext, lab) for p, lab in raw_rows[split]
-            ]
-    if classes is None:
-        names = sorted({lab for rows in raw_rows.values() for _, lab in rows if lab and not lab.isdigit()})
-        if names:
-            classes = Classes(names)
-        else:
-            top = max((int(lab) for rows in raw_rows.values() for _, lab in rows if lab), default=-1)
-            classes = Classes([str(i) for i in range(top + 1)])
+        rows[split] = read_rows(path, kind, video_ext)
+    return rows_dataset(rows, root, classes, kind=kind, frame_rate=frame_rate)
+
+
+def _default_classes(rows: dict[str, list[Row]]) -> Classes:
+    """Without a class file: the label names sorted, or 0..max for integer labels."""
+    labels = [r.label for split_rows in rows.values() for r in split_rows if r.label]
+    names = sorted({lab for lab in labels if not lab.isdigit()})
+    if names:
+        return Classes(names)
+    return Classes([str(i) for i in range(max((int(lab) for lab in labels), default=-1) + 1)])
+
+
+def rows_dataset(
+    rows: dict[str, list[Row]],
+    root: str | None,
+    classes: Classes | None,
+    *,
+    kind: str = "video",
+    frame_rate: float | None = None,
+) -> Dataset:
+    """Rows by split -> Jobs; a row whose label fits no class is rejected (failures.jsonl), never dropped."""
+    classes = classes or _default_classes(rows)
     base = Path(root) if root else None
     jobs, rejected = [], []
-    for split, rows in raw_rows.items():
-        for rel, raw in rows:
+    for split, split_rows in rows.items():
+        for row in split_rows:
+            rel = row.path
             source = str(base / rel) if base and not os.path.isabs(rel) else rel
             key = make_key(os.path.splitext(rel)[0] if kind == "video" else rel)
-            label = _resolve_label(raw, rel, classes)
+            label = _resolve_label(row.label, rel, classes)
             if isinstance(label, str):
                 rejected.append(Failure(source, label, key=key, split=split, extra={"rejected": True}))
                 continue
@@ -301,13 +344,113 @@ def list_dataset(
                     key=key,
                     source=source,
                     label=label,
-                    label_name=classes.names[label],
+                    label_name=classes.names[label] if label >= 0 else None,
                     split=split,
                     kind=kind,
                     frame_rate=frame_rate,
+                    start_frame=row.start_frame,
+                    end_frame=row.end_frame,
                 )
             )
     return _dataset(classes.names, jobs, rejected)
+
+
+# --- Something-Something V1 and Jester ------------------------------------------------------------------
+
+
+def id_label_rows(text: str, path: Path) -> list[tuple[str, str | None]]:
+    """`id;label` lines (something-something-v1-train.csv, jester-v1-train.csv): the same format for both,
+    each id a folder of frames. Split at the one ';' only, since labels may hold commas. A line without ';'
+    is an id with no label (the test CSVs)."""
+    rows: list[tuple[str, str | None]] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        fields = [f.strip() for f in line.split(";")]
+        if len(fields) > 2 or not fields[0] or (len(fields) == 2 and not fields[1]):
+            raise InputError(
+                f"{path}:{number}: expected 'id;label' (Something-Something V1 / Jester CSV), got {line!r}"
+            )
+        rows.append((fields[0], fields[1] if len(fields) == 2 else None))
+    return rows
+
+
+# --- Diving48 -------------------------------------------------------------------------------------------
+
+
+def diving48_rows(items: list[Any], path: Path, video_ext: str = ".mp4") -> list[Row]:
+    """Diving48_V2_{train,test}.json: [{vid_name, label, start_frame, end_frame}, ...] -> `<vid_name>.mp4`
+    trimmed to the frames [start_frame, end_frame): 0-based with end_frame excluded, so a row keeps
+    end_frame - start_frame frames (in the published files start_frame is 0 and end_frame is the clip's
+    frame count, which TSM's list script writes as num_frames)."""
+    return [_diving48_row(item, number, path, video_ext) for number, item in enumerate(items, start=1)]
+
+
+def _diving48_row(item: Any, number: int, path: Path, video_ext: str) -> Row:
+    where = f"{path}: entry {number}"
+    if not isinstance(item, dict):
+        raise InputError(f"{where}: expected an object {{vid_name, label, start_frame, end_frame}}")
+    missing = [k for k in ("vid_name", "label", "start_frame", "end_frame") if k not in item]
+    if missing:
+        raise InputError(f"{where} ({item.get('vid_name', '?')}): missing {', '.join(missing)}")
+    name, label, first, end = item["vid_name"], item["label"], item["start_frame"], item["end_frame"]
+    if not isinstance(name, str) or not name:
+        raise InputError(f"{where}: vid_name must be a non-empty string, got {name!r}")
+    numbers = (label, first, end)
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in numbers):
+        raise InputError(f"{where} ({name}): label, start_frame, end_frame must be integers >= 0")
+    if end <= first:
+        raise InputError(f"{where} ({name}): end_frame {end} must be after start_frame {first}")
+    return Row(name + video_ext, str(label), first, end)
+
+
+# --- HMDB51 ---------------------------------------------------------------------------------------------
+
+HMDB_SPLITS = {"1": "train", "2": "val"}  # the split files' codes; 0 = not used in this split
+_HMDB_FILE = re.compile(r"(.+)_test_split(\d+)\.txt")
+
+
+def hmdb51_split_rows(text: str, path: Path, class_name: str) -> list[tuple[str, Row]]:
+    """`<class>_test_split<k>.txt` lines `name.avi 1|2|0` -> (split, Row(`<class>/<name>.avi`)); 0 rows are
+    left out (they belong to neither side of split k)."""
+    out = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        fields = line.split()
+        if len(fields) != 2 or fields[1] not in ("0", "1", "2"):
+            raise InputError(f"{path}:{number}: expected 'name.avi 1|2|0' (1 train, 2 test), got {line!r}")
+        if fields[1] != "0":
+            out.append((HMDB_SPLITS[fields[1]], Row(f"{class_name}/{fields[0]}", class_name)))
+    return out
+
+
+def hmdb51_split_files(folder: Path, number: int) -> dict[str, Path]:
+    """{class name: split file} of split `number`; the class names come from the file names."""
+    if not folder.is_dir():
+        raise InputError(
+            f"HMDB51 split folder {folder} not found: give the folder of *_test_split<k>.txt files"
+        )
+    files = {}
+    for file in sorted(folder.iterdir()):
+        m = _HMDB_FILE.fullmatch(file.name)
+        if m and int(m.group(2)) == number:
+            files[m.group(1)] = file
+    if not files:
+        raise InputError(f"{folder} holds no <class>_test_split{number}.txt files")
+    return files
+
+
+def hmdb51_dataset(split_folder: str, number: int, root: str | None, classes_path: str | None) -> Dataset:
+    """Videos `<root>/<class>/<name>.avi`, train = code 1 and val = code 2 of split `number`; classes from
+    --classes (hmdb51_label_map.txt) or the split files' class names, sorted (the same order)."""
+    files = hmdb51_split_files(Path(split_folder), number)
+    rows: dict[str, list[Row]] = {"train": [], "val": []}
+    for class_name, file in files.items():
+        for split, row in hmdb51_split_rows(read_text(file, "HMDB51 split file"), file, class_name):
+            rows[split].append(row)
+    classes = read_classes(classes_path) if classes_path else Classes(sorted(files))
+    return rows_dataset(rows, root, classes)
 
 
 def parse_split_args(values: list[str]) -> dict[str, str]:

@@ -70,6 +70,8 @@ def inspect_video(data: bytes) -> DecodedInfo:
 
 
 def sample_info(job: Job, decoded: DecodedInfo) -> dict:
+    # Frame windows are recorded only where used, so every other sample keeps its bytes.
+    frames = {} if job.end_frame is None else {"source_frames": [job.start_frame, job.end_frame]}
     return {
         "label": job.label,
         "label_name": job.label_name,
@@ -81,6 +83,7 @@ def sample_info(job: Job, decoded: DecodedInfo) -> dict:
         "source": job.source,
         "source_start": job.start,
         "source_end": job.end,
+        **frames,
     }
 
 
@@ -145,11 +148,24 @@ def _encode_video(job: Job, settings: EncodeSettings, dst: str) -> tuple[bytes, 
         raise ProbeError("not a readable file")
     stream = probe(job.source)
     size = output_size(stream.width, stream.height, stream.sar, stream.rotation, settings)
+    frames = None if job.end_frame is None else (job.start_frame or 0, job.end_frame)
     args = transcode_args(
-        job.source, dst, stream_index=stream.index, size=size, settings=settings, start=job.start, end=job.end
+        job.source,
+        dst,
+        stream_index=stream.index,
+        size=size,
+        settings=settings,
+        start=job.start,
+        end=job.end,
+        frames=frames,
     )
     data = run_ffmpeg(args, dst)
-    seconds = (job.end - (job.start or 0.0)) if job.end is not None else (stream.duration or 0.0)
+    if frames and stream.fps:
+        seconds = (frames[1] - frames[0]) / stream.fps
+    elif job.end is not None:
+        seconds = job.end - (job.start or 0.0)
+    else:
+        seconds = stream.duration or 0.0
     return data, seconds
 
 
