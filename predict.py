@@ -336,8 +336,8 @@ def load_model(
         )
     try:
         model = checkpoints.build_model(cfg, cfg.model.num_classes)
-    except ValueError as e:
-        raise PredictError(f"--model: {e}") from None
+    except ValueError as e:  # an unknown model name: bad usage
+        raise C.ConfigError(f"--model: {e}") from None
     _load_weights(model, checkpoints.model_state(ckpt, path), path, cfg)
     return model.to(device).eval(), cfg, classes
 
