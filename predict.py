@@ -19,7 +19,7 @@ import logging
 import re
 import sys
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -31,7 +31,7 @@ import torch
 import checkpoints
 import config as C
 from pipeline import sampling
-from pipeline.loader import Views
+from pipeline.loader import LoaderConfig, Views
 from pipeline.torch_loader import render_views
 
 log = logging.getLogger(__name__)
@@ -108,27 +108,36 @@ def shard_frame_size(
     return even(display_w * scale), even(display_h * scale)
 
 
-def training_frame_size(cfg: C.Config) -> tuple[int | None, tuple[int, int] | None]:
-    """(short_side, size) of the frames the model was trained on: the dataset's encode settings when its
-    index.json is here, otherwise short side --data.scale_size (the size the val crop geometry assumes)."""
-    try:
-        settings = json.loads(Path(cfg.data.index).read_text())["settings"]
-        size = settings.get("size")
-        return settings.get("short_side"), tuple(size) if size else None
-    except (OSError, ValueError, KeyError, TypeError):
-        log.info("%s not readable: frames scaled to short side %d", cfg.data.index, cfg.data.scale_size)
-        return cfg.data.scale_size, None
+@dataclass(frozen=True)
+class ShardGeometry:
+    """The size preprocess gave the frames a model was trained on: short side `short_side`, or `size`."""
+
+    short_side: int | None
+    size: tuple[int, int] | None = None
+
+    @classmethod
+    def of(cls, cfg: C.Config, short_side: int | None = None) -> ShardGeometry:
+        """`short_side` if given, else the dataset's encode settings when its index.json is here, else short
+        side --data.scale_size (the size the val crop geometry assumes)."""
+        if short_side:
+            return cls(short_side)
+        try:
+            settings = json.loads(Path(cfg.data.index).read_text())["settings"]
+            return cls(settings.get("short_side"), tuple(settings["size"]) if settings.get("size") else None)
+        except (OSError, ValueError, KeyError, TypeError):
+            log.info("%s not readable: frames scaled to short side %d", cfg.data.index, cfg.data.scale_size)
+            return cls(cfg.data.scale_size)
 
 
 class ShardRenderer:
     """Decoded frame -> (H, W, 3) uint8 RGB as a shard frame of the same video decodes: upright, square
     pixels, the shards' size. The size is fixed by the first frame, so every frame of a video matches."""
 
-    def __init__(self, first: av.VideoFrame, sar: Fraction, short_side: int | None, size):
+    def __init__(self, first: av.VideoFrame, sar: Fraction, shards: ShardGeometry):
         # PyAV reports the display matrix counter-clockwise (-90 for a phone video shown turned clockwise)
         self.quarter_turns = round(first.rotation / 90) % 4
         width, height = shard_frame_size(
-            first.width, first.height, sar, self.quarter_turns * 90, short_side, size
+            first.width, first.height, sar, self.quarter_turns * 90, shards.short_side, shards.size
         )
         # scale before turning: the scaler then sees the coded orientation (a quarter turn swaps the sides)
         self.scaled = (height, width) if self.quarter_turns % 2 else (width, height)
@@ -218,23 +227,15 @@ def decode_error(source, e: Exception) -> PredictError:
 def read_clip(video: str | Path, cfg: C.Config, *, short_side: int | None = None) -> torch.Tensor:
     """One clip x_1TCHW of a video file as the val loader renders the same video from a shard.
 
-    short_side: the shards' short side (default: training_frame_size(cfg)).
+    short_side: the shards' short side (default: ShardGeometry.of(cfg)).
     """
-    train_short, train_size = training_frame_size(cfg)
-    if short_side:
-        train_short, train_size = short_side, None
+    shards = ShardGeometry.of(cfg, short_side)
     d = cfg.data
     u = sampling.frame_draws(None, mode="val", sampling=d.sampling, num_segments=d.num_segments)
     with open_video(video) as container:
         stream = video_stream(container, video)
         try:
-            rgb = _sampled_rgb(
-                container,
-                stream,
-                u,
-                d,
-                lambda f: ShardRenderer(f, sample_aspect_ratio(stream), train_short, train_size),
-            )
+            rgb = sampled_frames(container, stream, u, d, shards)
         except (av.FFmpegError, OSError) as e:
             raise decode_error(video, e) from None
     if rgb is None:
@@ -246,29 +247,30 @@ def read_clip(video: str | Path, cfg: C.Config, *, short_side: int | None = None
     return render_views(rgb, Views(u, boxes, flips, size), d.num_segments).permute(0, 1, 4, 2, 3)
 
 
-def _sampled_rgb(
-    container, stream, u: np.ndarray, d, make_renderer: Callable[[av.VideoFrame], ShardRenderer]
+def sampled_frames(
+    container, stream, u: np.ndarray, d: LoaderConfig, shards: ShardGeometry
 ) -> np.ndarray | None:
-    """(clips*T, H, W, 3) uint8 of the frames draws `u` pick, or None for a stream without frames."""
+    """(clips*T, H, W, 3) uint8 shard-like frames that draws `u` pick, or None for a stream without frames."""
     table = frame_table(container, stream)
-    got = _decode_indices(container, stream, table, u, d, make_renderer)
+    got = _decode_indices(container, stream, table, u, d, shards)
     if got is None and table.count:
         # fewer frames decode than packets were demuxed (a damaged file): count by decoding, then sample
         container.seek(0)
         counted = FrameTable(sum(1 for _ in container.decode(stream)), [], [])
-        got = _decode_indices(container, stream, counted, u, d, make_renderer)
+        got = _decode_indices(container, stream, counted, u, d, shards)
     return got
 
 
-def _decode_indices(container, stream, table: FrameTable, u, d, make_renderer) -> np.ndarray | None:
+def _decode_indices(container, stream, table: FrameTable, u, d: LoaderConfig, shards) -> np.ndarray | None:
     if table.count == 0:
         return None
     idx = sampling.frame_indices(table.count, u, sampling=d.sampling, dense_stride=d.dense_stride).ravel()
+    wanted = sorted(set(idx.tolist()))
     render, got = None, {}
-    for i, frame in frames_at(container, stream, table, sorted(set(idx.tolist()))):
-        render = render or make_renderer(frame)
+    for i, frame in frames_at(container, stream, table, wanted):
+        render = render or ShardRenderer(frame, sample_aspect_ratio(stream), shards)
         got[i] = render(frame)
-    if len(got) < len(set(idx.tolist())):
+    if len(got) < len(wanted):
         return None
     return np.stack([got[i] for i in idx.tolist()])
 
@@ -405,6 +407,25 @@ class Hop:
         return cls(float(match[1]), bool(match[2]))
 
 
+class FramePreprocessor:
+    """One decoded frame -> (S, S, 3) float32 model input: the val centre crop, resized and normalised, as
+    read_clip renders each frame of a clip."""
+
+    def __init__(self, render: ShardRenderer, d: LoaderConfig):
+        self.render, self.d = render, d
+        self.views: Views | None = None  # the centre crop of the first frame's shard size
+
+    def __call__(self, frame: av.VideoFrame) -> torch.Tensor:
+        rgb = self.render(frame)
+        if self.views is None:
+            h, w = rgb.shape[:2]
+            boxes, flips, size = sampling.eval_crop_boxes(
+                w, h, scale_size=self.d.scale_size, crop_size=self.d.crop_size, num_crops=1
+            )
+            self.views = Views(np.zeros((1, 1), np.float32), boxes, flips, size)
+        return render_views(rgb[None], self.views, 1)[0, 0]
+
+
 def frame_time(frame: av.VideoFrame, number: int, rate: float) -> float:
     return float(frame.time) if frame.time is not None else number / rate
 
@@ -424,22 +445,22 @@ def stream_predictions(
     """Records {"t", "frame", "top"} over a source decoded sequentially: every `stride`-th frame is
     preprocessed into a window of the model's T frames (a deque, the only frames kept), and the window is
     scored every `hop` once it is full; t and frame are those of the window's newest frame."""
-    train_short, train_size = (short_side, None) if short_side else training_frame_size(cfg)
+    shards = ShardGeometry.of(cfg, short_side)
     d = cfg.data
     window: deque[torch.Tensor] = deque(maxlen=d.num_segments)
     with open_video(source) as container:
         stream = video_stream(container, source)
         rate = float(stream.average_rate or stream.guessed_rate or 25)
-        render, last = None, None  # renderer, (frame, t) of the last prediction
+        render, start, last = None, 0.0, None  # preprocessor, first frame's time, (frame, t) last predicted
         try:
             for number, frame in enumerate(container.decode(stream)):
                 if number % stride:
                     continue
-                render = render or FramePreprocessor(
-                    ShardRenderer(frame, sample_aspect_ratio(stream), train_short, train_size), d
-                )
+                if render is None:
+                    render = FramePreprocessor(ShardRenderer(frame, sample_aspect_ratio(stream), shards), d)
+                    start = frame_time(frame, number, rate)  # a camera's clock does not start at 0
                 window.append(render(frame))
-                t = frame_time(frame, number, rate)
+                t = frame_time(frame, number, rate) - start
                 if len(window) == window.maxlen and _due(hop, last, number, t):
                     last = (number, t)
                     x = torch.stack(tuple(window)).permute(0, 3, 1, 2)[None].to(device)
@@ -455,25 +476,6 @@ def _due(hop: Hop, last: tuple[int, float] | None, number: int, t: float) -> boo
         return True
     # a small slack so a 0.1 s hop at 10 fps does not slip a frame on float rounding of timestamps
     return t - last[1] >= hop.value - 1e-6 if hop.seconds else number - last[0] >= hop.value
-
-
-class FramePreprocessor:
-    """One decoded frame -> (S, S, 3) float32 model input: the val centre crop, resized and normalised."""
-
-    def __init__(self, render: ShardRenderer, d):
-        self.render, self.num_segments = render, d.num_segments
-        self.d = d
-        self.views: Views | None = None
-
-    def __call__(self, frame: av.VideoFrame) -> torch.Tensor:
-        rgb = self.render(frame)
-        if self.views is None:
-            h, w = rgb.shape[:2]
-            boxes, flips, size = sampling.eval_crop_boxes(
-                w, h, scale_size=self.d.scale_size, crop_size=self.d.crop_size, num_crops=1
-            )
-            self.views = Views(np.zeros((1, 1), np.float32), boxes, flips, size)
-        return render_views(rgb[None], self.views, 1)[0, 0]
 
 
 # ---------------------------------------------------------------------------------------------- command line

@@ -267,3 +267,17 @@ def test_stream_command_writes_jsonl_and_plain_lines(files, tmp_path, capsys):
     assert train.main(["predict", *argv]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 4 and lines[0].split()[:3] == ["0.30s", "frame", "3"]
+
+
+def test_stream_frames_are_rendered_as_read_clip_renders_them():
+    """rotated_90.mov has 3 frames: a T=3 clip is frames 0, 1, 2, and so is the first stream window at
+    stride 1, so both score the same (rotation, scaling, crop and normalisation shared)."""
+    cfg = tiny_config()
+    cfg.data.num_segments = 3
+    model = tiny_model(cfg).eval()
+    video = str(EDGE / "rotated_90.mov")
+    clip = predict.top_classes(model, predict.read_clip(video, cfg), CLASSES, 3)
+    (record,) = predict.stream_predictions(model, cfg, CLASSES, video, stride=1, hop=predict.Hop(1, False))
+    assert record["frame"] == 2
+    assert [name for name, _ in record["top"]] == [name for name, _ in clip]
+    assert [score for _, score in record["top"]] == pytest.approx([score for _, score in clip], abs=1e-6)
