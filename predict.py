@@ -442,33 +442,45 @@ def stream_predictions(
     device: torch.device | str = "cpu",
     short_side: int | None = None,
 ) -> Iterator[dict]:
-    """Records {"t", "frame", "top"} over a source decoded sequentially: every `stride`-th frame is
-    preprocessed into a window of the model's T frames (a deque, the only frames kept), and the window is
-    scored every `hop` once it is full; t and frame are those of the window's newest frame."""
+    """Records {"t": seconds, "frame": number, "top": [[label, score], ...]} over a source decoded
+    sequentially, one per `hop` once the first window is full; t and frame are the window's newest frame's."""
     shards = ShardGeometry.of(cfg, short_side)
-    d = cfg.data
-    window: deque[torch.Tensor] = deque(maxlen=d.num_segments)
     with open_video(source) as container:
         stream = video_stream(container, source)
-        rate = float(stream.average_rate or stream.guessed_rate or 25)
-        render, start, last = None, 0.0, None  # preprocessor, first frame's time, (frame, t) last predicted
         try:
-            for number, frame in enumerate(container.decode(stream)):
-                if number % stride:
-                    continue
-                if render is None:
-                    render = FramePreprocessor(ShardRenderer(frame, sample_aspect_ratio(stream), shards), d)
-                    start = frame_time(frame, number, rate)  # a camera's clock does not start at 0
-                window.append(render(frame))
-                t = frame_time(frame, number, rate) - start
-                if len(window) == window.maxlen and _due(hop, last, number, t):
-                    last = (number, t)
-                    x = torch.stack(tuple(window)).permute(0, 3, 1, 2)[None].to(device)
-                    yield {"t": round(t, 3), "frame": number, "top": top_classes(model, x, classes, top)}
+            for number, t, x_TSSC in sliding_windows(container, stream, cfg.data, shards, stride, hop):
+                x = x_TSSC.permute(0, 3, 1, 2)[None].to(device)
+                yield {"t": round(t, 3), "frame": number, "top": top_classes(model, x, classes, top)}
         except (av.FFmpegError, OSError) as e:
             raise decode_error(source, e) from None
-    if render is None:
-        raise PredictError(f"{source} has no video frames")
+        except PredictError as e:
+            raise PredictError(f"{source}: {e}") from None
+
+
+def sliding_windows(
+    container, stream, d: LoaderConfig, shards: ShardGeometry, stride: int, hop: Hop
+) -> Iterator[tuple[int, float, torch.Tensor]]:
+    """(frame number, seconds, window (T, S, S, 3)) every `hop`: every `stride`-th decoded frame is
+    preprocessed into a deque of the model's T frames, the only frames kept."""
+    window: deque[torch.Tensor] = deque(maxlen=d.num_segments)
+    rate = float(stream.average_rate or stream.guessed_rate or 25)
+    render, start, last, number = None, 0.0, None, -1  # last: (number, t) of the last window given
+    for number, frame in enumerate(container.decode(stream)):
+        if number % stride:
+            continue
+        if render is None:
+            render = FramePreprocessor(ShardRenderer(frame, sample_aspect_ratio(stream), shards), d)
+            start = frame_time(frame, number, rate)  # a camera's clock does not start at 0
+        window.append(render(frame))
+        t = frame_time(frame, number, rate) - start
+        if len(window) == window.maxlen and _due(hop, last, number, t):
+            last = (number, t)
+            yield number, t, torch.stack(tuple(window))
+    if last is None:
+        raise PredictError(
+            f"it ended after {number + 1} frames, before a window of {d.num_segments} frames "
+            f"{stride} apart was full: use a smaller --stride, or predict without --stream"
+        )
 
 
 def _due(hop: Hop, last: tuple[int, float] | None, number: int, t: float) -> bool:
@@ -500,6 +512,9 @@ def build_parser():
     parser.add_argument("--classes", default="", help="class names, one a line (default: the checkpoint's)")
     parser.add_argument("--top", type=int, default=5, help="how many classes to show (default 5)")
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="torch CPU threads (default 0: torch's choice; see docs)"
+    )
     parser.add_argument("--model", default="", help="model name of a plain state_dict (needs --classes)")
     parser.add_argument("--num-segments", type=int, default=8, help="frames per clip of --model (default 8)")
     parser.add_argument(
@@ -520,6 +535,8 @@ def build_parser():
 
 def parse_args(argv: list[str]):
     args = build_parser().parse_args(argv)
+    if args.threads < 0:
+        raise C.ConfigError(f"--threads must be >= 0, got {args.threads}")
     for name in ("top", "num_segments", "stride"):
         if getattr(args, name) <= 0:
             raise C.ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -533,6 +550,8 @@ def parse_args(argv: list[str]):
 def main(argv: list[str]) -> None:
     args = parse_args(argv)
     device = resolve_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model, cfg, classes = load_model(
         args.checkpoint,
         device,

@@ -184,6 +184,8 @@ def error_cases(files: dict[str, Path], tmp_path: Path):
         ([plain, video, "--model", "gc_tsm_mini", "--classes", str(files["two"])], 1, "has 3 classes"),
         ([str(tmp_path / "none.pt"), video], 1, "checkpoint"),
         ([ckpt, "9"], 1, "camera /dev/video9 not found"),
+        ([ckpt, str(EDGE / "rotated_90.mov"), "--stream"], 1, "ended after 3 frames, before a window of 4"),
+        ([ckpt, video, "--threads", "-1"], 2, "--threads must be >= 0"),
     ]
     if not torch.cuda.is_available():
         cases.append(([ckpt, video, "--device", "cuda"], 1, "asks for a GPU but torch sees none"))
