@@ -89,11 +89,12 @@ def test_shard_frame_size_is_preprocess_output_size(width, height, sar, rotation
 
 @pytest.fixture(scope="module")
 def val_dataset(tmp_path_factory) -> Path:
-    """A rotated, a non-square-pixel and a Kinetics video through the preprocess CLI (MJPEG, short side
+    """Two rotated, a non-square-pixel and a Kinetics video through the preprocess CLI (MJPEG, short side
     256)."""
     out = tmp_path_factory.mktemp("val-dataset")
     sources = [
         EDGE / "rotated_90.mov",
+        EDGE / "rotated_270.mov",
         EDGE / "carphone_176x144_nonsquare.mp4",
         KINETICS / "arm_wrestling_demo.mp4",
     ]
