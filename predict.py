@@ -352,14 +352,16 @@ def _load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], path: 
             f"{path} has {state[fc].shape[0]} classes but the class list has {target[fc].shape[0]}: pass the "
             f"list it was trained with via --classes FILE"
         )
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()
+    missing, unexpected = sorted(set(target) - set(state)), sorted(set(state) - set(target))
+    reshaped = sorted(k for k in set(target) & set(state) if target[k].shape != state[k].shape)
+    if missing or unexpected or reshaped:
+        found = [(missing, "missing"), (unexpected, "not in the model"), (reshaped, "of another shape")]
+        what = ", ".join(f"{len(keys)} weights {why} (first: {keys[0]})" for keys, why in found if keys)
         raise PredictError(
-            f"{path} does not fit model {cfg.model.name} ({' '.join(first[:2])[:300]}): is --model the "
-            f"model it was trained or converted as?"
-        ) from None
+            f"{path} does not fit model {cfg.model.name}: {what}; is --model the model it was trained or "
+            f"converted as?"
+        )
+    model.load_state_dict(state)
 
 
 @torch.no_grad()
@@ -497,7 +499,7 @@ class UsageParser(argparse.ArgumentParser):
     """argparse whose usage errors raise C.ConfigError (train.main: one line, exit 2) instead of sys.exit."""
 
     def error(self, message: str):
-        raise C.ConfigError(f"{message}\n{self.format_usage().strip()}")
+        raise C.ConfigError(f"{message} (usage: {self.prog} -h)")
 
 
 def build_parser():
