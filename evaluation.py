@@ -320,6 +320,7 @@ def evaluate(checkpoints: Sequence[str], overrides: Sequence[str]) -> dict[str, 
             100 * per_checkpoint[str(path)]["top1"],
         )
     if not dist.is_main or first is None:
+        runtime.barrier(dist)  # the ranks end together: one that tears its process group down early aborts
         return {}
     index = json.loads(Path(first.data.index).read_text())
     out = Path(first.eval.out or Path(checkpoints[0]).parent / f"eval-{first.eval.split}")
@@ -330,4 +331,5 @@ def evaluate(checkpoints: Sequence[str], overrides: Sequence[str]) -> dict[str, 
         "index": first.data.index,
     }
     result = write_report(out, ensemble(score_sets), labels, classes, pairs=class_pairs(index), meta=meta)
+    runtime.barrier(dist)
     return {**result, "out": str(out), "per_checkpoint": per_checkpoint}

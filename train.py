@@ -474,7 +474,7 @@ def train(cfg: C.Config) -> dict[str, Any]:
 USAGE = """usage:
   python train.py [train] [--preset NAME] [--section.field VALUE ...]   train (default preset: demo)
   python train.py evaluate CKPT [CKPT ...] [--eval.num_clips N --eval.num_crops 1|3|10 ...]
-  python train.py predict CKPT VIDEO [--classes FILE] [--top 5] [--device cpu]
+  python train.py predict CKPT VIDEO [--classes FILE] [--top 5] [--device cpu] [--stream ...]   (predict -h)
 presets: {presets}
 aliases: {aliases}
 options (demo defaults):
