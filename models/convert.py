@@ -75,7 +75,12 @@ def release_state(source: str | Path | Mapping) -> dict[str, torch.Tensor]:
             source = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:
             raise ValueError(f"{path} could not be read as a PyTorch checkpoint: {err}") from err
-    state = source.get("state_dict", source)
+    state = source.get("state_dict", source) if isinstance(source, Mapping) else None
+    if not isinstance(state, Mapping):
+        raise ValueError(
+            f"the file holds a {type(source).__name__}, not a checkpoint: expected a state_dict (a dict of "
+            f"tensors), possibly under 'state_dict', as the TSM and GC releases are"
+        )
     return {k.removeprefix("module."): v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
@@ -115,6 +120,11 @@ def convert_state_dict(
             "dropped %d entries of ECal-S's BatchNorm, which the reference never applies (e.g. %s)",
             len(dropped),
             dropped[0],
+        )
+    if "fc.weight" not in converted:
+        raise ValueError(
+            f"the {fmt.upper()} checkpoint has no classifier (new_fc.weight / fc.weight), so its number of "
+            f"classes is unknown: is it a backbone-only file? Load it with --pretrained instead"
         )
     num_classes = converted["fc.weight"].shape[0]
     num_segments = model_options.pop("num_segments", 8)

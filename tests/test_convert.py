@@ -106,3 +106,20 @@ def test_cli_writes_a_loadable_state_dict(tmp_path):
     build_model("tsm_mini", 3).load_state_dict(torch.load(dst, weights_only=True), strict=True)
     with pytest.raises(SystemExit):
         main([str(tmp_path / "missing.pth"), str(dst)])
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ([1, 2, 3], "holds a list, not a checkpoint"),
+        (torch.zeros(3), "holds a Tensor, not a checkpoint"),
+        ({"state_dict": {"module.base_model.conv1.weight": torch.zeros(1)}}, "expected keys"),
+    ],
+)
+def test_cli_names_files_that_are_not_release_checkpoints(content, message, tmp_path, capsys):
+    src = tmp_path / "thing.pth"
+    torch.save(content, src)
+    with pytest.raises(SystemExit) as exit_:
+        main([str(src), str(tmp_path / "out.pth")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and message in err and "Traceback" not in err
