@@ -538,6 +538,7 @@ def validate(cfg: Config) -> Config:
         min(d.num_segments, d.batch_size, d.dali_pipelines) >= 1,
         "--data.num_segments, --data.batch_size and --data.dali_pipelines must be >= 1",
     )
+    _check(d.frames_per_segment >= 1, f"--data.frames_per_segment must be >= 1, got {d.frames_per_segment}")
     _check(
         0 < d.crop_size <= d.scale_size,
         f"--data.crop_size must be in (0, --data.scale_size={d.scale_size}], got {d.crop_size}",
