@@ -241,6 +241,32 @@ def ecal_t_tsm_r50_sthv1_8f() -> Config:
     return cfg
 
 
+def gc_gst_r50_sthv1_8f() -> Config:
+    """GC-GST on Something-Something V1, the GC repository's train_gst.sh: --net M4 --cdiv 4 --loop --ef_lr5,
+    lr 0.01 for batch 32, wd 1e-4, steps 20 / 40 of 50, dropout 0.5, clip 20, no partial BN (--npb); its
+    bash_test_tsntsmgst_gc.sh tests 2 clips (--twice_sample) x 1 full-resolution crop (--full_res). The
+    release flips Something-Something with its 3 direction label pairs swapped; this loader has no
+    label-swapping flip, so flip stays off as for the other Something-Something presets."""
+    cfg = _something("gc_gst_r50_sthv1_8f", "gc_gst_r50", 8, "sthv1")
+    cfg.model.cdiv, cfg.model.gc_loop = 4, True
+    cfg.optim.lr, cfg.optim.base_batch = 0.01, 32
+    cfg.eval.full_res = True
+    return cfg
+
+
+def gc_tdn_r50_sthv1_8f() -> Config:
+    """GC-TDN on Something-Something V1, the GC repository's train_tdn.sh: 8 GPUs x 8 clips, lr 0.01 (for 64),
+    wd 5e-4, steps 30 / 45 / 55 of 60, dropout 0.5, clip 20, no partial BN, no warm-up (opts_tdn default 0),
+    calibrators at lr x5 (ops_tdn/models_gc.py's ef groups), 5 frames per segment; tested as the GC README's
+    8 x 1 x 1 (one clip, centre crop at 224 after short side 256). Flip as gc_gst_r50_sthv1_8f."""
+    cfg = _something("gc_tdn_r50_sthv1_8f", "gc_tdn_r50", 8, "sthv1")
+    cfg.data.frames_per_segment = 5
+    cfg.data.batch_size = 4  # per rank: 8 x 40 frames of 224 px is too much for many GPUs with autograd
+    cfg.optim.weight_decay, cfg.optim.epochs, cfg.optim.lr_steps = 5e-4, 60, (30, 45, 55)
+    cfg.eval = EvalConfig(num_clips=1, num_crops=1, batch_size=4)
+    return cfg
+
+
 def gc_tsm_r50_jester_8f() -> Config:
     """Jester: hand gestures whose labels name directions (swiping left/right): trained like
     Something-Something, no flip."""
@@ -318,6 +344,8 @@ PRESETS: dict[str, Callable[[], Config]] = {
         gc_tsm_r50_sthv2_8f,
         gc_tsm_r50_sthv2_16f,
         ecal_t_tsm_r50_sthv1_8f,
+        gc_gst_r50_sthv1_8f,
+        gc_tdn_r50_sthv1_8f,
         gc_tsm_r50_jester_8f,
         gc_tsm_r50_diving48_16f,
         tsm_r50_k400_8f_dense,
@@ -537,6 +565,12 @@ def validate(cfg: Config) -> Config:
     _check(
         min(d.num_segments, d.batch_size, d.dali_pipelines) >= 1,
         "--data.num_segments, --data.batch_size and --data.dali_pipelines must be >= 1",
+    )
+    per_segment = models.parse_name(m.name).get("frames_per_segment", 1)
+    _check(
+        d.frames_per_segment == per_segment,
+        f"--model.name {m.name} takes {per_segment} frame(s) per segment: set --data.frames_per_segment "
+        f"{per_segment} (got {d.frames_per_segment})",
     )
     _check(
         0 < d.crop_size <= d.scale_size,

@@ -30,6 +30,7 @@ import torch
 
 import checkpoints
 import config as C
+import models
 from pipeline import sampling
 from pipeline.loader import LoaderConfig, Views
 from pipeline.torch_loader import render_views
@@ -244,7 +245,7 @@ def read_clip(video: str | Path, cfg: C.Config, *, short_side: int | None = None
     boxes, flips, size = sampling.eval_crop_boxes(
         w, h, scale_size=d.scale_size, crop_size=d.crop_size, num_crops=1
     )
-    return render_views(rgb, Views(u, boxes, flips, size), d.num_segments).permute(0, 1, 4, 2, 3)
+    return render_views(rgb, Views(u, boxes, flips, size), d.clip_length).permute(0, 1, 4, 2, 3)
 
 
 def sampled_frames(
@@ -264,7 +265,13 @@ def sampled_frames(
 def _decode_indices(container, stream, table: FrameTable, u, d: LoaderConfig, shards) -> np.ndarray | None:
     if table.count == 0:
         return None
-    idx = sampling.frame_indices(table.count, u, sampling=d.sampling, dense_stride=d.dense_stride).ravel()
+    idx = sampling.frame_indices(
+        table.count,
+        u,
+        sampling=d.sampling,
+        dense_stride=d.dense_stride,
+        frames_per_segment=d.frames_per_segment,
+    ).ravel()
     wanted = sorted(set(idx.tolist()))
     render, got = None, {}
     for i, frame in frames_at(container, stream, table, wanted):
@@ -284,6 +291,8 @@ def plain_config(model_name: str, num_segments: int, num_classes: int) -> C.Conf
     cfg = C.Config()
     cfg.model.name, cfg.model.num_classes = model_name, num_classes
     cfg.data.num_segments = num_segments
+    if model_name in models.list_models():  # an unknown name is reported where the model is built
+        cfg.data.frames_per_segment = models.parse_name(model_name).get("frames_per_segment", 1)
     return cfg
 
 

@@ -1,4 +1,4 @@
-"""Model registry: TSN / TSM / GC-TSN / GC-TSM / single-calibrator (ECal-x) ResNets for video clips.
+"""Model registry: TSN / TSM / GC-TSN / GC-TSM / single-calibrator (ECal-x) / GST / TDN ResNets for video.
 
 model = build_model("gc_tsm_r50", num_classes=400, num_segments=8)
 logits_NK = model(x_NTCHW)
@@ -11,6 +11,7 @@ from functools import partial
 
 from torch import nn
 
+from . import gst, tdn
 from .policy import param_groups
 from .resnet import ARCHS, ResNet, load_imagenet, torchvision_imagenet_state
 from .temporal import CALIBRATOR_KINDS, GroupContext
@@ -23,6 +24,8 @@ _NAME = re.compile(
     r"^(?:(?P<base>tsn|tsm|gc_tsn|gc_tsm)|ecal_(?P<kind>[ltsg])_(?P<ebase>tsn|tsm))"
     r"_(?P<arch>\w+)$"
 )
+# GST / TDN (and their GC forms): ResNet-50 and the CPU-sized mini
+_FAMILY = re.compile(r"^(?P<gc>gc_)?(?P<family>gst|tdn)_(?P<arch>r50|mini)$")
 
 
 def list_models() -> list[str]:
@@ -30,11 +33,24 @@ def list_models() -> list[str]:
     names += [
         f"ecal_{kind}_{base}_{arch}" for arch in ARCHS for kind in CALIBRATOR_KINDS for base in ("tsn", "tsm")
     ]
+    names += [
+        f"{gc}{family}_{arch}" for arch in ("r50", "mini") for family in ("gst", "tdn") for gc in ("", "gc_")
+    ]
     return names
 
 
 def parse_name(name: str) -> dict:
-    """'ecal_t_tsm_r50' -> {'arch': 'r50', 'shift': True, 'calibrators': ('t',)} (calibrators () for none)."""
+    """'ecal_t_tsm_r50' -> {'arch': 'r50', 'shift': True, 'calibrators': ('t',)} (calibrators () for none);
+    GST / TDN names add 'family' ('gst' | 'tdn') and 'frames_per_segment' (TDN: 5 input frames a segment)."""
+    family = _FAMILY.match(name)
+    if family is not None:
+        return {
+            "arch": family["arch"],
+            "shift": False,
+            "calibrators": CALIBRATOR_KINDS if family["gc"] else (),
+            "family": family["family"],
+            "frames_per_segment": tdn.FRAMES_PER_SEGMENT if family["family"] == "tdn" else 1,
+        }
     match = _NAME.match(name)
     if match is None or match["arch"] not in ARCHS:
         raise ValueError(f"unknown model {name!r}; known: {', '.join(list_models())}")
@@ -46,9 +62,12 @@ def parse_name(name: str) -> dict:
     return {"arch": match["arch"], "shift": base.endswith("tsm"), "calibrators": calibrators}
 
 
-def _gc_context(planes: int, index: int, *, cdiv: int, loop: bool, num_segments: int) -> nn.Module:
+def _gc_context(
+    planes: int, index: int, *, cdiv: int, loop: bool, num_segments: int, norm: bool = True
+) -> nn.Module:
+    offset = index % cdiv if loop else 0
     return GroupContext(
-        planes, CALIBRATOR_KINDS, planes // cdiv, cdiv, num_segments, offset=index % cdiv if loop else 0
+        planes, CALIBRATOR_KINDS, planes // cdiv, cdiv, num_segments, offset=offset, norm=norm
     )
 
 
@@ -75,7 +94,8 @@ def build_model(
     shift_div / shift_place: TSM families; cdiv / gc_loop: GC families (groups of planes // cdiv channels, the
     calibrator-to-group assignment rotating per block with gc_loop); ratio: single-calibrator families
     (planes // ratio channels); pretrained: a local ImageNet ResNet state_dict (torchvision names) or
-    'imagenet' (torchvision).
+    'imagenet' (torchvision). GST / TDN (models.gst, models.tdn) take cdiv / gc_loop; a TDN model takes
+    num_segments * 5 frames per clip (model.input_frames).
     """
     spec = parse_name(name)
     arch = ARCHS[spec["arch"]]
@@ -83,18 +103,33 @@ def build_model(
     if len(kinds) == 4:
         if cdiv < 4:
             raise ValueError(f"cdiv must be >= 4 for GC (four calibrators on separate groups), got {cdiv}")
-        context = partial(_gc_context, cdiv=cdiv, loop=gc_loop, num_segments=num_segments)
+        # GC-GST's calibrators sit before bn2 and have no BatchNorm of their own
+        norm = spec.get("family") != "gst"
+        context = partial(_gc_context, cdiv=cdiv, loop=gc_loop, num_segments=num_segments, norm=norm)
     elif kinds:
         context = partial(_single_context, kind=kinds[0], ratio=ratio, num_segments=num_segments)
     else:
         context = None
-    backbone = ResNet(
-        arch,
-        num_segments=num_segments,
-        shift_div=shift_div if spec["shift"] else None,
-        shift_place=shift_place,
-        context=context,
-    )
+    if spec.get("family") == "gst":
+        backbone = gst.GSTResNet(arch, num_segments=num_segments, context=context)
+    elif spec.get("family") == "tdn":
+        backbone = tdn.TDNResNet(arch, num_segments=num_segments, context=context)
+    else:
+        backbone = ResNet(
+            arch,
+            num_segments=num_segments,
+            shift_div=shift_div if spec["shift"] else None,
+            shift_place=shift_place,
+            context=context,
+        )
     if pretrained is not None:
         load_imagenet(backbone, torchvision_imagenet_state(arch) if pretrained == "imagenet" else pretrained)
-    return VideoNet(backbone, num_classes, num_segments, dropout=dropout, partial_bn=partial_bn)
+    frames_per_segment = spec.get("frames_per_segment", 1)
+    return VideoNet(
+        backbone,
+        num_classes,
+        num_segments,
+        dropout=dropout,
+        partial_bn=partial_bn,
+        frames_per_segment=frames_per_segment,
+    )

@@ -6,7 +6,10 @@
 The format is recognised from the key names: 'module.base_model.*' + 'module.new_fc.*' (TSN/TSM/GC releases),
 '.conv1.net.' (TSM's wrapped conv1 under blockres shift), '.eftN.' (GC calibrators: eft1..4 = ECal-L/T/S/G,
 their norm 'bn1', ECal-G's linear 'conv'). ECal-S's BatchNorm is never applied by the reference: its entries
-are dropped.
+are dropped. The GC repository's GST / TDN files (GC or not) are recognised by '.Tconv.' (GST's temporal
+conv; its per-frame Conv3d weights (o, i, 1, k, k) become Conv2d weights) and by 'layerN_bak.' / 'conv1_5.'
+(TDN: 'resnext_layer1' and 'conv1_5' are the difference path, '.mse.' the long-term module, '.shift.conv'
+the learnable shift; the unused 'conv1_temp' is dropped).
 """
 
 from __future__ import annotations
@@ -37,25 +40,92 @@ _EFT_NAMES = {
 
 
 def detect_format(keys: list[str]) -> str:
-    """'gc' | 'tsm' | 'tsn' for release state_dict keys (without 'module.'); ValueError otherwise."""
+    """'gc' | 'tsm' | 'tsn' | '[gc_]gst' | '[gc_]tdn' for release state_dict keys (without 'module.');
+    ValueError otherwise."""
     if not any(k.startswith("base_model.") for k in keys) or not any(k.startswith("new_fc.") for k in keys):
         raise ValueError(
             "not a TSN/TSM/GC release checkpoint: expected keys 'module.base_model.*' and "
             f"'module.new_fc.*', found e.g. {keys[:5]}"
         )
-    if any(_EFT.search(k) or ".eft" in k for k in keys):
+    gc = any(_EFT.search(k) or ".eft" in k for k in keys)
+    family = _gst_tdn_family(keys)
+    if family is not None:
+        return f"gc_{family}" if gc else family
+    if gc:
         return "gc"
     return "tsm" if any(".conv1.net." in k for k in keys) else "tsn"
 
 
-def _rename(key: str) -> str | None:
-    """Release key (no 'module.') -> our key; None to drop; ValueError for keys with no counterpart."""
+# ----- the GC repository's GST / TDN releases
+_TDN_PREFIXES = {
+    "backbone.conv1_5.0.": "backbone.short_term.conv.",
+    "backbone.conv1_5.1.": "backbone.short_term.bn.",
+    "backbone.resnext_layer1.": "backbone.short_term.layer1.",
+}
+_TDN_LAYER = re.compile(r"^backbone\.layer(\d)_bak\.")
+_MSE = re.compile(r"\.mse\.(\w+?)\.(?=weight|bias|running_|num_batches)")
+_MSE_NAMES = {  # TDN's mSEModule -> models.tdn.LongTermDifference
+    "conv1": "reduce",
+    "bn1": "reduce_bn",
+    "conv2": "diff_conv",
+    "conv3_smallscale2": "pooled_conv",
+    "bn3_smallscale2": "pooled_bn",
+    "conv3_smallscale4": "full_conv",
+    "bn3_smallscale4": "full_bn",
+    "conv3": "expand",
+    "bn3": "expand_bn",
+}
+
+
+def _gst_tdn_family(keys: list[str]) -> str | None:
+    if any(".Tconv." in k for k in keys):
+        return "gst"
+    if any(k.startswith(("base_model.layer1_bak.", "base_model.conv1_5.")) for k in keys):
+        return "tdn"
+    return None
+
+
+def _tdn_name(ours: str) -> str | None:
+    """A TDN release key (base_model. already backbone.) -> ours; None for the unused conv1_temp."""
+    if ours.startswith("backbone.conv1_temp."):
+        return None
+    for old, new in _TDN_PREFIXES.items():
+        if ours.startswith(old):
+            ours = new + ours.removeprefix(old)
+    ours = _TDN_LAYER.sub(r"backbone.layer\1.", ours).replace(".shift.conv.weight", ".shift.weight")
+    match = _MSE.search(ours)
+    if match:
+        if match[1] not in _MSE_NAMES:
+            raise KeyError(ours)
+        ours = ours[: match.start()] + f".long_term.{_MSE_NAMES[match[1]]}." + ours[match.end() :]
+    return ours
+
+
+def _per_frame_weights(state: dict[str, torch.Tensor], expected: Mapping) -> dict[str, torch.Tensor]:
+    """GST's (o, i, 1, k, k) Conv3d weights as the (o, i, k, k) Conv2d weights they are here."""
+    return {
+        k: v.squeeze(2)
+        if v.dim() == 5 and v.shape[2] == 1 and k in expected and expected[k].dim() == 4
+        else v
+        for k, v in state.items()
+    }
+
+
+def _rename(key: str, fmt: str) -> str | None:
+    """Release key (no 'module.') -> our key; None to drop; KeyError for keys with no counterpart."""
     if key.startswith("new_fc."):
         return "fc." + key.removeprefix("new_fc.")
     if not key.startswith("base_model."):
         raise KeyError(key)
     ours = "backbone." + key.removeprefix("base_model.")
-    ours = ours.replace(".conv1.net.", ".conv1.")
+    if fmt.endswith("tdn"):
+        ours = _tdn_name(ours)
+        if ours is None:
+            return None
+    elif fmt.endswith("gst"):
+        ours = ours.replace(".Tconv.", ".tconv.")
+    else:
+        ours = ours.replace(".conv1.net.", ".conv1.")
     match = _EFT.search(ours)
     if match:
         target = _EFT_NAMES[match.groups()]
@@ -86,11 +156,15 @@ def release_state(source: str | Path | Mapping) -> dict[str, torch.Tensor]:
 
 def infer_model_name(state: Mapping[str, torch.Tensor], fmt: str) -> str:
     """The build_model name whose keys a release state_dict has (GC releases are GC-TSM unless told)."""
-    depth = 1 + max(int(m[1]) for k in state if (m := re.match(r"base_model\.layer3\.(\d+)\.", k)))
+    blocks = [int(m[1]) for k in state if (m := re.match(r"base_model\.layer3(?:_bak)?\.(\d+)\.", k))]
+    depth = 1 + max(blocks, default=-1)
     arch = {6: "r50", 23: "r101"}.get(depth)
-    if arch is None:
-        raise ValueError(f"layer3 has {depth} blocks: neither ResNet-50 (6) nor ResNet-101 (23)")
-    return {"gc": "gc_tsm", "tsm": "tsm", "tsn": "tsn"}[fmt] + "_" + arch
+    if arch is None or (arch != "r50" and _gst_tdn_family(list(state))):
+        raise ValueError(
+            f"layer3 has {depth} blocks: neither ResNet-50 (6) nor ResNet-101 (23); GST / TDN exist as "
+            f"ResNet-50 only"
+        )
+    return {"gc": "gc_tsm"}.get(fmt, fmt) + "_" + arch
 
 
 def convert_state_dict(
@@ -107,7 +181,7 @@ def convert_state_dict(
     converted, dropped, unknown = {}, [], []
     for key, value in state.items():
         try:
-            ours = _rename(key)
+            ours = _rename(key, fmt)
         except KeyError:
             unknown.append(key)
             continue
@@ -117,7 +191,7 @@ def convert_state_dict(
             converted[ours] = value
     if dropped:
         log.info(
-            "dropped %d entries of ECal-S's BatchNorm, which the reference never applies (e.g. %s)",
+            "dropped %d entries the reference never applies (ECal-S's BatchNorm, TDN's conv1_temp; e.g. %s)",
             len(dropped),
             dropped[0],
         )
@@ -130,6 +204,8 @@ def convert_state_dict(
     num_segments = model_options.pop("num_segments", 8)
     with torch.device("meta"):
         expected = build_model(model_name, num_classes, num_segments, **model_options).state_dict()
+    if fmt.endswith("gst"):
+        converted = _per_frame_weights(converted, expected)
     missing = [k for k in expected if k not in converted]
     unknown += [k for k in converted if k not in expected]
     wrong = [

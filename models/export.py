@@ -60,7 +60,7 @@ def export_onnx(
         raise ValueError(f"opset {opset} < {DEFAULT_OPSET}: torch.onnx's exporter emits opset 18 or later")
     model.eval()
     # Two clips: torch.export specialises an axis of size 1, so the example must not fix the batch to 1.
-    example = torch.zeros(batch or 2, model.num_segments, 3, size, size)
+    example = torch.zeros(batch or 2, model.input_frames, 3, size, size)
     dynamic_shapes = None if batch else ({0: torch.export.Dim("batch")},)
     program = torch.onnx.export(
         model,
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as err:
         return fail(f"cannot write {args.out}: {err}", 1)
     batch_axis = f"static {args.batch}" if args.batch else "dynamic"
-    t, size = model.num_segments, args.size
+    t, size = model.input_frames, args.size
     sys.stdout.write(
         f"{name} ({model.fc.out_features} classes, T={t}) -> {args.out}: "
         f"clips (batch {batch_axis}, {t}, 3, {size}, {size}), opset {args.opset}\n"

@@ -172,10 +172,14 @@ def load_imagenet(backbone: ResNet, source: str | Path | Mapping[str, torch.Tens
     if skipped:
         log.info("ImageNet weights: skipping the ImageNet classifier (%s)", ", ".join(skipped))
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    adapt = getattr(backbone, "adapt_imagenet", None)  # GST / TDN: derived tensors (sliced, copied, inflated)
+    if adapt is not None:
+        state = adapt(state)
     expected = backbone.state_dict()
     wanted = backbone.imagenet_keys()
+    wanted_set = set(wanted)
     missing = [k for k in wanted if k not in state]
-    unknown = [k for k in state if k not in expected or ".gc." in k]
+    unknown = [k for k in state if k not in wanted_set]
     wrong = [
         f"{k} {tuple(state[k].shape)} != {tuple(expected[k].shape)}"
         for k in wanted

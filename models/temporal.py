@@ -72,10 +72,10 @@ class Calibrator(nn.Module):
 class ECalL(Calibrator):
     """Local: per-element gate from a temporal (3,1,1) conv over the group."""
 
-    def __init__(self, channels: int, num_segments: int):
+    def __init__(self, channels: int, num_segments: int, norm: bool = True):
         super().__init__(channels, num_segments)
         self.conv = nn.Conv3d(channels, channels, (3, 1, 1), padding=(1, 0, 0), bias=False)
-        self.bn = nn.BatchNorm3d(channels)
+        self.bn = nn.BatchNorm3d(channels) if norm else nn.Identity()
         self.reset_parameters()
 
     def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
@@ -88,10 +88,10 @@ class ECalL(Calibrator):
 class ECalT(Calibrator):
     """Temporal: per-frame, per-channel gate from a temporal conv over spatially pooled features."""
 
-    def __init__(self, channels: int, num_segments: int):
+    def __init__(self, channels: int, num_segments: int, norm: bool = True):
         super().__init__(channels, num_segments)
         self.conv = nn.Conv1d(channels, channels, 3, padding=1, bias=False)
-        self.bn = nn.BatchNorm1d(channels)
+        self.bn = nn.BatchNorm1d(channels) if norm else nn.Identity()
         self.reset_parameters()
 
     def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
@@ -108,7 +108,7 @@ class ECalS(Calibrator):
     (models.convert drops its entries from released checkpoints).
     """
 
-    def __init__(self, channels: int, num_segments: int):
+    def __init__(self, channels: int, num_segments: int, norm: bool = True):
         super().__init__(channels, num_segments)
         self.conv = nn.Conv2d(channels, channels, 3, padding=2, dilation=2, bias=False)
         self.reset_parameters()
@@ -122,10 +122,10 @@ class ECalS(Calibrator):
 class ECalG(Calibrator):
     """Global: per-channel gate from clip-level pooled features."""
 
-    def __init__(self, channels: int, num_segments: int):
+    def __init__(self, channels: int, num_segments: int, norm: bool = True):
         super().__init__(channels, num_segments)
         self.linear = nn.Linear(channels, channels, bias=False)
-        self.bn = nn.BatchNorm1d(channels)
+        self.bn = nn.BatchNorm1d(channels) if norm else nn.Identity()
         self.reset_parameters()
 
     def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
@@ -143,7 +143,7 @@ class GroupContext(nn.Module):
     The channels are split into `num_groups` groups of `group_channels` (plus any remainder, never
     calibrated); calibrator j of `kinds` acts on group (offset + j) % num_groups. GC: kinds l,t,s,g with
     num_groups = cdiv; a single-calibrator variant: one kind on the first planes // ratio channels
-    (num_groups = 1).
+    (num_groups = 1). norm=False: calibrators without their BatchNorm (GC-GST's, which sit before bn2).
     """
 
     def __init__(
@@ -154,6 +154,7 @@ class GroupContext(nn.Module):
         num_groups: int,
         num_segments: int,
         offset: int = 0,
+        norm: bool = True,
     ):
         super().__init__()
         if group_channels < 1 or group_channels * num_groups > planes or len(kinds) > num_groups:
@@ -166,7 +167,7 @@ class GroupContext(nn.Module):
         self.targets = [(offset + j) % num_groups for j in range(len(kinds))]
         self.kinds = tuple(kinds)
         for kind in kinds:
-            self.add_module(f"ecal_{kind}", CALIBRATORS[kind](group_channels, num_segments))
+            self.add_module(f"ecal_{kind}", CALIBRATORS[kind](group_channels, num_segments, norm))
 
     def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
         groups = list(x_BCHW.split(self.split_sizes, dim=1))

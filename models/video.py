@@ -9,10 +9,11 @@ from .resnet import ResNet
 
 
 class VideoNet(nn.Module):
-    """x_NTCHW (N, T, 3, H, W) -> logits (N, num_classes).
+    """x_NTCHW (N, T, 3, H, W) -> logits (N, num_classes), T = num_segments * frames_per_segment.
 
     backbone (frames as a batch of N*T images) -> global average pool -> dropout -> fc per frame -> mean
-    over T.
+    over T. A backbone that takes frames_per_segment > 1 consecutive frames per segment (TDN: 5) returns one
+    feature map per segment, and the classifier and the mean work on the num_segments segments.
     With partial_bn, every BatchNorm2d of the backbone except the first stays in eval mode with frozen affine
     parameters while training (TSN's partial BN).
     """
@@ -25,9 +26,11 @@ class VideoNet(nn.Module):
         *,
         dropout: float = 0.5,
         partial_bn: bool = False,
+        frames_per_segment: int = 1,
     ):
         super().__init__()
         self.num_segments = num_segments
+        self.frames_per_segment = frames_per_segment
         self.backbone = backbone
         self.dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(backbone.num_features, num_classes)
@@ -67,12 +70,23 @@ class VideoNet(nn.Module):
         """Names (in named_parameters) of the classifier's parameters, for 'fc lr x5' style policies."""
         return [f"fc.{name}" for name, _ in self.fc.named_parameters()]
 
+    @property
+    def input_frames(self) -> int:
+        """Frames per clip the model takes: num_segments * frames_per_segment."""
+        return self.num_segments * self.frames_per_segment
+
     def forward(self, x_NTCHW: torch.Tensor) -> torch.Tensor:
         n, t = x_NTCHW.shape[:2]
-        if t != self.num_segments:
+        if t != self.input_frames:
+            per_segment = (
+                f" x frames_per_segment={self.frames_per_segment} = {self.input_frames}"
+                if self.frames_per_segment > 1
+                else ""
+            )
             raise ValueError(
                 f"input has {t} frames per clip, the model was built for num_segments={self.num_segments}"
+                f"{per_segment}"
             )
         features_BF = self.backbone(x_NTCHW.flatten(0, 1)).mean((2, 3))
         logits_BK = self.fc(self.dropout(features_BF))
-        return logits_BK.unflatten(0, (n, t)).mean(1)
+        return logits_BK.unflatten(0, (n, self.num_segments)).mean(1)

@@ -24,8 +24,11 @@ from pipeline.loader import IMAGENET_MEAN, IMAGENET_STD, Loader, LoaderConfig, R
 log = logging.getLogger(__name__)
 
 
-def frame_index_graph(num_frames, u, *, sampling_rule: str, num_segments: int, dense_stride: int):
-    """pipeline.sampling.frame_indices in DALI float32 arithmetic: draws (clips, T) -> flat int32 indices."""
+def frame_index_graph(
+    num_frames, u, *, sampling_rule: str, num_segments: int, dense_stride: int, frames_per_segment: int = 1
+):
+    """pipeline.sampling.frame_indices in DALI float32 arithmetic: draws (clips, T) -> flat int32 indices
+    (clips * T * frames_per_segment, segment-major)."""
     import nvidia.dali.math as dmath
     from nvidia.dali import fn, types
 
@@ -40,6 +43,10 @@ def frame_index_graph(num_frames, u, *, sampling_rule: str, num_segments: int, d
     else:
         raise ValueError(f"sampling must be one of {sampling.SAMPLINGS}, got {sampling_rule!r}")
     idx = dmath.min(idx, length - np.float32(1))
+    if frames_per_segment > 1:  # (clips * T, 1) + (F,) broadcasts to each segment's F frames
+        offsets = types.Constant(sampling.segment_offsets(frames_per_segment))
+        window = fn.reshape(idx, shape=[-1, 1]) + offsets
+        idx = dmath.clamp(window, np.float32(0), length - np.float32(1))
     return fn.cast(fn.reshape(idx, shape=[-1]), dtype=types.INT32)
 
 
@@ -78,6 +85,7 @@ def build_pipeline(
     sampling_rule: str,
     num_segments: int,
     dense_stride: int,
+    frames_per_segment: int = 1,
     num_crops: int,
     out_size: int,
     fp16: bool,
@@ -108,7 +116,12 @@ def build_pipeline(
             dtype=[types.UINT8, types.INT32, types.FLOAT, types.FLOAT, types.FLOAT, types.INT32],
         )
         idx = frame_index_graph(
-            num_frames, u, sampling_rule=sampling_rule, num_segments=num_segments, dense_stride=dense_stride
+            num_frames,
+            u,
+            sampling_rule=sampling_rule,
+            num_segments=num_segments,
+            dense_stride=dense_stride,
+            frames_per_segment=frames_per_segment,
         )
         frames = fn.decoders.video(video, frames=idx, device="mixed" if gpu else "cpu", pad_mode="none")
         mean = [255 * m for m in IMAGENET_MEAN]
@@ -201,6 +214,7 @@ class DaliLoader(Loader):
             sampling_rule=cfg.sampling,
             num_segments=cfg.num_segments,
             dense_stride=cfg.dense_stride,
+            frames_per_segment=cfg.frames_per_segment,
             num_crops=num_crops,
             out_size=out,
             fp16=self.dtype == torch.float16,
@@ -333,7 +347,7 @@ class DaliLoader(Loader):
 
     def _arrange(self, x: torch.Tensor) -> torch.Tensor:
         """DALI's (N, [crops,] clips*T, S, S, 3) -> (N, V, T, S, S, 3), V = clips*crops, clip-major."""
-        n, t = x.shape[0], self.cfg.num_segments
+        n, t = x.shape[0], self.cfg.clip_length
         x = (
             x.view(n, -1, x.shape[-4] // t, t, *x.shape[-3:])
             if x.dim() == 6

@@ -27,6 +27,8 @@ class LoaderConfig:
     # auto: dali-gpu on a GPU, dali-cpu for MJPEG on a CPU, torch otherwise (pipeline.build.select_backend)
     backend: Literal["auto", "dali-gpu", "dali-cpu", "torch"] = "auto"
     num_segments: int = 8  # T
+    # consecutive frames per segment around each sampled index (TDN: 5); a clip is num_segments * this
+    frames_per_segment: int = 1
     sampling: Literal["tsn", "dense"] = "tsn"
     dense_stride: int = 8
     num_clips: int = 1  # test-time clips per video
@@ -42,6 +44,11 @@ class LoaderConfig:
     # throughput setting to measure per GPU; the CPU backends use one pipeline)
     dali_pipelines: int = 4
     seed: int = 0
+
+    @property
+    def clip_length(self) -> int:
+        """Frames per clip the loader outputs: num_segments * frames_per_segment."""
+        return self.num_segments * self.frames_per_segment
 
 
 @dataclass

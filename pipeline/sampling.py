@@ -18,6 +18,10 @@ stride``
   frames starting at ``floor(u * max(L - W + 1, 1))``. Train: ``u`` uniform (a random window); val: ``u =
   0.5``
   (the centre window); test: ``num_clips`` evenly spaced windows, ``u = (c + 0.5) / num_clips``.
+- Frames per segment (``frames_per_segment=F``, TDN's 5): each index above becomes the centre of ``F``
+  consecutive frames ``i - F//2 .. i + F//2``, each clamped to ``[0, L - 1]`` (the ends repeat their first /
+  last frame); a clip is then ``T * F`` frames, segment-major. Train draws a random centre, val the segment
+  centre, as for ``F = 1``.
 - Short videos: TSN needs no special case (``L < T`` repeats frames in order, every index stays below ``L``).
   Dense windows longer than the video start at 0 and wrap around (``index mod L``, "loop" as in mmaction2).
 
@@ -62,11 +66,15 @@ def frame_draws(
     return np.repeat(u, num_segments, axis=1) if sampling == "dense" else u
 
 
-def frame_indices(num_frames: int, u: np.ndarray, *, sampling: str, dense_stride: int = 8) -> np.ndarray:
-    """Frame indices (clips, T) int64 from draws ``u`` (clips, T); float32 arithmetic mirrors the DALI
-    graph."""
+def frame_indices(
+    num_frames: int, u: np.ndarray, *, sampling: str, dense_stride: int = 8, frames_per_segment: int = 1
+) -> np.ndarray:
+    """Frame indices (clips, T * frames_per_segment) int64 from draws ``u`` (clips, T); float32 arithmetic
+    mirrors the DALI graph."""
     if num_frames < 1:
         raise ValueError(f"a video needs at least one frame, got num_frames={num_frames}")
+    if frames_per_segment < 1:
+        raise ValueError(f"frames_per_segment must be >= 1, got {frames_per_segment}")
     u = np.asarray(u, dtype=np.float32)
     num_segments = u.shape[-1]
     length = np.float32(num_frames)
@@ -80,7 +88,16 @@ def frame_indices(num_frames: int, u: np.ndarray, *, sampling: str, dense_stride
         idx = pos - length * np.floor(pos / length)
     else:
         raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
-    return np.minimum(idx, length - 1).astype(np.int64)
+    idx = np.minimum(idx, length - 1)
+    if frames_per_segment > 1:
+        offsets = segment_offsets(frames_per_segment)
+        idx = np.clip(idx[..., None] + offsets, np.float32(0), length - 1).reshape(idx.shape[0], -1)
+    return idx.astype(np.int64)
+
+
+def segment_offsets(frames_per_segment: int) -> np.ndarray:
+    """Offsets of a segment's frames from its centre index: -F//2 .. F - 1 - F//2 (float32)."""
+    return np.arange(frames_per_segment, dtype=np.float32) - np.float32(frames_per_segment // 2)
 
 
 def tsm_fixed_offsets(

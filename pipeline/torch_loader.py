@@ -95,7 +95,8 @@ def _decode_seeking(
 
 
 def render_views(frames_FHWC: np.ndarray, views: Views, num_segments: int) -> torch.Tensor:
-    """(clips*T, H, W, 3) uint8 -> (clips*crops, T, S, S, 3) float32, normalised, clip-major views."""
+    """(clips*T, H, W, 3) uint8 -> (clips*crops, T, S, S, 3) float32, normalised, clip-major views (T: frames
+    per clip, num_segments * frames_per_segment)."""
     frames = torch.from_numpy(frames_FHWC).permute(0, 3, 1, 2)
     crops = []
     for (x0, y0, x1, y1), flip in zip(views.boxes.tolist(), views.flips.tolist()):
@@ -130,9 +131,13 @@ class _Decoder(torch.utils.data.Dataset):
             sample = self.dataset[sid]
             views = make_views(self.cfg, self.mode, epoch, sid, sample)
             idx = sampling.frame_indices(
-                sample.num_frames, views.u, sampling=self.cfg.sampling, dense_stride=self.cfg.dense_stride
+                sample.num_frames,
+                views.u,
+                sampling=self.cfg.sampling,
+                dense_stride=self.cfg.dense_stride,
+                frames_per_segment=self.cfg.frames_per_segment,
             )
-            x = render_views(decode_frames(sample.video, idx), views, self.cfg.num_segments)
+            x = render_views(decode_frames(sample.video, idx), views, self.cfg.clip_length)
             return sid, x, sample.label, sample.key
         except (ValueError, KeyError, OSError, av.FFmpegError) as e:
             return sid, f"{type(e).__name__}: {e}", -1, ""

@@ -24,7 +24,32 @@ REQUIRED_PRESETS = [
     "tsm_r50_k400_8f_dense",
     "gc_tsm_r50_ucf101_ft",
     "gc_tsm_r50_hmdb51_ft",
+    "gc_gst_r50_sthv1_8f",
+    "gc_tdn_r50_sthv1_8f",
 ]
+
+
+def test_gst_tdn_presets_follow_the_gc_scripts():
+    gst = C.preset("gc_gst_r50_sthv1_8f")
+    assert (gst.model.name, gst.model.gc_loop, gst.optim.lr, gst.optim.base_batch) == (
+        "gc_gst_r50",
+        True,
+        0.01,
+        32,
+    )
+    assert (gst.eval.num_clips, gst.eval.twice_sample, gst.eval.full_res, gst.data.flip) == (
+        2,
+        True,
+        True,
+        False,
+    )
+    tdn = C.preset("gc_tdn_r50_sthv1_8f")
+    assert (tdn.data.frames_per_segment, tdn.data.clip_length, tdn.optim.lr_steps) == (5, 40, (30, 45, 55))
+    assert (tdn.optim.weight_decay, tdn.optim.epochs, tdn.optim.gc_lr_mult) == (5e-4, 60, 5.0)
+    with pytest.raises(C.ConfigError, match="set --data.frames_per_segment 5"):
+        C.validate(C.apply_overrides(tdn, ["--data.frames_per_segment", "1"]))
+    with pytest.raises(C.ConfigError, match="gst_r50 takes 1 frame"):
+        C.validate(C.apply_overrides(gst, ["--data.frames_per_segment", "5"]))
 
 
 @pytest.mark.parametrize(

@@ -24,7 +24,9 @@ def test_registry_names():
             assert f"{base}_{arch}" in names
         for kind in "ltsg":
             assert {f"ecal_{kind}_tsn_{arch}", f"ecal_{kind}_tsm_{arch}"} <= names
-    assert len(names) == 36
+    for family in ("gst", "tdn"):
+        assert {f"{family}_r50", f"gc_{family}_r50", f"{family}_mini", f"gc_{family}_mini"} <= names
+    assert len(names) == 44
     with pytest.raises(ValueError, match="unknown model 'gc_tsm_r18'"):
         build_model("gc_tsm_r18", 10)
 
@@ -33,7 +35,7 @@ def test_registry_names():
 def test_mini_trains_every_parameter(name):
     torch.manual_seed(0)
     model = build_model(name, num_classes=5, num_segments=4).train()
-    logits = model(torch.randn(2, 4, 3, 48, 48))
+    logits = model(torch.randn(2, model.input_frames, 3, 48, 48))
     assert logits.shape == (2, 5)
     logits.square().sum().backward()
     for pname, p in model.named_parameters():
@@ -51,7 +53,9 @@ def test_big_models_shapes():
     # real numbers for r50 and r101 are checked below and in test_r50_backward_every_parameter.
     for name in BIG:
         with torch.device("meta"):
-            logits = build_model(name, num_classes=3, num_segments=2).eval()(torch.empty(1, 2, 3, 32, 32))
+            model = build_model(name, num_classes=3, num_segments=2).eval()
+            # 64 px: TDN's long-term module pools layer4's 2x2 maps by 2 (at 32 px they are 1x1)
+            logits = model(torch.empty(1, model.input_frames, 3, 64, 64))
         assert logits.shape == (1, 3), name
 
 

@@ -96,10 +96,19 @@ def test_dali_decodes_the_requested_frames(index):
 
 
 @pytest.mark.parametrize(
-    "rule, mode, clips",
-    [("tsn", "train", 1), ("tsn", "test", 2), ("dense", "train", 1), ("dense", "test", 3), ("tsn", "val", 1)],
+    "rule, mode, clips, per_segment",
+    [
+        ("tsn", "train", 1, 1),
+        ("tsn", "test", 2, 1),
+        ("dense", "train", 1, 1),
+        ("dense", "test", 3, 1),
+        ("tsn", "val", 1, 1),
+        ("tsn", "train", 1, 5),  # TDN: 5 frames around each index, clamped at the ends
+        ("tsn", "test", 2, 5),
+        ("dense", "train", 1, 3),
+    ],
 )
-def test_dali_index_arithmetic_equals_numpy(rule, mode, clips):
+def test_dali_index_arithmetic_equals_numpy(rule, mode, clips, per_segment):
     from nvidia.dali import fn, pipeline_def, types
 
     T, stride = 8, 4
@@ -118,13 +127,17 @@ def test_dali_index_arithmetic_equals_numpy(rule, mode, clips):
             batch=True,
             dtype=[types.INT32, types.FLOAT],
         )
-        return frame_index_graph(n, u, sampling_rule=rule, num_segments=T, dense_stride=stride)
+        return frame_index_graph(
+            n, u, sampling_rule=rule, num_segments=T, dense_stride=stride, frames_per_segment=per_segment
+        )
 
     p = pipe()
     p.build()
     out = p.run()[0]
     for i, (length, u) in enumerate(zip(lengths, draws)):
-        expected = sampling.frame_indices(length, u, sampling=rule, dense_stride=stride).ravel()
+        expected = sampling.frame_indices(
+            length, u, sampling=rule, dense_stride=stride, frames_per_segment=per_segment
+        ).ravel()
         assert np.array(out[i]).tolist() == expected.tolist(), (length, u)
 
 
@@ -149,6 +162,26 @@ def test_dali_and_torch_fallback_agree(index, mode, crops):
     )
     if mode == "train":  # a different epoch draws other frames and crops
         assert (other[0][0] - outs["torch"][0][0]).abs().mean() > 0.1
+
+
+@pytest.mark.parametrize("mode", ["train", "test"])
+def test_frames_per_segment_in_both_backends(index, mode):
+    # TDN input: 5 consecutive frames per segment, segment-major; both backends compute the indices on their
+    # own (numpy / the DALI graph), so equal pixels mean equal frames.
+    outs = {}
+    for backend in ("dali-cpu", "torch"):
+        cfg = _cfg(index, backend=backend, num_segments=2, frames_per_segment=5, num_clips=2, batch_size=3)
+        loader = build_loader(cfg, "val", mode)
+        loader.set_epoch(1)
+        outs[backend] = next(iter(loader))[0]
+    shape = (3, 2, 10, 3, 56, 56) if mode == "test" else (3, 10, 3, 56, 56)
+    assert outs["dali-cpu"].shape == outs["torch"].shape == shape
+    diff = (outs["dali-cpu"] - outs["torch"]).abs()
+    assert diff.mean() < 0.05 and diff.max() < 1.2
+    x = outs["torch"].flatten(0, -5)  # (clips, 10, 3, S, S)
+    neighbours = (x[:, 1:5] - x[:, :4]).abs().mean()
+    across = (x[:, 5:] - x[:, :5]).abs().mean()  # the frames of the other segment, far away in time
+    assert neighbours < across
 
 
 def test_output_contract(index):

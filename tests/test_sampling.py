@@ -41,6 +41,50 @@ def test_frame_index_table(num_frames, mode, rule, T, clips, twice, stride, expe
     assert _indices(num_frames, mode, rule, T, clips, twice, stride) == expected
 
 
+@pytest.mark.parametrize(
+    "num_frames, mode, rule, T, clips, expected",
+    [
+        # centres 2, 6, 10, 14 (the TSN val indices); each segment is the 5 frames around its centre, the
+        # last clamped to the video's last frame
+        (16, "val", "tsn", 4, 1, [[0, 1, 2, 3, 4, 4, 5, 6, 7, 8, 8, 9, 10, 11, 12, 12, 13, 14, 15, 15]]),
+        # a 3-frame video: centres 0 and 2, both ends clamped
+        (3, "val", "tsn", 2, 1, [[0, 0, 0, 1, 2, 0, 1, 2, 2, 2]]),
+        (1, "val", "tsn", 2, 1, [[0] * 10]),
+        # two test clips: centres floor((k + 0.25) * 40 / 2) = 5, 25 and floor((k + 0.75) * 20) = 15, 35
+        (
+            40,
+            "test",
+            "tsn",
+            2,
+            2,
+            [[3, 4, 5, 6, 7, 23, 24, 25, 26, 27], [13, 14, 15, 16, 17, 33, 34, 35, 36, 37]],
+        ),
+        # dense (stride 8) centre window of a 100-frame video: start floor(0.5 * (100 - 16 + 1)) = 42, centres
+        # 42 and 50 with their neighbours
+        (100, "val", "dense", 2, 1, [[40, 41, 42, 43, 44, 48, 49, 50, 51, 52]]),
+    ],
+)
+def test_frames_per_segment_table(num_frames, mode, rule, T, clips, expected):
+    u = sampling.frame_draws(None, mode=mode, sampling=rule, num_segments=T, num_clips=clips)
+    got = sampling.frame_indices(num_frames, u, sampling=rule, dense_stride=8, frames_per_segment=5)
+    assert got.tolist() == expected
+
+
+@pytest.mark.parametrize("num_frames", [1, 4, 5, 9, 40, 301])
+def test_frames_per_segment_train_centres_are_the_tsn_indices(num_frames):
+    rng = np.random.default_rng(num_frames)
+    for _ in range(100):
+        u = sampling.frame_draws(rng, mode="train", sampling="tsn", num_segments=8)
+        centres = sampling.frame_indices(num_frames, u, sampling="tsn")[0]
+        windows = sampling.frame_indices(num_frames, u, sampling="tsn", frames_per_segment=5).reshape(8, 5)
+        assert windows[:, 2].tolist() == centres.tolist()
+        assert windows.min() >= 0 and windows.max() < num_frames
+        unclamped = centres[:, None] + np.arange(-2, 3)
+        assert np.array_equal(windows, np.clip(unclamped, 0, num_frames - 1))
+    with pytest.raises(ValueError, match="frames_per_segment"):
+        sampling.frame_indices(10, u, sampling="tsn", frames_per_segment=0)
+
+
 def test_dense_test_windows_are_evenly_spaced():
     got = _indices(100, "test", "dense", 8, clips=10)
     starts = [row[0] for row in got]
