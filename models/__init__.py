@@ -1,4 +1,6 @@
-"""Model registry: TSN / TSM / GC-TSN / GC-TSM / single-calibrator (ECal-x) ResNets for video clips.
+"""Model registry: TSN / TSM / GC-TSN / GC-TSM / single-calibrator (ECal-x) ResNets for video clips, and the
+other rows of the GC/TSM tables: MobileNetV2 (mbv2), ResNet-50 with non-local blocks (r50_nl), ResNeXt-101
+32x8d (rx101).
 
 model = build_model("gc_tsm_r50", num_classes=400, num_segments=8)
 logits_NK = model(x_NTCHW)
@@ -11,6 +13,7 @@ from functools import partial
 
 from torch import nn
 
+from .mobilenet import MobileNetV2
 from .policy import param_groups
 from .resnet import ARCHS, ResNet, load_imagenet, torchvision_imagenet_state
 from .temporal import CALIBRATOR_KINDS, GroupContext
@@ -19,6 +22,9 @@ from .video import VideoNet
 __all__ = ["build_model", "list_models", "load_imagenet", "param_groups", "parse_name", "VideoNet"]
 
 _BASES = ("tsn", "tsm", "gc_tsn", "gc_tsm")
+_ECAL_ARCHS = ("r50", "r101", "mini")  # registered with every base and the single-calibrator variants
+# Backbones registered with only the bases of the tables' rows (mbv2 is MobileNetV2, the rest ARCHS).
+_TABLE_ARCHS = {"mbv2": ("tsn", "tsm", "gc_tsm"), "r50_nl": ("tsm",), "rx101": ("tsn", "tsm", "gc_tsm")}
 _NAME = re.compile(
     r"^(?:(?P<base>tsn|tsm|gc_tsn|gc_tsm)|ecal_(?P<kind>[ltsg])_(?P<ebase>tsn|tsm))"
     r"_(?P<arch>\w+)$"
@@ -26,17 +32,21 @@ _NAME = re.compile(
 
 
 def list_models() -> list[str]:
-    names = [f"{base}_{arch}" for arch in ARCHS for base in _BASES]
+    names = [f"{base}_{arch}" for arch in _ECAL_ARCHS for base in _BASES]
     names += [
-        f"ecal_{kind}_{base}_{arch}" for arch in ARCHS for kind in CALIBRATOR_KINDS for base in ("tsn", "tsm")
+        f"ecal_{kind}_{base}_{arch}"
+        for arch in _ECAL_ARCHS
+        for kind in CALIBRATOR_KINDS
+        for base in ("tsn", "tsm")
     ]
+    names += [f"{base}_{arch}" for arch, bases in _TABLE_ARCHS.items() for base in bases]
     return names
 
 
 def parse_name(name: str) -> dict:
     """'ecal_t_tsm_r50' -> {'arch': 'r50', 'shift': True, 'calibrators': ('t',)} (calibrators () for none)."""
     match = _NAME.match(name)
-    if match is None or match["arch"] not in ARCHS:
+    if match is None or name not in list_models():
         raise ValueError(f"unknown model {name!r}; known: {', '.join(list_models())}")
     base = match["base"] or match["ebase"]
     if match["kind"]:
@@ -74,11 +84,10 @@ def build_model(
 
     shift_div / shift_place: TSM families; cdiv / gc_loop: GC families (groups of planes // cdiv channels, the
     calibrator-to-group assignment rotating per block with gc_loop); ratio: single-calibrator families
-    (planes // ratio channels); pretrained: a local ImageNet ResNet state_dict (torchvision names) or
-    'imagenet' (torchvision).
+    (planes // ratio channels); pretrained: a local ImageNet state_dict of the 2D network (torchvision
+    names) or 'imagenet' (torchvision). mbv2 supports only shift_place 'blockres' (the release's placement).
     """
     spec = parse_name(name)
-    arch = ARCHS[spec["arch"]]
     kinds = spec["calibrators"]
     if len(kinds) == 4:
         if cdiv < 4:
@@ -88,13 +97,26 @@ def build_model(
         context = partial(_single_context, kind=kinds[0], ratio=ratio, num_segments=num_segments)
     else:
         context = None
-    backbone = ResNet(
-        arch,
+    backbone = _backbone(
+        spec["arch"],
         num_segments=num_segments,
         shift_div=shift_div if spec["shift"] else None,
         shift_place=shift_place,
         context=context,
     )
     if pretrained is not None:
-        load_imagenet(backbone, torchvision_imagenet_state(arch) if pretrained == "imagenet" else pretrained)
+        source = (
+            torchvision_imagenet_state(backbone.torchvision_name) if pretrained == "imagenet" else pretrained
+        )
+        load_imagenet(backbone, source)
     return VideoNet(backbone, num_classes, num_segments, dropout=dropout, partial_bn=partial_bn)
+
+
+def _backbone(arch: str, *, shift_place: str, **options) -> nn.Module:
+    if arch == "mbv2":
+        if shift_place != "blockres":
+            raise ValueError(
+                f"mbv2 shifts only the residual input (shift_place 'blockres'), not {shift_place!r}"
+            )
+        return MobileNetV2(**options)
+    return ResNet(ARCHS[arch], shift_place=shift_place, **options)

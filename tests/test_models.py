@@ -24,7 +24,7 @@ def test_registry_names():
             assert f"{base}_{arch}" in names
         for kind in "ltsg":
             assert {f"ecal_{kind}_tsn_{arch}", f"ecal_{kind}_tsm_{arch}"} <= names
-    assert len(names) == 36
+    assert len(names) == 36 + 7  # + tsn/tsm/gc_tsm_mbv2, tsm_r50_nl, tsn/tsm/gc_tsm_rx101
     with pytest.raises(ValueError, match="unknown model 'gc_tsm_r18'"):
         build_model("gc_tsm_r18", 10)
 
