@@ -279,7 +279,6 @@ def tsm_r50_nl_k400_8f_dense() -> Config:
 def tsm_mbv2_k400_8f() -> Config:
     """TSM MobileNetV2 on Kinetics-400 (the release's mobilenetv2 `_e100_dense` file: dense, 100 epochs)."""
     cfg = _dense_k400("tsm_mbv2_k400_8f", "tsm_mbv2")
-    cfg.model.pretrained = ""  # the ImageNet loader knows ResNets; give a MobileNetV2 state_dict as a path
     cfg.data.batch_size = 16
     return cfg
 
