@@ -41,7 +41,7 @@ class ModelConfig:
     gc_loop: bool = False  # GC: rotate the calibrator-to-group assignment per block
     ratio: int = 16  # single-calibrator (ecal_*) models: planes/ratio channels are calibrated
     partial_bn: bool = False
-    pretrained: str = ""  # '' | imagenet | path to an ImageNet ResNet state_dict
+    pretrained: str = ""  # '' | imagenet | path to an ImageNet state_dict (torchvision names)
     channels_last: bool = True
     compile: bool = True  # torch.compile the model (runtime.setup_model)
     sync_bn: bool = False  # convert BatchNorm to SyncBatchNorm under DDP
