@@ -5,6 +5,8 @@ torchvision's published parameter counts), ImageNet loading, gradients, channels
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -500,3 +502,11 @@ def test_inductor_compiled_non_local_block_matches_eager():
     x = torch.randn(8, 16, 6, 6)
     with torch.no_grad():
         torch.testing.assert_close(torch.compile(block, fullgraph=True)(x), block(x), atol=1e-5, rtol=1e-4)
+
+
+def test_imagenet_for_mbv2_and_rx101_asks_torchvision_for_their_weights(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchvision", None)
+    monkeypatch.setitem(sys.modules, "torchvision.models", None)
+    for name in ("tsm_mbv2", "tsm_rx101"):
+        with torch.device("meta"), pytest.raises(RuntimeError, match="torchvision"):
+            build_model(name, 7, pretrained="imagenet")
