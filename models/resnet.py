@@ -30,12 +30,8 @@ class Arch:
     torchvision_name: str | None = None
     groups: int = 1  # ResNeXt: conv2 is a grouped conv of groups * width_per_group * planes / 64 channels
     width_per_group: int = 64
-    non_local: tuple[tuple[int, ...], ...] = (
-        (),
-        (),
-        (),
-        (),
-    )  # per stage, the blocks followed by a NonLocal3d
+    # Per stage, the indices of the blocks followed by a NonLocal3d.
+    non_local: tuple[tuple[int, ...], ...] = ((), (), (), ())
 
 
 ARCHS: dict[str, Arch] = {
@@ -149,7 +145,9 @@ class ResNet(nn.Module):
                     if context is not None:
                         gc = context(conv_width, temporal_index)
                     temporal_index += 1
-                nl = NonLocal3d(planes * 4, num_segments) if i in arch.non_local[stage] else None
+                nl = None
+                if i in arch.non_local[stage]:
+                    nl = NonLocal3d(planes * Bottleneck.expansion, num_segments)
                 blocks.append(
                     Bottleneck(
                         inplanes,
@@ -159,9 +157,9 @@ class ResNet(nn.Module):
                         shift,
                         shift_place,
                         gc,
-                        nl,
-                        conv_width,
-                        arch.groups,
+                        nl=nl,
+                        width=conv_width,
+                        groups=arch.groups,
                     )
                 )
                 inplanes = planes * Bottleneck.expansion
@@ -224,7 +222,8 @@ def load_imagenet(backbone: nn.Module, source: str | Path | Mapping[str, torch.T
     expected = backbone.state_dict()
     wanted = backbone.imagenet_keys()
     missing = [k for k in wanted if k not in state]
-    unknown = [k for k in state if k not in set(wanted)]
+    wanted_set = set(wanted)
+    unknown = [k for k in state if k not in wanted_set]
     wrong = [
         f"{k} {tuple(state[k].shape)} != {tuple(expected[k].shape)}"
         for k in wanted
