@@ -98,6 +98,25 @@ def non_local_params_and_macs(channels: int, side: int, frames: int = 8) -> tupl
     return params, conv_macs, matmul_macs
 
 
+def gc_params_and_macs(width: int, side: int, frames: int = 8) -> tuple[int, int]:
+    """GC (cdiv 4) on `width` channels of side x side frames: ECal-L Conv3d (3,1,1) + BN3d on every position,
+    ECal-T Conv1d 3 + BN1d on the pooled frames, ECal-S dilated 3x3 on the temporally pooled map, ECal-G
+    Linear + BN1d on the clip-pooled vector; c = width / 4 channels each."""
+    c = width // 4
+    params = (3 * c * c + 2 * c) + (3 * c * c + 2 * c) + 9 * c * c + (c * c + 2 * c)
+    macs = 3 * c * c * frames * side * side + 3 * c * c * frames + 9 * c * c * side * side + c * c
+    return params, macs
+
+
+# (calibrated width, spatial side at 224, blocks) of the GC blocks: conv2's output in a bottleneck (every
+# other block of a 23-block layer3), the depthwise output in MobileNetV2's residual blocks.
+GC_BLOCKS = {
+    "r50": [(64, 56, 3), (128, 28, 4), (256, 14, 6), (512, 7, 3)],
+    "rx101": [(256, 56, 3), (512, 28, 4), (1024, 14, 12), (2048, 7, 3)],
+    "mbv2": [(144, 56, 1), (192, 28, 2), (384, 14, 3), (576, 14, 2), (960, 7, 2)],
+}
+
+
 def test_written_architectures_have_torchvisions_published_parameter_counts():
     # torchvision's model docs: mobilenet_v2 3,504,872; resnext101_32x8d 88,791,336; resnet50 25,557,032.
     assert params_and_macs(mobilenet_v2_layers(), 1280, 1000)[0] == 3_504_872
@@ -113,17 +132,22 @@ def test_written_architectures_have_torchvisions_published_parameter_counts():
 
 def expected_counts(name: str) -> tuple[int, int, int]:
     """(params, conv+linear MACs, matmul MACs) of one 8 x 224 clip, 400 classes, from the written layers."""
-    if name.endswith("mbv2"):
+    arch = name.split("_", 2 if name.startswith("gc_") else 1)[-1]
+    if arch == "mbv2":
         params, macs = params_and_macs(mobilenet_v2_layers(), 1280, 400)
-        return params, macs, 0
-    if name.endswith("rx101"):
+    elif arch == "rx101":
         params, macs = params_and_macs(resnext_layers((3, 4, 23, 3), 32, 8), 2048, 400)
-        return params, macs, 0
-    params, macs = params_and_macs(resnext_layers((3, 4, 6, 3), 1, 64), 2048, 400)
+    else:
+        params, macs = params_and_macs(resnext_layers((3, 4, 6, 3), 1, 64), 2048, 400)
     matmul = 0
-    for channels, side, blocks in ((512, 28, 2), (1024, 14, 3)):
-        p, c, m = non_local_params_and_macs(channels, side)
-        params, macs, matmul = params + blocks * p, macs + blocks * c, matmul + blocks * m
+    if arch == "r50_nl":
+        for channels, side, blocks in ((512, 28, 2), (1024, 14, 3)):
+            p, c, m = non_local_params_and_macs(channels, side)
+            params, macs, matmul = params + blocks * p, macs + blocks * c, matmul + blocks * m
+    if name.startswith("gc_"):
+        for width, side, blocks in GC_BLOCKS[arch]:
+            p, c = gc_params_and_macs(width, side)
+            params, macs = params + blocks * p, macs + blocks * c
     return params, macs, matmul
 
 
@@ -139,11 +163,12 @@ TABLE = {
 }
 
 
-@pytest.mark.parametrize("name", ["tsm_mbv2", "tsm_r50_nl", "tsm_rx101"])
+@pytest.mark.parametrize("name", [*NEW, "gc_tsm_r50"])
 def test_counts_equal_the_written_architectures(name):
+    # gc_tsm_r50 checks the GC formula against the GC reference's count (25,590,768, test_models.py).
     counted = count(name)
     params, macs, matmul = expected_counts(name)
-    assert counted["params"] == params == TABLE[name][0]
+    assert counted["params"] == params == TABLE.get(name, (25_590_768,))[0]
     assert counted["conv_linear_gmacs"] == pytest.approx(macs / 1e9, rel=1e-9)
     assert counted["matmul_gmacs"] == pytest.approx(matmul / 1e9, rel=1e-9, abs=1e-12)
 
