@@ -41,7 +41,7 @@ class ModelConfig:
     gc_loop: bool = False  # GC: rotate the calibrator-to-group assignment per block
     ratio: int = 16  # single-calibrator (ecal_*) models: planes/ratio channels are calibrated
     partial_bn: bool = False
-    pretrained: str = ""  # '' | imagenet | path to an ImageNet ResNet state_dict
+    pretrained: str = ""  # '' | imagenet | path to an ImageNet state_dict (torchvision names)
     channels_last: bool = True
     compile: bool = True  # torch.compile the model (runtime.setup_model)
     sync_bn: bool = False  # convert BatchNorm to SyncBatchNorm under DDP
@@ -305,7 +305,6 @@ def tsm_r50_nl_k400_8f_dense() -> Config:
 def tsm_mbv2_k400_8f() -> Config:
     """TSM MobileNetV2 on Kinetics-400 (the release's mobilenetv2 `_e100_dense` file: dense, 100 epochs)."""
     cfg = _dense_k400("tsm_mbv2_k400_8f", "tsm_mbv2")
-    cfg.model.pretrained = ""  # the ImageNet loader knows ResNets; give a MobileNetV2 state_dict as a path
     cfg.data.batch_size = 16
     return cfg
 

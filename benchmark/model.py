@@ -1,8 +1,11 @@
-"""Model throughput: GC-TSM-R50 against TSM-R50, forward and forward+backward, in four execution modes.
+"""Model throughput: GC-TSM-R50 against TSM-R50 (or any registered names, `--models`), forward and
+forward+backward, in four execution modes.
 
 Modes: eager fp32 NCHW, channels_last (fp32), bf16 autocast (channels_last), compiled (torch.compile, bf16,
 channels_last). Synthetic input, warm-up, synchronised timers, medians. The GC overhead is how much longer a
-GC-TSM step takes than a TSM step in the same mode. `--quick` (CPU): batch 2 x 8 frames x 112 px and no
+gc_* step takes than the same name without 'gc_' (gc_tsm_mbv2 against tsm_mbv2) in the same mode, where
+both were measured. `--models tables` adds the other rows of the GC/TSM tables: the MobileNetV2, non-local
+and ResNeXt-101 names. `--quick` (CPU): batch 2 x 8 frames x 112 px and no
 compiled mode unless asked (compiling two ResNet-50s for forward and backward takes minutes on 2 cores).
 """
 
@@ -17,7 +20,7 @@ from rich.progress import Progress
 
 import runtime
 from benchmark.common import Plot, device_sync, summary, timeit, write_results
-from models import build_model
+from models import build_model, list_models
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +31,16 @@ MODES = {  # name -> (channels_last, precision, compile)
     "compiled": (True, "bf16", True),
 }
 MODELS = ("tsm_r50", "gc_tsm_r50")
+TABLE_MODELS = (
+    *MODELS,
+    "tsn_mbv2",
+    "tsm_mbv2",
+    "gc_tsm_mbv2",
+    "tsm_r50_nl",
+    "tsn_rx101",
+    "tsm_rx101",
+    "gc_tsm_rx101",
+)
 
 
 def add_arguments(parser: argparse._ArgumentGroup) -> None:
@@ -41,13 +54,27 @@ def add_arguments(parser: argparse._ArgumentGroup) -> None:
         default=None,
         help=f"comma-separated subset of {','.join(MODES)} (default: all; quick: all but compiled)",
     )
-    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated build_model names")
+    parser.add_argument(
+        "--models",
+        default=",".join(MODELS),
+        help=f"comma-separated build_model names, or 'tables' for {','.join(TABLE_MODELS)} "
+        f"(default {','.join(MODELS)})",
+    )
     parser.add_argument(
         "--threads",
         type=int,
         default=None,
         help="torch CPU threads (default: all cores; 1 is steadier on a shared machine)",
     )
+
+
+def model_names(spec: str) -> list[str]:
+    """'tables' or comma-separated registry names -> names; SystemExit naming unknown ones."""
+    names = list(TABLE_MODELS) if spec == "tables" else spec.split(",")
+    unknown = [n for n in names if n not in list_models()]
+    if unknown:
+        raise SystemExit(f"unknown --models {unknown}; known: {', '.join(list_models())} (or 'tables')")
+    return names
 
 
 def _measure(model, x, labels, *, precision: str, device: torch.device, warmup: int, iters: int) -> dict:
@@ -88,7 +115,7 @@ def main(args: argparse.Namespace) -> int:
     unknown = [m for m in modes if m not in MODES]
     if unknown:
         raise SystemExit(f"unknown --modes {unknown}; choose from {', '.join(MODES)}")
-    names = getattr(args, "models", ",".join(MODELS)).split(",")
+    names = model_names(getattr(args, "models", ",".join(MODELS)))
     warmup = args.warmup if getattr(args, "warmup", None) is not None else (2 if quick else 10)
     iters = args.iters if getattr(args, "iters", None) is not None else (5 if quick else 30)
     if getattr(args, "threads", None):
@@ -146,8 +173,8 @@ def main(args: argparse.Namespace) -> int:
 
     by_key = {(r["model"], r["mode"]): r for r in rows}
     for row in rows:
-        base = by_key.get(("tsm_r50", row["mode"]))
-        if row["model"] != "tsm_r50" and base is not None:
+        base = by_key.get((row["model"].removeprefix("gc_"), row["mode"]))
+        if row["model"].startswith("gc_") and base is not None:
             row["gc_overhead_fwd_pct"] = 100 * (row["fwd_median_s"] / base["fwd_median_s"] - 1)
             row["gc_overhead_train_pct"] = 100 * (row["train_median_s"] / base["train_median_s"] - 1)
     meta = {

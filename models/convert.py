@@ -4,12 +4,20 @@
     python -m models.convert ckpt.best.pth.tar gc_tsm_r50_k400.pth [--model gc_tsn_r50]
 
 The format is recognised from the key names: 'module.base_model.*' + 'module.new_fc.*' (TSN/TSM/GC releases),
-'.conv1.net.' (TSM's wrapped conv1 under blockres shift), '.eftN.' (GC calibrators: eft1..4 = ECal-L/T/S/G,
-their norm 'bn1', ECal-G's linear 'conv'). ECal-S's BatchNorm is never applied by the reference: its entries
-are dropped. The GC repository's GST / TDN files (GC or not) are recognised by '.Tconv.' (GST's temporal
-conv; its per-frame Conv3d weights (o, i, 1, k, k) become Conv2d weights) and by 'layerN_bak.' / 'conv1_5.'
-(TDN: 'resnext_layer1' and 'conv1_5' are the difference path, '.mse.' the long-term module, '.shift.conv'
-the learnable shift; the unused 'conv1_temp' is dropped).
+'.net.' (TSM's wrapped conv under blockres shift: a bottleneck's conv1, an inverted residual's conv.0),
+'.eftN.' (GC calibrators: eft1..4 = ECal-L/T/S/G, their norm 'bn1', ECal-G's linear 'conv'). ECal-S's
+BatchNorm is never applied by the reference: its entries are dropped. The GC repository's GST / TDN files
+(GC or not) are recognised by '.Tconv.' (GST's temporal conv; its per-frame Conv3d weights (o, i, 1, k, k)
+become Conv2d weights) and by 'layerN_bak.' / 'conv1_5.' (TDN: 'resnext_layer1' and 'conv1_5' are the
+difference path, '.mse.' the long-term module, '.shift.conv' the learnable shift; the unused 'conv1_temp' is
+dropped).
+
+The backbone is recognised too: 'features.*' is the TSM release's MobileNetV2 (archs/mobilenet_v2.py: each
+inverted residual's `conv` is one flat Sequential, conv.0/1/3/4[/6/7] for conv/BN pairs, renamed to
+torchvision's nested conv.0.0, conv.0.1, conv.1.0, ...); 'layerX.Y.block.*' + 'layerX.Y.nl.*' is its
+ResNet-50 with non-local blocks (ops/non_local.py: NL3DWrapper holds the bottleneck as `block` and the
+NONLocalBlock3D as `nl`, whose g / phi are Sequential(conv, max-pool) and W is Sequential(conv, BN)); a
+grouped conv2 in layer1 is ResNeXt-101 32x8d; otherwise a ResNet-50 / 101 by the number of layer3 blocks.
 """
 
 from __future__ import annotations
@@ -53,7 +61,7 @@ def detect_format(keys: list[str]) -> str:
         return f"gc_{family}" if gc else family
     if gc:
         return "gc"
-    return "tsm" if any(".conv1.net." in k for k in keys) else "tsn"
+    return "tsm" if any(".net." in k for k in keys) else "tsn"
 
 
 # ----- the GC repository's GST / TDN releases
@@ -111,7 +119,43 @@ def _per_frame_weights(state: dict[str, torch.Tensor], expected: Mapping) -> dic
     }
 
 
-def _rename(key: str, fmt: str) -> str | None:
+# NL3DWrapper (release) -> Bottleneck.nl / NonLocal3d (ours).
+_NL_NAMES = (
+    (".block.", "."),
+    (".nl.g.0.", ".nl.g."),
+    (".nl.phi.0.", ".nl.phi."),
+    (".nl.W.0.", ".nl.out_conv."),
+    (".nl.W.1.", ".nl.out_bn."),
+)
+# The release's flat inverted-residual Sequential index -> torchvision's nested one, without / with expansion.
+_INVERTED_RESIDUAL = {
+    False: {"0": "0.0", "1": "0.1", "3": "1", "4": "2"},
+    True: {"0": "0.0", "1": "0.1", "3": "1.0", "4": "1.1", "6": "2", "7": "3"},
+}
+_MBV2_CONV = re.compile(r"^backbone\.features\.(\d+)\.conv\.(\d+)\.(?:net\.)?")
+
+
+def _expanded_blocks(keys) -> set[str]:
+    """MobileNetV2 feature indices whose inverted residual has an expansion conv (a conv.6 in the release)."""
+    return {m[1] for k in keys if (m := re.match(r"base_model\.features\.(\d+)\.conv\.6\.", k))}
+
+
+def _tsm_name(ours: str, key: str, expanded: set[str]) -> str:
+    """A TSN/TSM/GC release key (base_model. already backbone.) -> ours: wrapped convs, non-local blocks,
+    MobileNetV2's flat inverted residuals."""
+    ours = ours.replace(".conv1.net.", ".conv1.")
+    for release, our in _NL_NAMES:
+        ours = ours.replace(release, our)
+    match = _MBV2_CONV.match(ours)
+    if match:
+        index = _INVERTED_RESIDUAL[match[1] in expanded].get(match[2])
+        if index is None:
+            raise KeyError(key)
+        ours = f"backbone.features.{match[1]}.conv.{index}." + ours[match.end() :]
+    return ours
+
+
+def _rename(key: str, fmt: str, expanded: set[str]) -> str | None:
     """Release key (no 'module.') -> our key; None to drop; KeyError for keys with no counterpart."""
     if key.startswith("new_fc."):
         return "fc." + key.removeprefix("new_fc.")
@@ -125,7 +169,7 @@ def _rename(key: str, fmt: str) -> str | None:
     elif fmt.endswith("gst"):
         ours = ours.replace(".Tconv.", ".tconv.")
     else:
-        ours = ours.replace(".conv1.net.", ".conv1.")
+        ours = _tsm_name(ours, key, expanded)
     match = _EFT.search(ours)
     if match:
         target = _EFT_NAMES[match.groups()]
@@ -156,15 +200,26 @@ def release_state(source: str | Path | Mapping) -> dict[str, torch.Tensor]:
 
 def infer_model_name(state: Mapping[str, torch.Tensor], fmt: str) -> str:
     """The build_model name whose keys a release state_dict has (GC releases are GC-TSM unless told)."""
+    prefix = {"gc": "gc_tsm"}.get(fmt, fmt)
+    if fmt in ("gc", "tsm", "tsn"):
+        if any(k.startswith("base_model.features.") for k in state):
+            return f"{prefix}_mbv2"
+        if any(".nl." in k for k in state):
+            return f"{prefix}_r50_nl"
     blocks = [int(m[1]) for k in state if (m := re.match(r"base_model\.layer3(?:_bak)?\.(\d+)\.", k))]
-    depth = 1 + max(blocks, default=-1)
+    if not blocks:
+        raise ValueError("no base_model.layer3.* or base_model.features.* keys: not a ResNet or MobileNetV2")
+    depth = 1 + max(blocks)
+    conv2 = state.get("base_model.layer1.0.conv2.weight")
+    if depth == 23 and conv2 is not None and conv2.shape[1] != conv2.shape[0]:  # a grouped conv
+        return f"{prefix}_rx101"
     arch = {6: "r50", 23: "r101"}.get(depth)
     if arch is None or (arch != "r50" and _gst_tdn_family(list(state))):
         raise ValueError(
             f"layer3 has {depth} blocks: neither ResNet-50 (6) nor ResNet-101 (23); GST / TDN exist as "
             f"ResNet-50 only"
         )
-    return {"gc": "gc_tsm"}.get(fmt, fmt) + "_" + arch
+    return f"{prefix}_{arch}"
 
 
 def convert_state_dict(
@@ -179,9 +234,10 @@ def convert_state_dict(
     fmt = detect_format(list(state))
     model_name = model_name or infer_model_name(state, fmt)
     converted, dropped, unknown = {}, [], []
+    expanded = _expanded_blocks(state)
     for key, value in state.items():
         try:
-            ours = _rename(key, fmt)
+            ours = _rename(key, fmt, expanded)
         except KeyError:
             unknown.append(key)
             continue

@@ -83,6 +83,8 @@ class GSTBottleneck(nn.Module):
 class GSTResNet(nn.Module):
     """conv1 -> bn1 -> relu -> maxpool -> layer1..4 of GST bottlenecks; returns the final feature map."""
 
+    imagenet_classifier = "fc."  # the torchvision classifier's prefix, skipped by load_imagenet
+
     def __init__(
         self,
         arch: Arch,
@@ -93,6 +95,7 @@ class GSTResNet(nn.Module):
         beta: int = 2,
     ):
         super().__init__()
+        self.torchvision_name = arch.torchvision_name
         width = arch.width
         self.conv1 = nn.Conv2d(3, width, 7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(width)

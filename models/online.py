@@ -11,10 +11,12 @@ The offline counterpart is `causal_model(model)`: the same weights with `causal_
 t's per-frame logits there depend only on frames 0..t, and OnlineTSM fed the same frames one by one returns
 the same per-frame logits (tests/test_online.py). GC calibrators look at the future (ECal-L's 3x1x1
 temporal conv and ECal-T's temporal kernel see frame t+1, ECal-S's temporal mean and ECal-G's clip pooling
-average over all T frames), so gc_* and ecal_* models are refused.
+average over all T frames), and so do the non-local blocks (every position attends to all T frames): gc_*,
+ecal_* and *_nl models are refused.
 
-Generic over the registry: any VideoNet whose temporal modules are TemporalShift (tsm_*; tsn_* have none and
-run as a plain per-frame 2D network). A backbone built from other blocks needs only to use TemporalShift.
+Generic over the registry: any VideoNet whose temporal modules are TemporalShift (tsm_* on ResNets, ResNeXt
+and MobileNetV2, the backbone of the TSM online demo; tsn_* have none and run as a plain per-frame 2D
+network). A backbone built from other blocks needs only to use TemporalShift.
 
     online = OnlineTSM(build_model("tsm_r50", 400, 8), window=8)
     for frame_CHW in frames:           # normalised like the training frames
@@ -38,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import build_model
+from .nonlocal_ import NonLocal3d
 from .temporal import Calibrator, TemporalShift
 from .video import VideoNet
 
@@ -83,13 +86,18 @@ class CachedShift(nn.Module):
 
 
 def check_online(model: nn.Module) -> None:
-    """ValueError when the model has temporal modules that need future frames (the GC calibrators)."""
+    """ValueError when the model has temporal modules that need future frames (GC calibrators, non-local)."""
     kinds = sorted({type(m).__name__ for m in model.modules() if isinstance(m, Calibrator)})
     if kinds:
         raise ValueError(
             f"this model has GC calibrators ({', '.join(kinds)}), which need future frames: ECal-L's 3x1x1 "
             "temporal conv and ECal-T's temporal kernel see frame t+1, ECal-S's temporal mean and ECal-G's "
             "clip pooling average over all frames of the clip; online mode supports tsm_* and tsn_* models"
+        )
+    if any(isinstance(m, NonLocal3d) for m in model.modules()):
+        raise ValueError(
+            "this model has non-local blocks, which need future frames (every position attends to all "
+            "frames of the clip); online mode supports tsm_* and tsn_* models without them"
         )
 
 

@@ -1,8 +1,10 @@
-"""Bottleneck ResNet backbones (torchvision parameter names) with hook points for temporal modules.
+"""Bottleneck ResNet / ResNeXt backbones (torchvision parameter names) with hook points for temporal modules.
 
 Each bottleneck may carry `shift` (TemporalShift: on the residual input for 'blockres', on the block output
-for 'block') and `gc` (a GroupContext after conv2 -> bn2, before the ReLU). Neither adds or renames
-torchvision parameters, so an ImageNet ResNet state_dict loads strictly into the 2D part (see load_imagenet).
+for 'block'), `gc` (a GroupContext after conv2 -> bn2, before the ReLU; on ResNeXt it calibrates the grouped
+conv2's output, groups * width_per_group * planes / 64 channels) and `nl` (a NonLocal3d on the block's output,
+the TSM release's NL models). None of them renames torchvision parameters, so an ImageNet ResNet / ResNeXt
+state_dict loads strictly into the 2D part (see load_imagenet).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .nonlocal_ import NonLocal3d
 from .temporal import Calibrator, TemporalShift
 
 log = logging.getLogger(__name__)
@@ -25,17 +28,25 @@ class Arch:
     layers: tuple[int, int, int, int]
     width: int = 64  # planes of layer1; doubled per stage
     torchvision_name: str | None = None
+    groups: int = 1  # ResNeXt: conv2 is a grouped conv of groups * width_per_group * planes / 64 channels
+    width_per_group: int = 64
+    # Per stage, the indices of the blocks followed by a NonLocal3d.
+    non_local: tuple[tuple[int, ...], ...] = ((), (), (), ())
 
 
 ARCHS: dict[str, Arch] = {
     "r50": Arch((3, 4, 6, 3), 64, "resnet50"),
     "r101": Arch((3, 4, 23, 3), 64, "resnet101"),
+    "rx101": Arch((3, 4, 23, 3), 64, "resnext101_32x8d", groups=32, width_per_group=8),
+    # The TSM release's make_non_local: after blocks 0 and 2 of layer2 and 0, 2 and 4 of layer3.
+    "r50_nl": Arch((3, 4, 6, 3), 64, "resnet50", non_local=((), (0, 2), (0, 2, 4), ())),
     # CPU-sized bottleneck ResNet for the embedded demo (64x64-ish inputs, ~0.5 M parameters).
     "mini": Arch((1, 1, 1, 1), 16),
 }
 
-# (planes, index among temporal blocks) -> GroupContext or None. The index counts blocks that carry temporal
-# modules, across stages, which is what GC's 'loop' rotation steps through.
+# (channels, index among temporal blocks) -> GroupContext or None; channels: the calibrated width (conv2's
+# output). The index counts blocks that carry temporal modules, across stages, which is what GC's 'loop'
+# rotation steps through.
 ContextFactory = Callable[[int, int], nn.Module | None]
 
 
@@ -51,19 +62,24 @@ class Bottleneck(nn.Module):
         shift: TemporalShift | None = None,
         shift_place: str = "blockres",
         gc: nn.Module | None = None,
+        nl: nn.Module | None = None,
+        width: int | None = None,
+        groups: int = 1,
     ):
         super().__init__()
-        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, stride=stride, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.conv3 = nn.Conv2d(planes, planes * self.expansion, 1, bias=False)
+        width = width or planes
+        self.conv1 = nn.Conv2d(inplanes, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride=stride, padding=1, groups=groups, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, planes * self.expansion, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(planes * self.expansion)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
         self.shift = shift
         self.shift_place = shift_place
         self.gc = gc
+        self.nl = nl
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
@@ -79,11 +95,15 @@ class Bottleneck(nn.Module):
         out = self.relu(out + identity)
         if self.shift is not None and self.shift_place == "block":
             out = self.shift(out)
+        if self.nl is not None:
+            out = self.nl(out)
         return out
 
 
 class ResNet(nn.Module):
     """conv1 -> bn1 -> relu -> maxpool -> layer1..4; returns the final feature map (no pooling, no fc)."""
+
+    imagenet_classifier = "fc."  # the torchvision classifier's prefix, skipped by load_imagenet
 
     def __init__(
         self,
@@ -98,6 +118,7 @@ class ResNet(nn.Module):
         if shift_place not in ("blockres", "block"):
             raise ValueError(f"shift_place must be 'blockres' or 'block', not {shift_place!r}")
         width = arch.width
+        self.torchvision_name = arch.torchvision_name  # its ImageNet weights (None: no torchvision twin)
         self.conv1 = nn.Conv2d(3, width, 7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
         self.relu = nn.ReLU(inplace=True)
@@ -106,6 +127,7 @@ class ResNet(nn.Module):
         inplanes, temporal_index = width, 0
         for stage, num_blocks in enumerate(arch.layers):
             planes, stride = width * 2**stage, 1 if stage == 0 else 2
+            conv_width = planes * arch.width_per_group // 64 * arch.groups
             # The reference puts shift and GC in every other block of very deep stages (ResNet-101 layer3).
             every = 2 if num_blocks >= 23 else 1
             blocks = []
@@ -121,10 +143,24 @@ class ResNet(nn.Module):
                     if shift_div is not None:
                         shift = TemporalShift(num_segments, shift_div)
                     if context is not None:
-                        gc = context(planes, temporal_index)
+                        gc = context(conv_width, temporal_index)
                     temporal_index += 1
+                nl = None
+                if i in arch.non_local[stage]:
+                    nl = NonLocal3d(planes * Bottleneck.expansion, num_segments)
                 blocks.append(
-                    Bottleneck(inplanes, planes, stride if i == 0 else 1, downsample, shift, shift_place, gc)
+                    Bottleneck(
+                        inplanes,
+                        planes,
+                        stride if i == 0 else 1,
+                        downsample,
+                        shift,
+                        shift_place,
+                        gc,
+                        nl=nl,
+                        width=conv_width,
+                        groups=arch.groups,
+                    )
                 )
                 inplanes = planes * Bottleneck.expansion
             self.add_module(f"layer{stage + 1}", nn.Sequential(*blocks))
@@ -147,20 +183,30 @@ class ResNet(nn.Module):
 
     def imagenet_keys(self) -> list[str]:
         """state_dict keys of the 2D part (what a torchvision ResNet has, minus fc)."""
-        return [k for k in self.state_dict() if ".gc." not in k]
+        return imagenet_keys(self)
 
 
-def load_imagenet(backbone: ResNet, source: str | Path | Mapping[str, torch.Tensor]) -> None:
-    """Load a torchvision-named ImageNet ResNet state_dict (a local file or a mapping) into the 2D part.
+# Submodule names of the temporal modules that backbones add to a torchvision 2D network.
+TEMPORAL_PARTS = (".gc.", ".nl.")
 
-    Strict: every 2D key must be present with its shape and nothing else may be (fc.* is the ImageNet
-    classifier and is skipped with a note). Temporal modules keep their own initialisation.
+
+def imagenet_keys(backbone: nn.Module) -> list[str]:
+    """state_dict keys of a backbone's 2D part: all but those of its temporal modules."""
+    return [k for k in backbone.state_dict() if not any(part in f".{k}" for part in TEMPORAL_PARTS)]
+
+
+def load_imagenet(backbone: nn.Module, source: str | Path | Mapping[str, torch.Tensor]) -> None:
+    """Load a torchvision-named ImageNet state_dict (a local file or a mapping) into a backbone's 2D part.
+
+    Any backbone with imagenet_keys() and imagenet_classifier (ResNet, MobileNetV2). Strict: every 2D key
+    must be present with its shape and nothing else may be (the ImageNet classifier, fc.* or classifier.*, is
+    skipped with a note). Temporal modules keep their own initialisation.
     """
     if isinstance(source, (str, Path)):
         path = Path(source)
         if not path.is_file():
             raise FileNotFoundError(
-                f"pretrained weights {path} not found: pass a local ImageNet ResNet "
+                f"pretrained weights {path} not found: pass a local ImageNet "
                 "state_dict (.pth) or pretrained='imagenet' where torchvision is "
                 "installed"
             )
@@ -168,10 +214,11 @@ def load_imagenet(backbone: ResNet, source: str | Path | Mapping[str, torch.Tens
         if "state_dict" in source:
             source = source["state_dict"]
     state = {k.removeprefix("module."): v for k, v in source.items()}
-    skipped = [k for k in state if k.startswith("fc.")]
+    classifier = backbone.imagenet_classifier
+    skipped = [k for k in state if k.startswith(classifier)]
     if skipped:
         log.info("ImageNet weights: skipping the ImageNet classifier (%s)", ", ".join(skipped))
-    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    state = {k: v for k, v in state.items() if not k.startswith(classifier)}
     adapt = getattr(backbone, "adapt_imagenet", None)  # GST / TDN: derived tensors (sliced, copied, inflated)
     if adapt is not None:
         state = adapt(state)
@@ -194,17 +241,17 @@ def load_imagenet(backbone: ResNet, source: str | Path | Mapping[str, torch.Tens
     backbone.load_state_dict(state, strict=False)
 
 
-def torchvision_imagenet_state(arch: Arch) -> dict[str, torch.Tensor]:
+def torchvision_imagenet_state(torchvision_name: str | None) -> dict[str, torch.Tensor]:
     """ImageNet weights through torchvision (imported only here; it may download to torchvision's cache)."""
-    if arch.torchvision_name is None:
-        raise ValueError("pretrained='imagenet' exists only for r50 / r101 backbones")
+    if torchvision_name is None:
+        raise ValueError("pretrained='imagenet' exists only for the r50 / r101 / rx101 / mbv2 backbones")
     try:
         import torchvision.models as tvm
     except Exception as err:  # the PyPI wheel is a CUDA build that can fail to import on CPU-only machines
         raise RuntimeError(
             "pretrained='imagenet' needs an importable torchvision "
             "(pip install gcvideo[imagenet]); otherwise pass pretrained=<path to a local "
-            "ImageNet ResNet state_dict>"
+            "ImageNet state_dict>"
         ) from err
-    weights = tvm.get_model_weights(arch.torchvision_name).IMAGENET1K_V1
+    weights = tvm.get_model_weights(torchvision_name).IMAGENET1K_V1
     return weights.get_state_dict(progress=False)

@@ -178,6 +178,8 @@ def _downsample(inplanes: int, planes: int, stride: int) -> nn.Module | None:
 class TDNResNet(nn.Module):
     """Segments of frames_per_segment frames (N*S*F frames, segment-major) -> one feature map per segment."""
 
+    imagenet_classifier = "fc."  # the torchvision classifier's prefix, skipped by load_imagenet
+
     def __init__(
         self,
         arch: Arch,
@@ -187,6 +189,7 @@ class TDNResNet(nn.Module):
         frames_per_segment: int = FRAMES_PER_SEGMENT,
     ):
         super().__init__()
+        self.torchvision_name = arch.torchvision_name
         if frames_per_segment < 2:
             raise ValueError(
                 f"TDN needs >= 2 frames per segment for its differences, got {frames_per_segment}"

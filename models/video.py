@@ -5,11 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .resnet import ResNet
-
 
 class VideoNet(nn.Module):
-    """x_NTCHW (N, T, 3, H, W) -> logits (N, num_classes), T = num_segments * frames_per_segment.
+    """x_NTCHW (N, T, 3, H, W) -> logits (N, num_classes), T = num_segments * frames_per_segment; backbone: a
+    frame network (ResNet, MobileNetV2, GST, TDN) with num_features output channels.
 
     backbone (frames as a batch of N*T images) -> global average pool -> dropout -> fc per frame -> mean
     over T. A backbone that takes frames_per_segment > 1 consecutive frames per segment (TDN: 5) returns one
@@ -20,7 +19,7 @@ class VideoNet(nn.Module):
 
     def __init__(
         self,
-        backbone: ResNet,
+        backbone: nn.Module,
         num_classes: int,
         num_segments: int,
         *,

@@ -14,6 +14,8 @@ import checkpoints
 from models import build_model
 from models.checkpoint import CheckpointError, load_model
 from models.export import check_onnx, export_onnx, main
+from models.resnet import Arch, ResNet
+from models.video import VideoNet
 
 # fp32 ONNX Runtime vs PyTorch on one CPU differ by summation order only: ~1e-6 of the largest logit (measured
 # on these models); a tolerance of 1e-4 of it (at least 1) leaves room for other CPUs' kernels.
@@ -52,6 +54,8 @@ def input_dims(graph: onnx.ModelProto) -> list[str | int]:
         "tsn_mini",
         "tsm_mini",
         "gc_tsm_mini",
+        # The inverted residual's shift, depthwise convs, ReLU6 (Clip): ~20 s of CPU (17 blocks).
+        pytest.param("tsm_mbv2", marks=pytest.mark.slow),
         # ~6 s each and ~30 s together on 2 cores, for ops that gc_tsm_mini (all four calibrators and the
         # shift) and the command-line test (ecal_t_tsm_mini) already export: slow.
         pytest.param("gc_tsn_mini", marks=pytest.mark.slow),
@@ -149,3 +153,16 @@ def test_cli_errors_are_one_line(tmp_path, capsys, args, code, message):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ") and message in err, err
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_non_local_export_matches_pytorch(tmp_path):
+    # A CPU-sized ResNet with a non-local block in layer2 and layer3 (tsm_r50_nl's blocks: MaxPool, MatMul,
+    # Softmax), not a registered name.
+    torch.manual_seed(0)
+    arch = Arch((1, 1, 1, 1), 16, non_local=((), (0,), (0,), ()))
+    model = randomise(VideoNet(ResNet(arch, num_segments=FRAMES, shift_div=8), 5, FRAMES))
+    graph = exported(model, tmp_path / "nl.onnx")
+    assert {node.domain for node in graph.graph.node} == {""}
+    assert {"MatMul", "Softmax", "MaxPool"} <= {node.op_type for node in graph.graph.node}
+    diff, scale = check_onnx(model, tmp_path / "nl.onnx", batches=(1, 2))
+    assert scale > 0.1 and diff < RTOL * max(1.0, scale)
