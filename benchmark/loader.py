@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import io
 import json
 import logging
@@ -43,14 +44,14 @@ from benchmark.frame_folders import FrameFolder, FrameFolderDataset, extract, fo
 from pipeline import LoaderConfig, build_loader, sampling
 from pipeline.loader import make_views
 from pipeline.shards import ShardDataset
-from pipeline.torch_loader import decoded_frame_count, render_views
+from pipeline.torch_loader import _exit_with_parent, decoded_frame_count, render_views
 from preprocess.ffmpeg_args import EncodeSettings
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]
 VIDEOS = ROOT.parent / "shared" / "data" / "videos" / "kinetics"
 SHORT_SIDE, CROP = 256, 224
-GOPS_CPU = (1, 4, 16)
+GOPS_CPU = (1, 2, 4, 8, 16)
 GOPS_GPU = (1, 4, 8, 16, 32, 128)
 PREFETCH = 4  # batches per worker, for every DataLoader here (TorchLoader's own setting)
 
@@ -159,6 +160,7 @@ def dataloader(dataset: torch.utils.data.Dataset, cfg: LoaderConfig) -> torch.ut
         prefetch_factor=PREFETCH if cfg.workers else None,
         drop_last=True,
         multiprocessing_context="forkserver" if cfg.workers else None,
+        worker_init_fn=functools.partial(_exit_with_parent, os.getpid()),
     )
 
 
@@ -299,6 +301,7 @@ def main(args: argparse.Namespace) -> int:
                     progress.update(task, description=f"round {r + 1}/{rounds}: {row.info['path']}")
                     wait_until_idle()
                     row.round(iters)
+                    log.info("round %d %-26s %.2f s", r + 1, row.info["series"], row.rounds_s[-1])
                     progress.advance(task)
         results = summarise(rows, base.batch_size * iters)
     finally:
@@ -392,9 +395,17 @@ def summarise(rows: list[Row], clips_per_round: int) -> list[dict]:
                 "round_max_s": max(row.rounds_s),
             }
         )
-    ref = out[0]
+    speed, size = out[0]["clips_per_s"], out[0]["bytes_per_video"]
     for r in out:
-        r["speed_vs_frame_folders"] = r["clips_per_s"] / ref["clips_per_s"]
-        r["storage_vs_frame_folders"] = r["bytes_per_video"] / ref["bytes_per_video"]
+        r["speed_vs_frame_folders"] = r["clips_per_s"] / speed
+        r["storage_vs_frame_folders"] = r["bytes_per_video"] / size
         r["mb_per_video"] = r.pop("bytes_per_video") / 1e6
+        log.info(
+            "%-26s %6.1f clips/s (%.2fx)  %5.2f MB per video (%.2fx)",
+            r["series"],
+            r["clips_per_s"],
+            r["speed_vs_frame_folders"],
+            r["mb_per_video"],
+            r["storage_vs_frame_folders"],
+        )
     return out

@@ -217,8 +217,21 @@ class _Decoder(torch.utils.data.Dataset):
         self.cfg, self.mode, self.dataset = cfg, mode, dataset
 
     def __getitem__(self, job: tuple[int, tuple[int, ...]]):
+        """(the loaded samples' views stacked, or None; results with None in place of each loaded tensor).
+        In a worker the stack is written straight into shared memory, which is how it reaches the training
+        process: one copy instead of one per sample there plus a stack in the training process."""
         epoch, ids = job
-        return [self.load_one(epoch, sid) for sid in ids]
+        results = [self.load_one(epoch, sid) for sid in ids]
+        loaded = [r[1] for r in results if isinstance(r[1], torch.Tensor)]
+        x = None
+        if loaded:
+            x = torch.empty((len(loaded), *loaded[0].shape), dtype=loaded[0].dtype)
+            if torch.utils.data.get_worker_info() is not None:
+                x.share_memory_()
+            torch.stack(loaded, out=x)
+        return x, [
+            (sid, None if isinstance(v, torch.Tensor) else v, label, key) for sid, v, label, key in results
+        ]
 
     def load_one(self, epoch: int, sid: int):
         try:
@@ -316,14 +329,18 @@ class TorchLoader(Loader):
         # samples already known to be broken are not sent to the workers (counted as skipped below)
         self._jobs.jobs = [(self.epoch, tuple(int(i) for i in ids if i not in self.bad)) for ids in self.plan]
         data = self._data if self._data is not None else map(self.decoder.__getitem__, self._jobs.jobs)
-        for results, ids in zip(data, self.plan):  # data first: its iterator must see StopIteration
+        for (x_loaded, results), ids in zip(data, self.plan):  # data first: it must see StopIteration
             self.skipped += len(ids) - len(results)  # known broken, not sent to the workers
             got: list = []
-            self._take(results, got)
+            self._take(results, got)  # the loaded ones as (None, label, key): their views are x_loaded
+            loaded = len(got)
             got = self.refill(ids, got, self._load)
             if not got:
                 continue
-            x = torch.stack([g[0] for g in got])
+            parts = [x_loaded] if loaded else []
+            if len(got) > loaded:  # stand-ins for broken samples, decoded here
+                parts.append(torch.stack([g[0] for g in got[loaded:]]))
+            x = parts[0] if len(parts) == 1 else torch.cat(parts)
             yield self.to_output(x, [g[1] for g in got], [g[2] for g in got])
 
 
