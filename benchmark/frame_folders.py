@@ -20,6 +20,7 @@ from PIL import Image
 
 from pipeline import LoaderConfig, sampling
 from pipeline.loader import IMAGENET_MEAN, IMAGENET_STD, make_views
+from pipeline.torch_loader import render_views
 from preprocess.ffmpeg_args import EncodeSettings, file_url, output_size
 from preprocess.probe import probe
 
@@ -75,10 +76,18 @@ def folder_bytes(folder: FrameFolder) -> int:
 
 
 class FrameFolderDataset(torch.utils.data.Dataset):
-    """Item i = (clip (T, S, S, 3) float32 normalised, label): TSN train sampling of videos[i], epoch 0."""
+    """Item i = (clip (T, S, S, 3) float32 normalised, label): TSN train sampling of videos[i].
 
-    def __init__(self, cfg: LoaderConfig, videos: list[FrameFolder], epoch: int = 0):
-        self.cfg, self.videos, self.epoch = cfg, videos, epoch
+    render="pil": crop, resize and flip each frame with PIL, normalise in float32 (the reference data path;
+    its numpy normalise is a little faster than TSM's per-channel GroupNormalize loop). render="gcvideo":
+    the same JPEG decode, then gcvideo's own uint8 crop/resize and one normalise
+    (pipeline.torch_loader.render_views): what frame folders would cost with the fallback's rendering.
+    """
+
+    def __init__(self, cfg: LoaderConfig, videos: list[FrameFolder], render: str = "pil", epoch: int = 0):
+        if render not in ("pil", "gcvideo"):
+            raise ValueError(f"render must be 'pil' or 'gcvideo', got {render!r}")
+        self.cfg, self.videos, self.render, self.epoch = cfg, videos, render, epoch
 
     def __len__(self) -> int:
         return len(self.videos)
@@ -92,9 +101,12 @@ class FrameFolderDataset(torch.utils.data.Dataset):
         views = make_views(self.cfg, "train", self.epoch, i, video)
         idx = sampling.frame_indices(
             video.num_frames, views.u, sampling=self.cfg.sampling, dense_stride=self.cfg.dense_stride
-        )
+        ).ravel()
+        if self.render == "gcvideo":
+            frames = np.stack([np.asarray(im) for im in self.frames(i, idx)])
+            return render_views(frames, views, self.cfg.num_segments)[0], video.label
         box, size = tuple(views.boxes[0].tolist()), (views.out_size, views.out_size)
-        images = [im.crop(box).resize(size, Image.BILINEAR) for im in self.frames(i, idx.ravel())]
+        images = [im.crop(box).resize(size, Image.BILINEAR) for im in self.frames(i, idx)]
         if views.flips[0]:
             images = [im.transpose(Image.FLIP_LEFT_RIGHT) for im in images]
         x = (np.stack([np.asarray(im, dtype=np.float32) for im in images]) - _MEAN) / _STD

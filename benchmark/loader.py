@@ -155,6 +155,7 @@ def dataloader(dataset: torch.utils.data.Dataset, cfg: LoaderConfig) -> torch.ut
         dataset,
         batch_size=cfg.batch_size,
         shuffle=True,
+        generator=torch.Generator().manual_seed(cfg.seed),  # the same order on every run
         num_workers=cfg.workers,
         persistent_workers=cfg.workers > 0,
         prefetch_factor=PREFETCH if cfg.workers else None,
@@ -258,7 +259,8 @@ def decoded_frames_per_clip(cfg: LoaderConfig, path: str) -> float | None:
 
 def plan(gops: tuple[int, ...], gpu: bool) -> list[tuple[str, str, int]]:
     """(path, codec, gop) per row; the frame folders first."""
-    rows = [("frame folders", "jpeg", 0), ("naive pyav", "h264", EncodeSettings().gop)]
+    rows = [("frame folders", "jpeg", 0), ("frame folders, gcvideo render", "jpeg", 0)]
+    rows.append(("naive pyav", "h264", EncodeSettings().gop))
     rows += [("torch", "h264", g) for g in gops]
     rows += [("torch", "mjpeg", 1), ("dali-cpu", "mjpeg", 1)]
     if gpu:
@@ -355,14 +357,16 @@ def build_row(
 ) -> Row:
     info = {"path": path, "codec": codec, "gop": gop if codec == "h264" else None}
     info["series"] = (
-        path + (f" {codec}" if path != "frame folders" else "") + (f" gop {gop}" if codec == "h264" else "")
+        path + (f" {codec}" if codec != "jpeg" else "") + (f" gop {gop}" if codec == "h264" else "")
     )
     drain = PREFETCH * base.workers
-    if path == "frame folders":
+    if codec == "jpeg":
         folders = build_frame_folders(root / "frames")
         info["bytes_per_video"] = float(np.mean([folder_bytes(f) for f in folders]))
         info["decoded_frames_per_clip"] = float(base.num_segments)
-        batches = endless(dataloader(FrameFolderDataset(base, folders * repeat), base), set_epoch=False)
+        render = "gcvideo" if path.endswith("gcvideo render") else "pil"
+        dataset = FrameFolderDataset(base, folders * repeat, render=render)
+        batches = endless(dataloader(dataset, base), set_epoch=False)
         sync = None
     else:
         index = build_shards(root / f"{codec}-g{gop}", codec=codec, gop=gop)
