@@ -291,6 +291,7 @@ def main(args: argparse.Namespace) -> int:
     tmp = None if data_dir else tempfile.TemporaryDirectory(prefix="gcvideo-bench-loader-")
     root = Path(data_dir or tmp.name)
     rows: list[Row] = []
+    load_before = os.getloadavg()[0]
     try:
         with Progress(transient=True) as progress:
             task = progress.add_task("loader benchmark", total=len(plan(gops, gpu)) * (1 + rounds))
@@ -325,6 +326,8 @@ def main(args: argparse.Namespace) -> int:
         "measure": "alternating rounds in one process; each waits for the benchmark's processes to go idle, "
         "drains the prefetch queue untimed, then times consecutive batches; clips/s = median over rounds",
         "reference": "frame folders: ffmpeg JPEG q 2 img_%05d.jpg + PIL in a DataLoader (TSN/TSM data path)",
+        # other jobs on the CPU show here (this benchmark alone keeps it near the number of workers)
+        "load_average_1min": f"{load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end",
     }
     reference = next(r["clips_per_s"] for r in results if r["path"] == "frame folders")
     write_results(
