@@ -56,6 +56,19 @@ GOPS_GPU = (1, 4, 8, 16, 32, 128)
 PREFETCH = 4  # batches per worker, for every DataLoader here (TorchLoader's own setting)
 
 
+def gop_list(text: str) -> tuple[int, ...]:
+    """`--gops 1,4,16` -> (1, 4, 16); anything else is a usage error (one line, exit status 2)."""
+    try:
+        gops = tuple(int(g) for g in text.split(","))
+    except ValueError:
+        gops = ()
+    if not gops or min(gops) < 1:
+        raise argparse.ArgumentTypeError(
+            f"expected keyframe intervals >= 1 separated by commas, got {text!r}"
+        )
+    return gops
+
+
 def add_arguments(parser: argparse._ArgumentGroup) -> None:
     parser.add_argument("--batch", type=int, default=8, help="clips per batch (default 8)")
     parser.add_argument("--frames", type=int, default=8, help="frames per clip (TSN segments, default 8)")
@@ -70,6 +83,7 @@ def add_arguments(parser: argparse._ArgumentGroup) -> None:
     )
     parser.add_argument(
         "--gops",
+        type=gop_list,
         default=None,
         help=f"H.264 keyframe intervals (default {','.join(map(str, GOPS_CPU))} on a CPU, "
         f"{','.join(map(str, GOPS_GPU))} on a GPU; the preprocess default is always added)",
@@ -272,8 +286,7 @@ def main(args: argparse.Namespace) -> int:
     device = torch.device(getattr(args, "device", "cpu"))
     gpu = device.type == "cuda"
     quick = getattr(args, "quick", not gpu)
-    gops_arg = getattr(args, "gops", None)
-    gops = tuple(int(g) for g in gops_arg.split(",")) if gops_arg else (GOPS_GPU if gpu else GOPS_CPU)
+    gops = getattr(args, "gops", None) or (GOPS_GPU if gpu else GOPS_CPU)
     gops = tuple(sorted(set(gops) | {EncodeSettings().gop}))
     rounds = getattr(args, "rounds", None) or (3 if quick else 5)
     warmup = args.warmup if getattr(args, "warmup", None) is not None else 3

@@ -3,6 +3,7 @@ frame-folder baseline against the fallback (one real Kinetics clip at short side
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 from pathlib import Path
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 from conftest import KINETICS, run_preprocess
 
 from benchmark.frame_folders import FrameFolderDataset, extract
-from benchmark.loader import repeated_index, shard_bytes_per_video
+from benchmark.loader import gop_list, repeated_index, shard_bytes_per_video
 from pipeline import LoaderConfig, sampling
 from pipeline.loader import IMAGENET_MEAN, IMAGENET_STD, Views, make_views
 from pipeline.shards import ShardDataset
@@ -138,3 +139,14 @@ def test_repeated_index_lists_the_shards_again(h264_index):
     shards = json.loads(h264_index.read_text())["splits"]["train"]["shards"]
     tar = h264_index.parent / shards[0]["tar"]
     assert shard_bytes_per_video(path) == shard_bytes_per_video(h264_index) == tar.stat().st_size
+
+
+@pytest.mark.parametrize(
+    "text, gops", [("1,4,16", (1, 4, 16)), ("8", (8,)), ("4,x", None), ("0,4", None), ("", None)]
+)
+def test_gop_list(text, gops):
+    if gops is None:
+        with pytest.raises(argparse.ArgumentTypeError):
+            gop_list(text)
+    else:
+        assert gop_list(text) == gops
