@@ -104,7 +104,10 @@ def add_output_options(
         "--fps", type=float, default=None, help="constant output frame rate (default: keep frames)"
     )
     g.add_argument(
-        "--gop", type=_positive_int, default=16, help="h264 keyframe interval in frames (default 16)"
+        "--gop",
+        type=_positive_int,
+        default=EncodeSettings.gop,
+        help=f"h264 keyframe interval in frames (default {EncodeSettings.gop}; docs/preprocess.md)",
     )
     g.add_argument("--crf", type=int, default=23, help="h264 quality, lower is better (default 23)")
     g.add_argument("--preset", default="veryfast", help="libx264 preset (default veryfast)")

@@ -16,7 +16,7 @@ class EncodeSettings:
     short_side: int | None = 256  # resize the short side to this (None: keep the source size)
     size: tuple[int, int] | None = None  # fixed (width, height); overrides short_side
     fps: float | None = None  # constant output frame rate (None: keep every source frame)
-    gop: int = 16  # h264 keyframe interval in frames (docs/preprocess.md: why 16)
+    gop: int = 4  # h264 keyframe interval in frames (docs/preprocess.md: why 4)
     crf: int = 23  # h264 quality
     preset: str = "veryfast"  # h264 speed/size trade-off
     mjpeg_quality: int = 3  # mjpeg -q:v (2 best .. 31 worst)

@@ -20,7 +20,7 @@ import pytest
 from conftest import EDGE, K400_CLASSES, KINETICS, ROOT
 
 from preprocess.__main__ import main as cli_main
-from preprocess.ffmpeg_args import count_frames_args
+from preprocess.ffmpeg_args import EncodeSettings, count_frames_args
 from preprocess.transcode import NO_FRAMES
 
 EXPECTED_FAILURES = {
@@ -142,7 +142,8 @@ def test_kinetics_frames_decode_and_match_ffprobe(real_run, tmp_path):
         assert min(info["width"], info["height"]) == 64 and info["width"] % 2 == info["height"] % 2 == 0
         assert frames[0].format.name == "yuv420p"
         keyframes = [i for i, f in enumerate(frames) if f.key_frame]
-        assert keyframes == list(range(0, info["num_frames"], 16))  # fixed GOP for fast seeking
+        # the default fixed GOP (fast seeking)
+        assert keyframes == list(range(0, info["num_frames"], EncodeSettings().gop))
 
 
 def test_edge_cases_are_normalised(real_run):

@@ -71,8 +71,8 @@ def _opt(args: list[str], flag: str) -> str:
             None,
             {
                 "-vcodec": "libx264",
-                "-g": "16",
-                "-keyint_min": "16",
+                "-g": "4",  # the default keyframe interval (docs/preprocess.md)
+                "-keyint_min": "4",
                 "-bf": "0",
                 "-sc_threshold": "0",
                 "-pix_fmt": "yuv420p",
