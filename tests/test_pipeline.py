@@ -267,8 +267,10 @@ def test_dali_pipelines_are_built_once_across_epochs(index, monkeypatch):
     from pipeline import dali_loader
 
     built = []
-    real_build = dali_loader.build_pipeline
-    monkeypatch.setattr(dali_loader, "build_pipeline", lambda **kw: built.append(1) or real_build(**kw))
+    real_build = dali_loader.DaliLoader._build
+    monkeypatch.setattr(
+        dali_loader.DaliLoader, "_build", lambda self, *a, **kw: built.append(1) or real_build(self, *a, **kw)
+    )
     loader = build_loader(_cfg(index, backend="dali-cpu", batch_size=2), "train", "train")
     epochs = []
     for epoch in range(3):  # as the training loop does: exactly len(loader) batches, never exhausting it
