@@ -24,7 +24,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 @dataclass
 class LoaderConfig:
     index: str = "data/synthetic/index.json"  # dataset index.json
-    # auto: dali-gpu on a GPU, dali-cpu for MJPEG on a CPU, torch otherwise (pipeline.build.select_backend)
+    # auto: dali-gpu for NVDEC codecs on a GPU, else the CPU backend measured fastest for the codec
+    # (pipeline.build.select_backend: dali-cpu for MJPEG, torch otherwise)
     backend: Literal["auto", "dali-gpu", "dali-cpu", "torch"] = "auto"
     num_segments: int = 8  # T
     sampling: Literal["tsn", "dense"] = "tsn"
