@@ -181,14 +181,17 @@ def kinetics_index(args: argparse.Namespace, root: Path) -> str:
     )
 
 
+def torch_threads(cfg: C.Config, data: str) -> int:
+    """As train.py: the cores the loader's workers leave free; all of them for in-memory data (no loader)."""
+    return runtime.cpu_threads(cfg.run.threads, cfg.data.workers if data == "shards" else 0)
+
+
 def run_one(cfg: C.Config, data: str, args: argparse.Namespace, warmup: int, iters: int) -> dict:
     device = torch.device(args.device)
     precision = runtime.resolve_precision(cfg.run.precision, device)
     torch.manual_seed(args.seed)
-    if device.type == "cpu":  # as train.py: the cores the loader's workers leave free (none used: all)
-        torch.set_num_threads(
-            runtime.cpu_threads(cfg.run.threads, cfg.data.workers if data == "shards" else 0)
-        )
+    if device.type == "cpu":
+        torch.set_num_threads(torch_threads(cfg, data))
     loader = None
     if data == "shards":
         loader = build_loader(cfg.data, split="train", mode="train", device=device)
