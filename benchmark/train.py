@@ -181,9 +181,11 @@ def kinetics_index(args: argparse.Namespace, root: Path) -> str:
     )
 
 
-def torch_threads(cfg: C.Config, data: str) -> int:
-    """As train.py: the cores the loader's workers leave free; all of them for in-memory data (no loader)."""
-    return runtime.cpu_threads(cfg.run.threads, cfg.data.workers if data == "shards" else 0)
+def torch_threads(cfg: C.Config) -> int:
+    """As train.py: the cores the loader's workers leave free, for the synthetic row too, so that the two
+    rows differ by the loader alone (measured on 2 shared cores: 2 threads made the synthetic step 4x slower
+    than 1, which would say nothing about the loader)."""
+    return runtime.cpu_threads(cfg.run.threads, cfg.data.workers)
 
 
 def run_one(cfg: C.Config, data: str, args: argparse.Namespace, warmup: int, iters: int) -> dict:
@@ -191,7 +193,7 @@ def run_one(cfg: C.Config, data: str, args: argparse.Namespace, warmup: int, ite
     precision = runtime.resolve_precision(cfg.run.precision, device)
     torch.manual_seed(args.seed)
     if device.type == "cpu":
-        torch.set_num_threads(torch_threads(cfg, data))
+        torch.set_num_threads(torch_threads(cfg))
     loader = None
     if data == "shards":
         loader = build_loader(cfg.data, split="train", mode="train", device=device)

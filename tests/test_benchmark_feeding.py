@@ -27,19 +27,18 @@ def test_train_benchmark_kinetics_geometry():
 
 
 @pytest.mark.parametrize(
-    "cores, workers, threads, data, expected",
-    [(2, 1, 0, "shards", 1), (2, 2, 0, "shards", 1), (8, 2, 0, "shards", 6), (2, 1, 0, "synthetic", 2)]
-    + [(2, 1, 3, "shards", 3)],
+    "cores, workers, threads, expected",
+    [(2, 1, 0, 1), (2, 2, 0, 1), (8, 2, 0, 6), (2, 0, 0, 2), (2, 1, 3, 3)],
 )
 def test_train_benchmark_gives_torch_the_cores_the_workers_leave(
-    monkeypatch, cores, workers, threads, data, expected
+    monkeypatch, cores, workers, threads, expected
 ):
     import os
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
     cfg = bench_train.bench_config(_train_args(workers=workers), "gc_tsm_mini")
     cfg.run.threads = threads
-    assert bench_train.torch_threads(cfg, data) == expected
+    assert bench_train.torch_threads(cfg) == expected
 
 
 def test_reader_rows_on_tiny_shards(tiny_index):
