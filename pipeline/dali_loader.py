@@ -12,9 +12,10 @@ and feeds them, with the per-sample draws and crop boxes, through ``fn.external_
   slices the sampled frames' bytes out of the MP4 (pipeline.mp4) and the graph, one frame per DALI sample,
   decodes only the crop box of each (``fn.decoders.image_slice``, libjpeg-turbo ROI decoding), resizes it
   and flips + normalises.
- A decode error fails a whole DALI batch: the loader then decodes that
-batch's samples one by one in a batch-size-1 pipeline, skips and counts the broken ones, and continues (the
-main pipeline keeps running after a failed iteration).
+
+A decode error fails a whole DALI batch: the loader then decodes that batch's samples one by one in a
+batch-size-1 pipeline, skips and counts the broken ones, and continues (the main pipeline keeps running
+after a failed iteration).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import torch
 from pipeline import sampling
 from pipeline.loader import IMAGENET_MEAN, IMAGENET_STD, Loader, LoaderConfig, ResourceError
 from pipeline.mp4 import frame_ranges
-from pipeline.shards import ReadAhead, Sample
+from pipeline.shards import BufferPool, ReadAhead, Sample
 
 # Batches whose samples are read ahead of the one being fed: with DALI's prefetch queue of 2 this keeps
 # reads ~3-4 batches ahead of the model.
@@ -264,8 +265,9 @@ class DaliLoader(Loader):
         self.num_pipelines = cfg.dali_pipelines if gpu else 1
         self.jpeg = decodes_jpeg_frames(self.dataset.codec, self.dataset.video_ext, gpu=gpu)
         self.reader = ReadAhead(self.fetch, threads=reader_threads(cfg.workers))
+        self.dataset.buffers = BufferPool()
         self._pipes: list = []
-        self._states = [{"plan": deque(), "fifo": deque()} for _ in range(self.num_pipelines)]
+        self._states = [{"plan": deque(), "fifo": deque(), "fed": []} for _ in range(self.num_pipelines)]
         self._probe = None
         self._clean = True
 
@@ -364,10 +366,15 @@ class DaliLoader(Loader):
             flips.append(v.flips.astype(np.int32))
         return videos, nums, us, starts, ends, flips
 
-    def _batch_source(self, plan: deque, fifo: deque):
-        """A DALI source callback: the next planned batch, its sample ids and labels recorded in ``fifo``."""
+    def _batch_source(self, plan: deque, fifo: deque, fed: list | None = None):
+        """A DALI source callback: the next planned batch, its sample ids and labels recorded in ``fifo``.
+        DALI copies what a callback returns before it calls it again, so the read buffers of the samples
+        it fed last time (``fed``) go back to the pool."""
+        fed = [] if fed is None else fed
 
         def source():
+            self.dataset.buffers.give_back(s.video for s in fed)
+            fed.clear()
             while plan:
                 ids = plan.popleft()
                 for upcoming in itertools.islice(plan, READ_AHEAD_BATCHES):
@@ -382,6 +389,7 @@ class DaliLoader(Loader):
                 )
                 if got:
                     fifo.append(([g[0] for g in got], [g[1].label for g in got], [g[1].key for g in got]))
+                    fed.extend(g[1] for g in got)
                     return self._feed([g[0] for g in got], [g[1] for g in got])
             raise StopIteration
 
@@ -507,7 +515,7 @@ class DaliLoader(Loader):
 
     def _source(self, p: int):
         state = self._states[p]
-        return lambda: self._batch_source(state["plan"], state["fifo"])()
+        return lambda: self._batch_source(state["plan"], state["fifo"], state["fed"])()
 
     def _drain(self) -> None:
         """Run the pipelines to their StopIteration so that reset() can start the next epoch."""
