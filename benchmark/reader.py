@@ -7,9 +7,10 @@ What 8 GPUs need: an H100 trains GC-TSM-R50 at ~600 clips/s, so one process feed
 256, GOP 16: ~0.7 MB a sample, the Kinetics-400 size) and as MJPEG shards (~3.8 MB a sample). Rows, in
 alternating rounds in one process (medians; other jobs may share the CPU, so compare ratios):
 
-- "read": ShardDataset reads only. Before: a pread per member (video, meta, json), one thread. After: one
-  pread per sample; and the loader's ReadAhead pool with 2, 4 and 8 threads (reads of the next batches
-  in flight while the current one is taken).
+- "read": ShardDataset reads only, a batch held until the next is read (as DALI's feed holds it). Before:
+  a pread per member (video, meta, json) into fresh memory, one thread. After: one pread per sample into
+  reused buffers (BufferPool); and the loader's ReadAhead pool with 2, 4 and 8 threads (reads of the next
+  batches in flight while the current one is taken).
 - "feed": what the DALI source callback does per batch of 32 (reads, per-sample draws and crop boxes,
   external-source lists; MJPEG also slices the sampled frames' JPEGs out of the MP4), DALI itself not
   run: before (per-member reads in the feeding thread) and after (the loader as built, reader threads).
@@ -18,6 +19,9 @@ alternating rounds in one process (medians; other jobs may share the CPU, so com
   cache (posix_fadvise DONTNEED on these files only), with 1, 2, 4 and 8 reader threads: the disk's part.
 
 "read" and "feed" rows run with the shards in the page cache (warm-up round): CPU and memory-copy costs.
+page_faults_per_sample counts the process's minor page faults per sample read: reading into fresh memory
+faults once per 4 KiB page unless the allocator reuses freed memory, and the rows share one process's heap,
+so a "before" row may borrow memory the others left (its fault count says whether it did).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import itertools
 import json
 import logging
 import os
+import resource
 import statistics
 import tempfile
 import time
@@ -42,7 +47,7 @@ from benchmark.loader import build_kinetics
 from pipeline import LoaderConfig
 from pipeline.dali_loader import READ_AHEAD_BATCHES, DaliLoader
 from pipeline.mp4 import frame_ranges
-from pipeline.shards import ReadAhead, Sample, ShardDataset
+from pipeline.shards import BufferPool, ReadAhead, Sample, ShardDataset
 
 log = logging.getLogger(__name__)
 BATCH = 32
@@ -76,6 +81,8 @@ def read_stream(ds: ShardDataset, threads: int, per_member: bool):
     """Samples of an endless random order, read as the DALI loader reads them (ReadAhead, batch lookahead)."""
     fetch = (lambda i: read_per_member(ds, i)) if per_member else ds.__getitem__
     reader = ReadAhead(fetch, threads)
+    ds.buffers = None if per_member else BufferPool()
+    held: list[Sample] = []  # a batch is held until the next one, as DALI's feed holds it
     batch = batch_size(len(ds))
     batches = (
         np.random.default_rng(epoch).permutation(len(ds))[b : b + batch]
@@ -88,10 +95,11 @@ def read_stream(ds: ShardDataset, threads: int, per_member: bool):
         ahead.append(next(batches))
         for upcoming in ahead:
             reader.want(upcoming)
-        for i in ids:
-            sample = reader.get(i)
-            if isinstance(sample, BaseException):
-                raise sample
+        if ds.buffers is not None:
+            ds.buffers.give_back(s.video for s in held)
+        held = [reader.get(i) for i in ids]
+        if errors := [s for s in held if isinstance(s, BaseException)]:
+            raise errors[0]
         yield len(ids), sum(ds.refs[i].video.size for i in ids)
 
 
@@ -136,7 +144,7 @@ def evict(ds: ShardDataset) -> None:
             os.close(fd)
 
 
-def cold_pass(ds: ShardDataset, threads: int, seed: int) -> tuple[float, float]:
+def cold_pass(ds: ShardDataset, threads: int, seed: int) -> tuple[float, float, float]:
     """(samples/s, MB/s) of one pass over the dataset in random order, from disk, read as the loader does."""
     evict(ds)
     order = np.random.default_rng(seed).permutation(len(ds))
@@ -150,33 +158,41 @@ def cold_pass(ds: ShardDataset, threads: int, seed: int) -> tuple[float, float]:
                 raise sample
     elapsed = time.perf_counter() - start
     reader.close()
-    return len(order) / elapsed, sum(r.video.size for r in ds.refs) / elapsed / 2**20
+    return len(order) / elapsed, sum(r.video.size for r in ds.refs) / elapsed / 2**20, float("nan")
 
 
 def measure(streams: dict[str, object], rounds: int, seconds: float) -> dict[str, list[tuple[float, float]]]:
     for stream in streams.values():  # page cache, thread pools, first batches
         for _ in range(3):
             next(stream)
-    out: dict[str, list[tuple[float, float]]] = {name: [] for name in streams}
+    out: dict[str, list[tuple[float, float, float]]] = {name: [] for name in streams}
     for _ in range(rounds):
         for name, stream in streams.items():
             n = nbytes = 0
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             start = time.perf_counter()
             while time.perf_counter() - start < seconds:
                 k, b = next(stream)
                 n, nbytes = n + k, nbytes + b
             elapsed = time.perf_counter() - start
-            out[name].append((n / elapsed, nbytes / elapsed / 2**20))
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+            out[name].append((n / elapsed, nbytes / elapsed / 2**20, faults / max(n, 1)))
     return out
 
 
 def rows_for(label: str, index: Path, rounds: int, seconds: float) -> list[dict]:
     ds = ShardDataset(index, "train")
     streams = {
-        ("read", "per-member preads, 1 thread (before)"): read_stream(ds, 0, per_member=True),
-        ("read", "one pread per sample, 1 thread"): read_stream(ds, 0, per_member=False),
+        ("read", "per-member preads, 1 thread (before)"): read_stream(
+            ShardDataset(index, "train"), 0, per_member=True
+        ),
+        ("read", "one pread per sample, reused buffers, 1 thread"): read_stream(
+            ShardDataset(index, "train"), 0, per_member=False
+        ),
         **{
-            ("read", f"one pread per sample, ReadAhead {k} threads"): read_stream(ds, k, per_member=False)
+            ("read", f"one pread per sample, reused buffers, ReadAhead {k} threads"): read_stream(
+                ShardDataset(index, "train"), k, per_member=False
+            )
             for k in (2, 4, 8)
         },
         ("feed", "DALI source callback, per-member preads (before)"): feed_stream(index, per_member=True),
@@ -200,6 +216,7 @@ def rows_for(label: str, index: Path, rounds: int, seconds: float) -> list[dict]
                 "reader": name,
                 "samples_per_s": per_s,
                 "mb_per_s": statistics.median(v[1] for v in values),
+                "page_faults_per_sample": statistics.median(v[2] for v in values),
                 "rounds": ", ".join(f"{v[0]:.0f}" for v in values),
                 "x_8_gpu_need": per_s / TARGET_8_GPUS,
             }
