@@ -214,7 +214,10 @@ def run_one(cfg: C.Config, data: str, args: argparse.Namespace, warmup: int, ite
     )
     net.train()
     b, t, s = cfg.data.batch_size, cfg.data.num_segments, cfg.data.crop_size
-    fixed = (torch.randn(b, t, 3, s, s, device=device), torch.randint(0, num_classes, (b,), device=device))
+    # laid out as the loaders deliver it (channels last in memory: pipeline.loader.Loader.to_output), so the
+    # rows differ by the loader alone (CPU convolutions run at different speeds on the two layouts)
+    x_NTHWC = torch.randn(b, t, s, s, 3, device=device)
+    fixed = (x_NTHWC.permute(0, 1, 4, 2, 3), torch.randint(0, num_classes, (b,), device=device))
     if loader is not None:
 
         def epochs():

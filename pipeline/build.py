@@ -16,15 +16,15 @@ BACKENDS = ("auto", "dali-gpu", "dali-cpu", "torch")
 DALI_CPU_CODECS = ("mjpeg", "vp9", "vp8")
 # Clips/s of the backends that decode on the CPU, per codec, at Kinetics geometry (short side 256, crop 224,
 # T=8, batch 8, 2 threads/workers), measured side by side in alternating rounds by `python -m benchmark
-# dali_cpu` (benchmark/results/dali_cpu_cpu-2c-amd-epyc-avx2_2026-12-01.md; other jobs shared the CPU, the
-# ratio is what counts). `auto` reads this table instead of probing both backends at start-up: a probe
-# costs seconds of pipeline and worker start-up per run, and on a shared machine its noise could pick a
-# different backend from one run to the next. Decoding on the CPU is what is measured, so the table serves
-# CUDA machines too (MJPEG batches decoded on the CPU, moved to the GPU). A codec absent here goes to the
-# torch fallback, which seeks to keyframes (DALI's CPU video decoder decodes every frame up to the last one
-# asked for).
+# dali_cpu` (benchmark/results/dali_cpu_cpu-2c-amd-epyc-avx2_2026-12-01.md, a quiet moment; busier runs
+# gave the same ~2x ratio, which is what counts). `auto` reads this table instead of probing both backends
+# at start-up: a probe costs seconds of pipeline and worker start-up per run, and on a shared machine its
+# noise could pick a different backend from one run to the next. Decoding on the CPU is what is measured,
+# so the table serves CUDA machines too (MJPEG batches decoded on the CPU, moved to the GPU). A codec absent
+# here goes to the torch fallback, which seeks to keyframes (DALI's CPU video decoder decodes every frame up
+# to the last one asked for).
 MEASURED_CPU_CLIPS_PER_S: dict[str, dict[str, float]] = {
-    "mjpeg": {"dali-cpu": 29.7, "torch": 15.2},
+    "mjpeg": {"dali-cpu": 100.8, "torch": 54.5},
 }
 # What DALI 2.4's `mixed` (NVDEC) video decoder accepts: MJPEG is not among them (every sample would fail
 # "Failed to create video decoder"), although the operator's docstring lists it.
