@@ -1,5 +1,5 @@
-"""`python -m benchmark <preprocess|loader|model|train|demo|all> [--quick] [--out DIR] [--warmup N]
-[--iters N]`.
+"""`python -m benchmark <preprocess|loader|reader|dali_cpu|model|train|demo|all> [--quick] [--out DIR]
+[--warmup N] [--iters N]`.
 
 Imports benchmark/<what>.py only when asked for, lets it add its own options through an optional
 `add_arguments(parser)`, and calls its `main(args)`. Every benchmark receives these shared attributes:
@@ -32,7 +32,7 @@ from rich.table import Table
 
 from benchmark.common import OUT_ENV
 
-BENCHMARKS = ("preprocess", "loader", "model", "train")  # what `all` runs
+BENCHMARKS = ("preprocess", "loader", "reader", "dali_cpu", "model", "train")  # what `all` runs
 LONG_BENCHMARKS = ("demo",)  # minutes each: only when named
 log = logging.getLogger("benchmark")
 

@@ -1,7 +1,14 @@
 """End-to-end training throughput: clips/s of train.py's real step, on shards and on in-memory data.
 
     python -m benchmark train --quick                          # CPU: gc_tsm_mini, the demo's shapes
+    python -m benchmark train --quick --kinetics               # CPU: gc_tsm_mini at Kinetics geometry
     python -m benchmark train --index data/k400/index.json     # GPU: gc_tsm_r50 / tsm_r50, bf16, compiled
+
+--kinetics (CPU): the Kinetics recipe's data geometry (short side 256, multi-scale crop to 224, flip, T=8,
+batch 8) with gc_tsm_mini, on H.264 shards (preprocess's default GOP) of the five Kinetics clips of
+../shared/data x20, built into --data-dir unless --index names existing shards, read by the torch fallback
+(auto on a CPU) with --workers DataLoader workers. On a CPU torch gets the cores the loader's workers leave
+free (runtime.cpu_threads, as train.py does): oversubscribed cores make both sides wait.
 
 For every model the step (training.train_step: forward, loss, backward, clipping, SGD, schedule) is timed with
 a device synchronisation before each clock read, warm-up calls excluded (compilation happens there), medians
@@ -18,6 +25,7 @@ import itertools
 import logging
 import statistics
 import subprocess
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -49,6 +57,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--no-compile", action="store_true", help="do not torch.compile (compiled on GPU otherwise)"
+    )
+    parser.add_argument(
+        "--kinetics",
+        action="store_true",
+        help="CPU: Kinetics geometry (224 crops of 256p shards, T=8, batch 8)",
+    )
+    parser.add_argument("--workers", type=int, default=None, help="loader workers (default: the config's)")
+    parser.add_argument("--backend", default=None, help="loader backend (default: the config's, auto)")
+    parser.add_argument(
+        "--data-dir", default=None, help="--kinetics: keep the built shards here (default: a temp dir)"
     )
 
 
@@ -124,17 +142,58 @@ def bench_config(args: argparse.Namespace, model: str) -> C.Config:
         "--model.compile",
         str(not (quick or args.no_compile)),
     ]
+    if getattr(args, "kinetics", False):
+        overrides += KINETICS_GEOMETRY
     if args.batch_size:
         overrides += ["--data.batch_size", str(args.batch_size)]
     elif not quick:
         overrides += ["--data.batch_size", "32"]
+    for option, value in (
+        ("workers", getattr(args, "workers", None)),
+        ("backend", getattr(args, "backend", None)),
+    ):
+        if value is not None:
+            overrides += [f"--data.{option}", str(value)]
     return C.validate(C.apply_overrides(cfg, overrides))
+
+
+# The Kinetics recipe's data geometry (config._kinetics) on top of the CPU demo config.
+KINETICS_GEOMETRY = [
+    "--data.crop_size=224",
+    "--data.scale_size=256",
+    "--data.scales=1.0,0.875,0.75,0.66",
+    "--data.flip=true",
+    "--data.batch_size=8",
+]
+
+
+def kinetics_index(args: argparse.Namespace, root: Path) -> str:
+    """--index if it exists, else H.264 shards (preprocess's default GOP) of the Kinetics clips x20."""
+    if Path(args.index).exists():
+        return args.index
+    from benchmark.loader import build_kinetics
+    from preprocess.ffmpeg_args import EncodeSettings
+
+    gop = EncodeSettings().gop
+    log.info("building H.264 shards (GOP %d) of the Kinetics clips x20 in %s", gop, root)
+    return str(
+        build_kinetics(root / f"h264-256-g{gop}-x20", codec="h264", short_side=256, gop=gop, repeat=20)
+    )
+
+
+def torch_threads(cfg: C.Config) -> int:
+    """As train.py: the cores the loader's workers leave free, for the synthetic row too, so that the two
+    rows differ by the loader alone (measured on 2 shared cores: 2 threads made the synthetic step 4x slower
+    than 1, which would say nothing about the loader)."""
+    return runtime.cpu_threads(cfg.run.threads, cfg.data.workers)
 
 
 def run_one(cfg: C.Config, data: str, args: argparse.Namespace, warmup: int, iters: int) -> dict:
     device = torch.device(args.device)
     precision = runtime.resolve_precision(cfg.run.precision, device)
     torch.manual_seed(args.seed)
+    if device.type == "cpu":
+        torch.set_num_threads(torch_threads(cfg))
     loader = None
     if data == "shards":
         loader = build_loader(cfg.data, split="train", mode="train", device=device)
@@ -155,7 +214,10 @@ def run_one(cfg: C.Config, data: str, args: argparse.Namespace, warmup: int, ite
     )
     net.train()
     b, t, s = cfg.data.batch_size, cfg.data.num_segments, cfg.data.crop_size
-    fixed = (torch.randn(b, t, 3, s, s, device=device), torch.randint(0, num_classes, (b,), device=device))
+    # laid out as the loaders deliver it (channels last in memory: pipeline.loader.Loader.to_output), so the
+    # rows differ by the loader alone (CPU convolutions run at different speeds on the two layouts)
+    x_NTHWC = torch.randn(b, t, s, s, 3, device=device)
+    fixed = (x_NTHWC.permute(0, 1, 4, 2, 3), torch.randint(0, num_classes, (b,), device=device))
     if loader is not None:
 
         def epochs():
@@ -193,9 +255,11 @@ def run_one(cfg: C.Config, data: str, args: argparse.Namespace, warmup: int, ite
         "step_ms": 1000 * median(times),
         "clips_per_s": b / median(times),
         "data_wait": sum(waits) / sum(times) if waits else 0.0,
+        "torch_threads": torch.get_num_threads(),
     }
     if loader is not None:
         row["backend"] = getattr(loader, "backend", "?")
+        row["workers"] = cfg.data.workers
     if device.type == "cuda":
         row["torch_peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     row.update(gpu.summary())
@@ -206,11 +270,25 @@ def main(args: argparse.Namespace) -> int:
     quick = args.quick or args.device == "cpu"
     warmup = args.warmup if args.warmup is not None else (3 if quick else 15)
     iters = args.iters if args.iters is not None else (10 if quick else 50)
-    names = (
-        args.models.split(",")
-        if args.models
-        else (["gc_tsm_mini", "tsn_mini"] if quick else ["gc_tsm_r50", "tsm_r50"])
-    )
+    tmp = None
+    if getattr(args, "kinetics", False):
+        data_dir = getattr(args, "data_dir", None)
+        tmp = None if data_dir else tempfile.TemporaryDirectory(prefix="gcvideo-bench-train-")
+        args.index = kinetics_index(args, Path(data_dir or tmp.name))
+    try:
+        return run_all(args, quick, warmup, iters)
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+
+
+def run_all(args: argparse.Namespace, quick: bool, warmup: int, iters: int) -> int:
+    if args.models:
+        names = args.models.split(",")
+    elif getattr(args, "kinetics", False):
+        names = ["gc_tsm_mini"]
+    else:
+        names = ["gc_tsm_mini", "tsn_mini"] if quick else ["gc_tsm_r50", "tsm_r50"]
     datas = ["synthetic"] + (["shards"] if Path(args.index).exists() else [])
     if "shards" not in datas:
         log.warning(
@@ -227,13 +305,13 @@ def main(args: argparse.Namespace) -> int:
         "warmup": warmup,
         "iters": iters,
         "index": args.index,
+        "kinetics_geometry": bool(getattr(args, "kinetics", False)),
         "device": args.device,
-        "threads": torch.get_num_threads(),
         "what": "clips/s of training.train_step (median over timed steps, synchronised), data_wait = share "
         "of step time spent in next(loader)",
     }
     path = write_results(
-        "train",
+        "train_kinetics" if meta["kinetics_geometry"] else "train",
         rows,
         meta=meta,
         plots=[Plot(x="model", y="clips_per_s", group="data", title="Training throughput")],

@@ -1,16 +1,27 @@
 """NVIDIA DALI loaders: CPU decode (MJPEG/VP9) or `mixed` NVDEC decode (H.264/HEVC) of only the sampled
 frames.
 
-Python reads each batch's encoded files by offset (pipeline.shards) and feeds them, with the per-sample
-draws and crop boxes, through ``fn.external_source``; the graph computes the frame indices from the stored
-frame count (the float32 rule of pipeline.sampling, proven equal by a test), decodes them, crops + resizes
-each view and flips + normalises. A decode error fails a whole DALI batch: the loader then decodes that
-batch's samples one by one in a batch-size-1 pipeline, skips and counts the broken ones, and continues (the
-main pipeline keeps running after a failed iteration).
+Python reads each batch's encoded files by offset (pipeline.shards, in a reader thread pool ahead of use)
+and feeds them, with the per-sample draws and crop boxes, through ``fn.external_source``. Two graphs:
+
+- video (NVDEC, VP9): the graph computes the frame indices from the stored frame count (the float32 rule
+  of pipeline.sampling, proven equal by a test), ``fn.decoders.video`` decodes them, each view is cropped +
+  resized in one ``fn.resize`` (roi) and flipped + normalised.
+- JPEG frames (MJPEG on the CPU): DALI 2.4's CPU video decoder keeps no frame index, so reaching frame k
+  decodes every frame before it (docs/pipeline.md, measured). Every MJPEG frame is a whole JPEG: Python
+  slices the sampled frames' bytes out of the MP4 (pipeline.mp4) and the graph, one frame per DALI sample,
+  decodes only the crop box of each (``fn.decoders.image_slice``, libjpeg-turbo ROI decoding), resizes it
+  and flips + normalises.
+
+A decode error fails a whole DALI batch: the loader then decodes that batch's samples one by one in a
+batch-size-1 pipeline, skips and counts the broken ones, and continues (the main pipeline keeps running
+after a failed iteration).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import logging
 import re
 from collections import deque
@@ -20,6 +31,12 @@ import torch
 
 from pipeline import sampling
 from pipeline.loader import IMAGENET_MEAN, IMAGENET_STD, Loader, LoaderConfig, ResourceError
+from pipeline.mp4 import frame_ranges
+from pipeline.shards import BufferPool, ReadAhead, Sample
+
+# Batches whose samples are read ahead of the one being fed: with DALI's prefetch queue of 2 this keeps
+# reads ~3-4 batches ahead of the model.
+READ_AHEAD_BATCHES = 2
 
 log = logging.getLogger(__name__)
 
@@ -124,30 +141,98 @@ def build_pipeline(
             frames_per_segment=frames_per_segment,
         )
         frames = fn.decoders.video(video, frames=idx, device="mixed" if gpu else "cpu", pad_mode="none")
-        mean = [255 * m for m in IMAGENET_MEAN]
-        std = [255 * s for s in IMAGENET_STD]
-        views = []
-        for k in range(num_crops):
-            v = fn.resize(
-                frames,
-                roi_start=roi_start[k],
-                roi_end=roi_end[k],
-                size=[out_size, out_size],
-                interp_type=types.INTERP_LINEAR,
-                antialias=True,
-            )
-            v = fn.crop_mirror_normalize(
-                v,
-                mirror=flips[k],
-                mean=mean,
-                std=std,
-                output_layout="FHWC",
-                dtype=types.FLOAT16 if fp16 else types.FLOAT,
-            )
-            views.append(v)
+        views = [
+            _normalise(_resize(frames, out_size, roi_start[k], roi_end[k]), flips[k], "FHWC", fp16)
+            for k in range(num_crops)
+        ]
         return fn.stack(*views) if num_crops > 1 else views[0]
 
     return pipe()
+
+
+def _resize(images, out_size: int, roi_start=None, roi_end=None):
+    from nvidia.dali import fn, types
+
+    roi = {} if roi_start is None else dict(roi_start=roi_start, roi_end=roi_end)
+    return fn.resize(
+        images, size=[out_size, out_size], interp_type=types.INTERP_LINEAR, antialias=True, **roi
+    )
+
+
+def _normalise(images, flip, layout: str, fp16: bool):
+    from nvidia.dali import fn, types
+
+    return fn.crop_mirror_normalize(
+        images,
+        mirror=flip,
+        mean=[255 * m for m in IMAGENET_MEAN],
+        std=[255 * s for s in IMAGENET_STD],
+        output_layout=layout,
+        dtype=types.FLOAT16 if fp16 else types.FLOAT,
+    )
+
+
+def build_jpeg_pipeline(
+    *,
+    batch_size: int,
+    num_threads: int,
+    source,
+    num_crops: int,
+    out_size: int,
+    fp16: bool,
+    prefetch: int = 2,
+    seed: int = 0,
+    pipelined: bool = True,
+    **_video_only,
+):
+    """A DALI pipeline over single JPEG frames (batch_size = frames, not clips). Inputs per frame: JPEG bytes
+    (uint8), roi_start/roi_end (crops, 2) int32 as (y, x), flips (crops,) int32. Output per frame:
+    ([crops,] S, S, 3) normalised float. One crop decodes only its box (ROI decoding, ~2x faster than
+    decoding the frame and resizing a roi of it, measured); several crops decode the frame once."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def(
+        batch_size=batch_size,
+        num_threads=num_threads,
+        device_id=None,
+        prefetch_queue_depth=prefetch,
+        seed=seed,
+        exec_async=pipelined,
+        exec_pipelined=pipelined,
+    )
+    def pipe():
+        jpeg, roi_start, roi_end, flips = fn.external_source(
+            source=source,
+            num_outputs=4,
+            batch=True,
+            dtype=[types.UINT8, types.INT32, types.INT32, types.INT32],
+        )
+        if num_crops == 1:
+            box = fn.decoders.image_slice(jpeg, start=roi_start[0], end=roi_end[0], axis_names="HW")
+            return _normalise(_resize(box, out_size), flips[0], "HWC", fp16)
+        image = fn.decoders.image(jpeg)
+        views = [
+            _normalise(
+                _resize(
+                    image,
+                    out_size,
+                    fn.cast(roi_start[k], dtype=types.FLOAT),
+                    fn.cast(roi_end[k], dtype=types.FLOAT),
+                ),
+                flips[k],
+                "HWC",
+                fp16,
+            )
+            for k in range(num_crops)
+        ]
+        return fn.stack(*views)
+
+    return pipe()
+
+
+def decodes_jpeg_frames(codec: str, video_ext: str, *, gpu: bool) -> bool:
+    """The JPEG-frames graph serves MJPEG in MP4 on the CPU backend; NVDEC and VP8/VP9 use the video one."""
+    return not gpu and codec.lower() == "mjpeg" and video_ext.lower() == "mp4"
 
 
 # Messages of failures that say nothing about the file: out of GPU memory, NVDEC sessions exhausted, a CUDA
@@ -176,6 +261,13 @@ def error_summary(error: BaseException) -> str:
     return lines[0] if lines else type(error).__name__
 
 
+def reader_threads(workers: int) -> int:
+    """Reader threads per loader (0 with workers=0: read in the feeding thread). Measured by `python -m
+    benchmark reader` on 2 cores: from disk, 4 threads read ~1.3-1.8x the samples/s of one (8 no more);
+    from the page cache threads gain nothing there (a read is a memory copy), and cost little."""
+    return 4 if workers > 0 else 0
+
+
 class DaliLoader(Loader):
     def __init__(self, cfg: LoaderConfig, *, gpu: bool, **kwargs):
         super().__init__(cfg, **kwargs)
@@ -184,8 +276,11 @@ class DaliLoader(Loader):
         if gpu and self.device.type != "cuda":
             raise ValueError("the dali-gpu backend needs a CUDA device")
         self.num_pipelines = cfg.dali_pipelines if gpu else 1
+        self.jpeg = decodes_jpeg_frames(self.dataset.codec, self.dataset.video_ext, gpu=gpu)
+        self.reader = ReadAhead(self.fetch, threads=reader_threads(cfg.workers))
+        self.dataset.buffers = BufferPool()
         self._pipes: list = []
-        self._states = [{"plan": deque(), "fifo": deque()} for _ in range(self.num_pipelines)]
+        self._states = [{"plan": deque(), "fifo": deque(), "fed": []} for _ in range(self.num_pipelines)]
         self._probe = None
         self._clean = True
 
@@ -196,7 +291,32 @@ class DaliLoader(Loader):
             for state in self._states:
                 state["plan"].clear()  # batches not taken yet are not decoded for nothing
             self._drain()
+        self.reader.clear()
         super().set_epoch(epoch, start_batch)
+
+    def fetch(self, sample_id: int) -> Sample:
+        """The JPEG-frames graph also needs where each frame's bytes lie (read in the reader threads)."""
+        sample = super().fetch(sample_id)
+        if not self.jpeg:
+            return sample
+        offsets, sizes = frame_ranges(sample.video)
+        if len(offsets) < sample.num_frames:
+            raise ValueError(f"{len(offsets)} frames in the file, {sample.num_frames} in its metadata")
+        return dataclasses.replace(sample, frames=(offsets, sizes))
+
+    def frames_per_sample(self) -> int:
+        """Decoded frames per sample: clips (views in time) x T."""
+        mode, cfg = self.mode, self.cfg
+        rng = np.random.default_rng(0) if mode == "train" else None
+        u = sampling.frame_draws(
+            rng,
+            mode=mode,
+            sampling=cfg.sampling,
+            num_segments=cfg.num_segments,
+            num_clips=cfg.num_clips if mode == "test" else 1,
+            twice_sample=cfg.twice_sample,
+        )
+        return u.size
 
     # ----- pipeline construction
     def _pipe_kwargs(self, batch_size: int, source) -> dict:
@@ -207,7 +327,7 @@ class DaliLoader(Loader):
         out = cfg.scale_size if (self.mode == "test" and num_crops == 3) else cfg.crop_size
         return dict(
             gpu=self.gpu,
-            batch_size=batch_size,
+            batch_size=batch_size * self.frames_per_sample() if self.jpeg else batch_size,
             num_threads=threads,
             device_id=device_id,
             source=source,
@@ -221,7 +341,34 @@ class DaliLoader(Loader):
             seed=cfg.seed,
         )
 
+    def _build(self, batch_size: int, source, **kwargs):
+        builder = build_jpeg_pipeline if self.jpeg else build_pipeline
+        return builder(**self._pipe_kwargs(batch_size, source), **kwargs)
+
     def _feed(self, sample_ids: list[int], samples: list) -> tuple:
+        return self._feed_jpeg(sample_ids, samples) if self.jpeg else self._feed_video(sample_ids, samples)
+
+    def _feed_jpeg(self, sample_ids: list[int], samples: list[Sample]) -> tuple:
+        """One DALI sample per decoded frame: its JPEG bytes (a view into the read buffer), the sample's
+        crop boxes as (y, x) and flips."""
+        jpegs, starts, ends, flips = [], [], [], []
+        for sid, s in zip(sample_ids, samples):
+            v = self.views(sid, s)
+            idx = sampling.frame_indices(
+                s.num_frames, v.u, sampling=self.cfg.sampling, dense_stride=self.cfg.dense_stride
+            ).ravel()
+            offsets, sizes = s.frames
+            start = np.ascontiguousarray(v.boxes[:, [1, 0]], dtype=np.int32)
+            end = np.ascontiguousarray(v.boxes[:, [3, 2]], dtype=np.int32)
+            flip = v.flips.astype(np.int32)
+            for i in idx:
+                jpegs.append(s.video[offsets[i] : offsets[i] + sizes[i]])
+            starts += [start] * len(idx)
+            ends += [end] * len(idx)
+            flips += [flip] * len(idx)
+        return jpegs, starts, ends, flips
+
+    def _feed_video(self, sample_ids: list[int], samples: list) -> tuple:
         videos, nums, us, starts, ends, flips = [], [], [], [], [], []
         for sid, s in zip(sample_ids, samples):
             v = self.views(sid, s)
@@ -233,18 +380,30 @@ class DaliLoader(Loader):
             flips.append(v.flips.astype(np.int32))
         return videos, nums, us, starts, ends, flips
 
-    def _batch_source(self, plan: deque, fifo: deque):
-        """A DALI source callback: the next planned batch, its sample ids and labels recorded in ``fifo``."""
+    def _batch_source(self, plan: deque, fifo: deque, fed: list | None = None):
+        """A DALI source callback: the next planned batch, its sample ids and labels recorded in ``fifo``.
+        DALI copies what a callback returns before it calls it again, so the read buffers of the samples
+        it fed last time (``fed``) go back to the pool."""
+        fed = [] if fed is None else fed
 
         def source():
+            self.dataset.buffers.give_back(s.video for s in fed)
+            fed.clear()
             while plan:
                 ids = plan.popleft()
-                got = [(int(sid), s) for sid in ids if (s := self.read(int(sid))) is not None]
+                for upcoming in itertools.islice(plan, READ_AHEAD_BATCHES):
+                    self.reader.want(upcoming)
+                got = [
+                    (int(sid), s)
+                    for sid in ids
+                    if (s := self.read(int(sid), self.reader.get(int(sid)))) is not None
+                ]
                 got = self.refill(
                     ids, got, lambda sid: (sid, s) if (s := self.read(sid)) is not None else None
                 )
                 if got:
                     fifo.append(([g[0] for g in got], [g[1].label for g in got], [g[1].key for g in got]))
+                    fed.extend(g[1] for g in got)
                     return self._feed([g[0] for g in got], [g[1] for g in got])
             raise StopIteration
 
@@ -261,9 +420,7 @@ class DaliLoader(Loader):
             return None
         if self._probe is None:  # runs exactly one source call per run(): no prefetching, no pipelining
             self._probe_queue: deque = deque()
-            self._probe = build_pipeline(
-                **self._pipe_kwargs(1, lambda: self._probe_queue.popleft()), prefetch=1, pipelined=False
-            )
+            self._probe = self._build(1, lambda: self._probe_queue.popleft(), prefetch=1, pipelined=False)
             self._probe.build()
         self._probe_queue.append(self._feed([sid], [sample]))
         try:
@@ -278,7 +435,7 @@ class DaliLoader(Loader):
                 ) from None
             self.mark_bad(sid, reason)
             return None
-        return self._to_torch(out)[0], sample
+        return self._per_sample(self._to_torch(out), 1)[0], sample
 
     def _to_torch(self, tensor_list) -> torch.Tensor:
         """One copy out of DALI's buffers (which the next run reuses) into a fresh torch tensor."""
@@ -317,9 +474,7 @@ class DaliLoader(Loader):
             for pipe in self._pipes:
                 pipe.reset()
         else:
-            self._pipes = [
-                build_pipeline(**self._pipe_kwargs(self.cfg.batch_size, self._source(p))) for p in range(P)
-            ]
+            self._pipes = [self._build(self.cfg.batch_size, self._source(p)) for p in range(P)]
             for pipe in self._pipes:
                 pipe.build()
         self._clean = False
@@ -328,6 +483,7 @@ class DaliLoader(Loader):
             try:
                 x = self._to_torch(pipe.run()[0])
                 ids, labels, keys = fifo.popleft()
+                x = self._per_sample(x, len(ids))
             except StopIteration:
                 continue
             except Exception as e:  # noqa: BLE001 (DALI raises RuntimeError subclasses that vary by version)
@@ -345,6 +501,14 @@ class DaliLoader(Loader):
             yield self.to_output(self._arrange(x), labels, keys)
         self._drain()
 
+    def _per_sample(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        """The JPEG-frames graph's (N*clips*T, [crops,] S, S, 3) -> the video graph's (N, [crops,] clips*T,
+        S, S, 3)."""
+        if not self.jpeg:
+            return x
+        x = x.view(n, -1, *x.shape[1:])
+        return x.transpose(1, 2) if x.dim() == 6 else x
+
     def _arrange(self, x: torch.Tensor) -> torch.Tensor:
         """DALI's (N, [crops,] clips*T, S, S, 3) -> (N, V, T, S, S, 3), V = clips*crops, clip-major."""
         n, t = x.shape[0], self.cfg.clip_length
@@ -360,12 +524,12 @@ class DaliLoader(Loader):
         plan, fifo = self._states[p]["plan"], self._states[p]["fifo"]
         plan.extendleft(np.array(ids) for ids, _, _ in reversed(fifo))
         fifo.clear()
-        self._pipes[p] = build_pipeline(**self._pipe_kwargs(self.cfg.batch_size, self._source(p)))
+        self._pipes[p] = self._build(self.cfg.batch_size, self._source(p))
         self._pipes[p].build()
 
     def _source(self, p: int):
         state = self._states[p]
-        return lambda: self._batch_source(state["plan"], state["fifo"])()
+        return lambda: self._batch_source(state["plan"], state["fifo"], state["fed"])()
 
     def _drain(self) -> None:
         """Run the pipelines to their StopIteration so that reset() can start the next epoch."""

@@ -24,7 +24,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 @dataclass
 class LoaderConfig:
     index: str = "data/synthetic/index.json"  # dataset index.json
-    # auto: dali-gpu on a GPU, dali-cpu for MJPEG on a CPU, torch otherwise (pipeline.build.select_backend)
+    # auto: dali-gpu for NVDEC codecs on a GPU, else the CPU backend measured fastest for the codec
+    # (pipeline.build.select_backend: dali-cpu for MJPEG, torch otherwise)
     backend: Literal["auto", "dali-gpu", "dali-cpu", "torch"] = "auto"
     num_segments: int = 8  # T
     # consecutive frames per segment around each sampled index (TDN: 5); a clip is num_segments * this
@@ -222,17 +223,27 @@ class Loader:
                 str(error).strip().splitlines()[-1][:300],
             )
 
-    def read(self, sample_id: int) -> Sample | None:
-        """Read a sample's bytes and metadata, or mark it broken."""
+    def fetch(self, sample_id: int) -> Sample:
+        """A sample's bytes and metadata, checked; raises for a broken one. Safe to call from reader threads:
+        it changes no loader state (``read`` does the bookkeeping)."""
+        sample = self.dataset[sample_id]
+        if sample.num_frames < 1 or sample.video.size == 0:
+            raise ValueError(f"num_frames={sample.num_frames}, {sample.video.size} video bytes")
+        return sample
+
+    def read(self, sample_id: int, fetched: Sample | BaseException | None = None) -> Sample | None:
+        """Read a sample, or take ``fetched`` (what ``fetch`` returned or raised, read ahead by a reader
+        thread), or mark it broken. Called in sample order, so skipping does not depend on reader timing."""
         if sample_id in self.bad:
             self.skipped += 1
             return None
         self._reads += 1
         try:
-            sample = self.dataset[sample_id]
-            if sample.num_frames < 1 or sample.video.size == 0:
-                raise ValueError(f"num_frames={sample.num_frames}, {sample.video.size} video bytes")
-            return sample
+            if fetched is None:
+                fetched = self.fetch(sample_id)
+            if isinstance(fetched, BaseException):
+                raise fetched
+            return fetched
         except (ValueError, KeyError, OSError) as e:
             self.mark_bad(sample_id, e)
             return None

@@ -225,7 +225,9 @@ def test_cli_help_runs_as_a_module():
         cwd=Path(__file__).resolve().parent.parent,
     )
     assert done.returncode == 0, done.stderr
-    assert "{preprocess,loader,model,train,demo,all}" in done.stdout and "--quick" in done.stdout
+    assert (
+        "{preprocess,loader,reader,dali_cpu,model,train,demo,all}" in done.stdout and "--quick" in done.stdout
+    )
 
 
 @pytest.mark.parametrize(

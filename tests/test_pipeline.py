@@ -300,8 +300,10 @@ def test_dali_pipelines_are_built_once_across_epochs(index, monkeypatch):
     from pipeline import dali_loader
 
     built = []
-    real_build = dali_loader.build_pipeline
-    monkeypatch.setattr(dali_loader, "build_pipeline", lambda **kw: built.append(1) or real_build(**kw))
+    real_build = dali_loader.DaliLoader._build
+    monkeypatch.setattr(
+        dali_loader.DaliLoader, "_build", lambda self, *a, **kw: built.append(1) or real_build(self, *a, **kw)
+    )
     loader = build_loader(_cfg(index, backend="dali-cpu", batch_size=2), "train", "train")
     epochs = []
     for epoch in range(3):  # as the training loop does: exactly len(loader) batches, never exhausting it
@@ -368,6 +370,28 @@ def test_select_backend_table(requested, codec, device, expected):
             select_backend(requested, codec=codec, device=torch.device(device))
 
 
+@pytest.mark.parametrize(
+    "measured, codec, device, expected",
+    [
+        ({"mjpeg": {"dali-cpu": 30.0, "torch": 15.0}}, "mjpeg", "cpu", "dali-cpu"),
+        ({"mjpeg": {"dali-cpu": 13.0, "torch": 20.0}}, "mjpeg", "cpu", "torch"),  # the fallback is faster
+        ({"mjpeg": {"dali-cpu": 13.0, "torch": 20.0}}, "mjpeg", "cuda:0", "torch"),  # both decode on the CPU
+        ({"vp9": {"dali-cpu": 9.0, "torch": 4.0}}, "vp9", "cpu", "dali-cpu"),
+        ({"vp9": {"dali-cpu": 9.0, "torch": 4.0}}, "vp9", "cuda:0", "dali-gpu"),  # NVDEC codec on a GPU
+        ({"h264": {"dali-cpu": 99.0, "torch": 1.0}}, "h264", "cpu", "torch"),  # DALI's CPU cannot decode it
+        ({"h264": {"dali-cpu": 99.0, "torch": 1.0}}, "h264", "cuda:0", "dali-gpu"),
+        ({}, "mjpeg", "cpu", "torch"),  # nothing measured: the fallback
+        ({}, "hevc", "cuda:0", "dali-gpu"),
+    ],
+)
+def test_auto_picks_the_backend_measured_fastest(monkeypatch, measured, codec, device, expected):
+    from pipeline import build
+
+    monkeypatch.setattr(build, "MEASURED_CPU_CLIPS_PER_S", measured)
+    assert select_backend("auto", codec=codec, device=torch.device(device)) == expected
+    assert select_backend("torch", codec=codec, device=torch.device(device)) == "torch"  # asked for, kept
+
+
 def test_bad_paths_and_sizes_are_named(index, tmp_path):
     with pytest.raises(DatasetError, match="preprocess"):
         build_loader(_cfg(tmp_path / "nothing.json"), "train", "train")
@@ -391,3 +415,121 @@ def test_dali_gpu_decodes_h264_like_the_fallback(tmp_path):
     (xg, yg), (xt, yt) = outs["dali-gpu"][0], outs["torch"][0]
     assert xg.is_cuda and xg.shape == xt.shape == (4, 4, 3, 56, 56) and torch.equal(yg.cpu(), yt.cpu())
     assert (xg.float() - xt.float()).abs().mean() < 0.05
+
+
+def test_mp4_frame_ranges_are_the_demuxed_packets(index, h264_index):
+    from pipeline.mp4 import frame_ranges
+
+    ds = ShardDataset(index, "val")
+    for i in range(len(ds)):
+        s = ds[i]
+        offsets, sizes = frame_ranges(s.video)
+        with av.open(io.BytesIO(bytes(s.video))) as c:
+            packets = [bytes(p) for p in c.demux(c.streams.video[0]) if p.size]
+        assert len(offsets) == s.num_frames == len(packets)
+        assert all(bytes(s.video[o : o + n]) == p for o, n, p in zip(offsets, sizes, packets))
+    video = ds[0].video
+    with pytest.raises(ValueError, match="overruns"):
+        frame_ranges(video[: len(video) // 2])  # truncated: the mdat box overruns the file
+    with pytest.raises(ValueError, match="with a moov box"):
+        frame_ranges(video[: int.from_bytes(video[:4].tobytes(), "big")])  # the ftyp box alone
+    with pytest.raises(ValueError, match="reorders frames"):
+        frame_ranges(_h264_with_b_frames())  # file order is not frame order
+    offsets, sizes = frame_ranges(ShardDataset(h264_index, "val")[0].video)  # no B-frames: readable
+    assert len(offsets) == ShardDataset(h264_index, "val")[0].num_frames
+
+
+def _h264_with_b_frames() -> np.ndarray:
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mp4") as c:
+        stream = c.add_stream("libx264", rate=25, options={"bf": "2", "g": "8"})
+        stream.width = stream.height = 64
+        stream.pix_fmt = "yuv420p"
+        for i in range(16):
+            x = np.zeros((64, 64, 3), np.uint8)
+            x[:, (4 * i) % 64 :] = 255
+            c.mux(stream.encode(av.VideoFrame.from_ndarray(x, format="rgb24")))
+        c.mux(stream.encode())
+    return np.frombuffer(buf.getvalue(), np.uint8)
+
+
+@pytest.mark.parametrize(
+    "codec, ext, gpu, expected",
+    [("mjpeg", "mp4", False, True), ("MJPEG", "mp4", False, True), ("mjpeg", "mkv", False, False)]
+    + [("mjpeg", "mp4", True, False), ("vp9", "mp4", False, False), ("h264", "mp4", True, False)],
+)
+def test_jpeg_frames_graph_serves_mjpeg_in_mp4_on_the_cpu(codec, ext, gpu, expected):
+    from pipeline.dali_loader import decodes_jpeg_frames
+
+    assert decodes_jpeg_frames(codec, ext, gpu=gpu) is expected
+
+
+def test_read_ahead_returns_each_read_by_id_from_threads(index):
+    from pipeline.shards import ReadAhead
+
+    ds = ShardDataset(index, "train")
+
+    def fetch(i):
+        if i == 4:
+            raise OSError("broken")
+        return ds[i]
+
+    for threads in (0, 3):
+        reader = ReadAhead(fetch, threads)
+        reader.want([5, 4, 3, 2, 1, 0])
+        got = [reader.get(i) for i in range(6)]
+        reader.close()
+        assert isinstance(got[4], OSError)
+        for i in (0, 1, 2, 3, 5):
+            assert got[i].key == ds.refs[i].key and np.array_equal(
+                got[i].video, ShardDataset(index, "train")[i].video
+            )
+    assert 1 < len(ds._all_fds) <= 4  # one descriptor cache per reading thread: this one and up to 3 readers
+    ds.close()
+
+
+def test_jpeg_frames_that_fail_to_decode_are_skipped(index, tmp_path):
+    """Valid MP4 tables, JPEGs without their start markers: the DALI batch fails, the sample is skipped."""
+    from pipeline.mp4 import frame_ranges
+
+    out = tmp_path / "ds"
+    shutil.copytree(index.parent, out)
+    shard = json.loads((out / "index.json").read_text())["splits"]["val"]["shards"][0]
+    key, members = parse_idx(out / shard["index"])[0]
+    offset, size = members["mp4"]
+    with open(out / shard["tar"], "r+b") as f:
+        f.seek(offset)
+        video = np.frombuffer(f.read(size), np.uint8)
+        for frame_offset in frame_ranges(video)[0]:
+            f.seek(offset + int(frame_offset))
+            f.write(b"\0\0\0\0")
+    loader = build_loader(_cfg(out / "index.json", backend="dali-cpu", batch_size=3), "val", "val")
+    batches = list(loader)
+    assert loader.jpeg and loader.skipped == 1 and sum(len(y) for _, y in batches) == 5
+
+
+def test_buffer_pool_reuses_only_its_own_buffers():
+    from pipeline.shards import POOL_GRAIN, BufferPool
+
+    pool = BufferPool(max_free_bytes=2 * POOL_GRAIN)
+    a = pool.take(1000)
+    assert a.size == 1000 and a.base.size == POOL_GRAIN
+    pool.give_back([a[10:20], np.zeros(POOL_GRAIN, np.uint8)])  # a view of a taken buffer; a foreign array
+    b = pool.take(900)
+    assert b.base is a.base  # reused
+    assert pool.take(10).base is not a.base  # nothing free: a new buffer
+    big = [pool.take(POOL_GRAIN + 1) for _ in range(3)]
+    pool.give_back(big)
+    assert len(pool._free) == 1  # trimmed to max_free_bytes
+    pool.give_back(big)  # given back twice: ignored
+    assert len(pool._free) == 1
+
+
+def test_dali_loader_reads_into_reused_buffers(index):
+    loader = build_loader(_cfg(index, backend="dali-cpu", batch_size=2), "train", "train")
+    pool = loader.dataset.buffers
+    first = [x.clone() for x, _ in loader]
+    loader.set_epoch(0)
+    again = [x.clone() for x, _ in loader]
+    assert len(pool._free) > 0  # buffers went back and were reused
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
