@@ -305,7 +305,7 @@ class DaliLoader(Loader):
         return dataclasses.replace(sample, frames=(offsets, sizes))
 
     def frames_per_sample(self) -> int:
-        """Decoded frames per sample: clips (views in time) x T."""
+        """Decoded frames per sample: clips (views in time) x T x frames_per_segment."""
         mode, cfg = self.mode, self.cfg
         rng = np.random.default_rng(0) if mode == "train" else None
         u = sampling.frame_draws(
@@ -316,7 +316,7 @@ class DaliLoader(Loader):
             num_clips=cfg.num_clips if mode == "test" else 1,
             twice_sample=cfg.twice_sample,
         )
-        return u.size
+        return u.size * cfg.frames_per_segment
 
     # ----- pipeline construction
     def _pipe_kwargs(self, batch_size: int, source) -> dict:
@@ -355,7 +355,11 @@ class DaliLoader(Loader):
         for sid, s in zip(sample_ids, samples):
             v = self.views(sid, s)
             idx = sampling.frame_indices(
-                s.num_frames, v.u, sampling=self.cfg.sampling, dense_stride=self.cfg.dense_stride
+                s.num_frames,
+                v.u,
+                sampling=self.cfg.sampling,
+                dense_stride=self.cfg.dense_stride,
+                frames_per_segment=self.cfg.frames_per_segment,
             ).ravel()
             offsets, sizes = s.frames
             start = np.ascontiguousarray(v.boxes[:, [1, 0]], dtype=np.int32)
