@@ -438,6 +438,7 @@ def train_epochs(run: Run, state: TrainState, train_loader, val_loader) -> tuple
     last_val: dict[str, Any] = {}
     stopped = False
     run.net.train()
+    started, first_epoch = time.monotonic(), state.epoch
     try:
         while state.epoch < cfg.optim.epochs and not stopped:
             stopped = run_epoch(run, state, train_loader, meter, feedback)
@@ -448,6 +449,9 @@ def train_epochs(run: Run, state: TrainState, train_loader, val_loader) -> tuple
                         "val top-1 %.1f%% reached --run.target_top1: training ends", 100 * last_val["top1"]
                     )
                     break
+                if out_of_time(run, time.monotonic() - started, state.epoch - first_epoch):
+                    log.info("another epoch would pass --run.time_budget_min: training ends")
+                    break
     except Stopped as e:
         last = run.out / "last.pt"
         kept = (
@@ -457,6 +461,16 @@ def train_epochs(run: Run, state: TrainState, train_loader, val_loader) -> tuple
     finally:
         feedback.close()
     return last_val, stopped
+
+
+def out_of_time(run: Run, elapsed_s: float, epochs_done: int) -> bool:
+    """Whether one more epoch, as long as the mean one so far, would end past --run.time_budget_min. Rank 0's
+    clock decides for every rank, so all ranks stop after the same epoch."""
+    budget_s = 60 * run.cfg.run.time_budget_min
+    late = float(
+        bool(budget_s) and elapsed_s + elapsed_s / max(epochs_done, 1) > budget_s and run.dist.is_main
+    )
+    return runtime.all_reduce_sum(torch.tensor([late], device=run.device), run.dist).item() > 0
 
 
 def train(cfg: C.Config) -> dict[str, Any]:

@@ -14,6 +14,7 @@ import sys
 import tarfile
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -24,6 +25,7 @@ import checkpoints
 import config as C
 import evaluation
 import predict
+import runtime
 import train
 
 
@@ -290,3 +292,23 @@ def test_training_ends_once_the_target_top1_is_reached(tiny_index, tmp_path, mon
     result = train.train(tiny_cfg(tiny_index, tmp_path, "--optim.epochs", "3", "--run.target_top1", "0.9"))
     assert result["epoch"] == 2 and not result["stopped_early"] and result["val"]["top1"] == 0.9
     assert (tmp_path / "best.pt").exists() and len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_training_ends_before_an_epoch_that_would_overrun_the_time_budget(tiny_index, tmp_path):
+    # 0.001 minutes: the first epoch alone takes longer, so training ends after it
+    result = train.train(
+        tiny_cfg(tiny_index, tmp_path, "--optim.epochs", "3", "--run.time_budget_min", "0.001")
+    )
+    assert result["epoch"] == 1 and not result["stopped_early"]
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "budget_min, elapsed_s, epochs_done, late",
+    [(0, 1e9, 1, False), (4, 100, 1, False), (4, 200, 2, True), (4, 119, 1, False), (4, 121, 1, True)],
+)
+def test_out_of_time_when_one_more_mean_epoch_would_overrun(budget_min, elapsed_s, epochs_done, late):
+    cfg = C.demo()
+    cfg.run.time_budget_min = budget_min
+    run = SimpleNamespace(cfg=cfg, dist=runtime.Dist(), device=torch.device("cpu"))
+    assert train.out_of_time(run, elapsed_s, epochs_done) is late
