@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from benchmark.common import write_results
-from benchmark.loader import build_kinetics, endless
+from benchmark.loader import build_shards, endless
 from pipeline import LoaderConfig
 from pipeline.dali_loader import DaliLoader
 from pipeline.shards import ShardDataset
@@ -136,9 +136,7 @@ def main(args: argparse.Namespace) -> int:
     tmp = None if data_dir else tempfile.TemporaryDirectory(prefix="gcvideo-bench-dali-cpu-")
     root = Path(data_dir or tmp.name)
     try:
-        index = build_kinetics(
-            root / f"mjpeg-256-x{args.repeat}", codec="mjpeg", short_side=256, gop=1, repeat=args.repeat
-        )
+        index = build_shards(root / f"mjpeg-256-x{args.repeat}", codec="mjpeg", gop=1, copies=args.repeat)
         rows = seek_rows(index, reps=args.iters or 3)
         rows += loader_rows(index, rounds=args.rounds, clips_per_round=16)
     finally:

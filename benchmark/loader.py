@@ -99,16 +99,27 @@ def source_videos() -> list[tuple[Path, str]]:
     return [(p, p.stem.split("_")[0]) for p in sorted(VIDEOS.glob("*.m[pk][4v]"))]
 
 
-def build_shards(out: Path, *, codec: str, gop: int) -> Path:
+def build_shards(out: Path, *, codec: str, gop: int, copies: int = 1) -> Path:
     """The five clips sharded by the preprocess CLI at Kinetics geometry; returns index.json (reused if
-    present)."""
+    present). copies > 1 shards that many distinct copies (symlinks, one sample each), for reads that one
+    file's page cache must not serve (the reader benchmark's cold reads); repeated_index lists the same files
+    again instead."""
     index = out / "index.json"
     if index.is_file():
         return index
     out.parent.mkdir(parents=True, exist_ok=True)
+    root = VIDEOS
+    rows = [(p.name, label) for p, label in source_videos()]
+    if copies > 1:
+        root = out.parent / f"{out.name}-videos"
+        root.mkdir(exist_ok=True)
+        rows = [(f"r{r}_{name}", label) for r in range(copies) for name, label in rows]
+        for name, _ in rows:
+            if not (root / name).exists():
+                (root / name).symlink_to(VIDEOS / name.split("_", 1)[1])
     lst = out.parent / f"{out.name}.csv"
-    lst.write_text("path,label\n" + "".join(f"{p.name},{label}\n" for p, label in source_videos()))
-    cmd = [sys.executable, "-m", "preprocess", "list", "--split", f"train={lst}", "--root", str(VIDEOS)]
+    lst.write_text("path,label\n" + "".join(f"{name},{label}\n" for name, label in rows))
+    cmd = [sys.executable, "-m", "preprocess", "list", "--split", f"train={lst}", "--root", str(root)]
     cmd += ["--out", str(out), "--name", "bench", "--codec", codec, "--short-side", str(SHORT_SIDE)]
     cmd += ["--gop", str(gop), "--workers", "2", "--no-progress"]
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)

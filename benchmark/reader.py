@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from benchmark.common import Plot, write_results
-from benchmark.loader import build_kinetics
+from benchmark.loader import build_shards
 from pipeline import LoaderConfig
 from pipeline.dali_loader import READ_AHEAD_BATCHES, DaliLoader
 from pipeline.mp4 import frame_ranges
@@ -235,9 +235,7 @@ def main(args: argparse.Namespace) -> int:
             ("kinetics h264 gop 16", "h264", 16, args.repeat),
             ("kinetics mjpeg", "mjpeg", 1, max(1, args.repeat // 5)),
         ):
-            index = build_kinetics(
-                root / f"{codec}-256-g{gop}-x{repeat}", codec=codec, short_side=256, gop=gop, repeat=repeat
-            )
+            index = build_shards(root / f"{codec}-256-g{gop}-x{repeat}", codec=codec, gop=gop, copies=repeat)
             rows += rows_for(label, index, args.rounds, args.seconds)
     finally:
         if tmp is not None:

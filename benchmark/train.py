@@ -171,14 +171,12 @@ def kinetics_index(args: argparse.Namespace, root: Path) -> str:
     """--index if it exists, else H.264 shards (preprocess's default GOP) of the Kinetics clips x20."""
     if Path(args.index).exists():
         return args.index
-    from benchmark.loader import build_kinetics
+    from benchmark.loader import build_shards, repeated_index
     from preprocess.ffmpeg_args import EncodeSettings
 
     gop = EncodeSettings().gop
     log.info("building H.264 shards (GOP %d) of the Kinetics clips x20 in %s", gop, root)
-    return str(
-        build_kinetics(root / f"h264-256-g{gop}-x20", codec="h264", short_side=256, gop=gop, repeat=20)
-    )
+    return str(repeated_index(build_shards(root / f"h264-256-g{gop}", codec="h264", gop=gop), 20))
 
 
 def torch_threads(cfg: C.Config) -> int:
