@@ -9,6 +9,7 @@ from __future__ import annotations
 import bisect
 import functools
 import io
+import logging
 import multiprocessing
 import os
 import threading
@@ -24,6 +25,8 @@ from av.video.reformatter import VideoReformatter
 from pipeline import sampling
 from pipeline.loader import IMAGENET_MEAN, IMAGENET_STD, Loader, LoaderConfig, Views, make_views
 from pipeline.shards import DatasetError, ShardDataset
+
+log = logging.getLogger(__name__)
 
 # Reusing one swscale context is 2.5x faster than frame.to_ndarray(format="rgb24") on small frames.
 _REFORMATTER = VideoReformatter()
@@ -281,6 +284,18 @@ def _exit_with_parent(parent_pid: int, worker_id: int) -> None:
                 os._exit(0)
 
     threading.Thread(target=watch, name=f"parent-watch-{worker_id}", daemon=True).start()
+    threading.excepthook = _quiet_fd_server_errors
+
+
+def _quiet_fd_server_errors(args) -> None:
+    """A worker hands each batch's shared memory to the training process through multiprocessing's
+    resource-sharer thread (a file descriptor server). When training stops (SIGTERM, the end of a run) that
+    thread can fail in accept() as the worker shuts down, and its traceback would land in the user's
+    terminal: nothing is lost then, so it is logged at debug level. Other threads' errors print as usual."""
+    if args.thread is not None and args.thread.name.endswith("(_serve)"):
+        log.debug("resource sharer: %s: %s", args.exc_type.__name__, args.exc_value)
+        return
+    threading.__excepthook__(args)
 
 
 def _worker_context():

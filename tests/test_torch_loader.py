@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import threading
 from pathlib import Path
 
 import av
@@ -17,7 +18,7 @@ from conftest import KINETICS, run_preprocess
 
 from benchmark.frame_folders import FrameFolderDataset, extract
 from benchmark.loader import gop_list, repeated_index, shard_bytes_per_video
-from pipeline import LoaderConfig, sampling
+from pipeline import LoaderConfig, sampling, torch_loader
 from pipeline.loader import IMAGENET_MEAN, IMAGENET_STD, Views, make_views
 from pipeline.shards import ShardDataset
 from pipeline.torch_loader import (
@@ -150,3 +151,20 @@ def test_gop_list(text, gops):
             gop_list(text)
     else:
         assert gop_list(text) == gops
+
+
+def test_workers_silence_only_the_resource_sharers_shutdown_errors(capsys):
+    def fail():
+        raise OSError("accept failed")
+
+    previous = threading.excepthook
+    threading.excepthook = torch_loader._quiet_fd_server_errors
+    try:
+        for name in ("Thread-7 (_serve)", "Thread-8 (decode)"):
+            thread = threading.Thread(target=fail, name=name)
+            thread.start()
+            thread.join()
+    finally:
+        threading.excepthook = previous
+    err = capsys.readouterr().err
+    assert "Thread-8 (decode)" in err and "OSError: accept failed" in err and "(_serve)" not in err
