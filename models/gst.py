@@ -20,8 +20,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from .resnet import Arch, ContextFactory
-from .temporal import Calibrator
+from .resnet import Arch, ContextFactory, init_backbone
 
 EXPANSION = 4
 
@@ -132,15 +131,7 @@ class GSTResNet(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        for m in self.modules():
-            if isinstance(m, (nn.Conv2d, nn.Conv3d)):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-        for m in self.modules():  # after the loop above, which also matched the calibrators' convs
-            if isinstance(m, Calibrator):
-                m.reset_parameters()
+        init_backbone(self, convs=(nn.Conv2d, nn.Conv3d))
 
     def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x_BCHW))))

@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .resnet import ContextFactory, imagenet_keys
-from .temporal import Calibrator, TemporalShift
+from .resnet import ContextFactory, imagenet_keys, init_backbone
+from .temporal import TemporalShift
 
 # (expansion ratio t, output channels c, blocks n, stride of the first block s), as in the MobileNetV2 paper.
 INVERTED_RESIDUAL_SETTING = (
@@ -120,15 +120,7 @@ class MobileNetV2(nn.Module):
 
     def reset_parameters(self) -> None:
         """torchvision's (and the TSM release's) initialisation; the calibrators keep GC's own."""
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-        for m in self.modules():  # after the loop above, which also matched the calibrators' Conv2d
-            if isinstance(m, Calibrator):
-                m.reset_parameters()
+        init_backbone(self, nonlinearity="leaky_relu")  # kaiming_normal_'s default, as torchvision's
 
     def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
         return self.features(x_BCHW)

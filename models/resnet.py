@@ -167,15 +167,7 @@ class ResNet(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-        for m in self.modules():  # after the loop above, which also matched the calibrators' Conv2d
-            if isinstance(m, Calibrator):
-                m.reset_parameters()
+        init_backbone(self)
 
     def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x_BCHW))))
@@ -193,6 +185,26 @@ TEMPORAL_PARTS = (".gc.", ".nl.")
 def imagenet_keys(backbone: nn.Module) -> list[str]:
     """state_dict keys of a backbone's 2D part: all but those of its temporal modules."""
     return [k for k in backbone.state_dict() if not any(part in f".{k}" for part in TEMPORAL_PARTS)]
+
+
+def init_backbone(
+    backbone: nn.Module,
+    convs: tuple[type[nn.Module], ...] = (nn.Conv2d,),
+    nonlinearity: str = "relu",
+    own_init: tuple[type[nn.Module], ...] = (),
+) -> None:
+    """torchvision's initialisation of a 2D network: convs Kaiming-normal (fan out), BatchNorm2d weight 1 and
+    bias 0; then the temporal modules (calibrators, and `own_init` types) reset to their own, since the first
+    loop also matched their convs."""
+    for m in backbone.modules():
+        if isinstance(m, convs):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity=nonlinearity)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    for m in backbone.modules():
+        if isinstance(m, (Calibrator, *own_init)):
+            m.reset_parameters()
 
 
 def load_imagenet(backbone: nn.Module, source: str | Path | Mapping[str, torch.Tensor]) -> None:

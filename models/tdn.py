@@ -33,8 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .resnet import Arch, ContextFactory
-from .temporal import Calibrator
+from .resnet import Arch, ContextFactory, init_backbone
 
 EXPANSION = 4
 FRAMES_PER_SEGMENT = 5
@@ -232,15 +231,7 @@ class TDNResNet(nn.Module):
 
     def reset_parameters(self) -> None:
         """Conv weights Kaiming (fan out), biases PyTorch's default, BN 1/0; calibrators and shifts: own."""
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-        for m in self.modules():
-            if isinstance(m, (Calibrator, LearnableShift)):
-                m.reset_parameters()
+        init_backbone(self, own_init=(LearnableShift,))
 
     def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
         x_SFCHW = x_BCHW.unflatten(0, (-1, self.frames_per_segment))
