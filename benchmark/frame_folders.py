@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline import LoaderConfig, sampling
-from pipeline.loader import IMAGENET_MEAN, IMAGENET_STD, make_views
+from pipeline import LoaderConfig
+from pipeline.loader import IMAGENET_MEAN, IMAGENET_STD, make_views, view_frame_indices
 from pipeline.torch_loader import render_views
 from preprocess.ffmpeg_args import EncodeSettings, file_url, output_size
 from preprocess.probe import probe
@@ -99,9 +99,7 @@ class FrameFolderDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         video = self.videos[i]
         views = make_views(self.cfg, "train", self.epoch, i, video)
-        idx = sampling.frame_indices(
-            video.num_frames, views.u, sampling=self.cfg.sampling, dense_stride=self.cfg.dense_stride
-        ).ravel()
+        idx = view_frame_indices(self.cfg, video.num_frames, views).ravel()
         if self.render == "gcvideo":
             frames = np.stack([np.asarray(im) for im in self.frames(i, idx)])
             return render_views(frames, views, self.cfg.num_segments)[0], video.label

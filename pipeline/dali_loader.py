@@ -30,7 +30,15 @@ import numpy as np
 import torch
 
 from pipeline import sampling
-from pipeline.loader import IMAGENET_MEAN, IMAGENET_STD, Loader, LoaderConfig, ResourceError
+from pipeline.loader import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Loader,
+    LoaderConfig,
+    ResourceError,
+    clip_draws,
+    view_frame_indices,
+)
 from pipeline.mp4 import frame_ranges
 from pipeline.shards import BufferPool, ReadAhead, Sample
 
@@ -306,17 +314,8 @@ class DaliLoader(Loader):
 
     def frames_per_sample(self) -> int:
         """Decoded frames per sample: clips (views in time) x T x frames_per_segment."""
-        mode, cfg = self.mode, self.cfg
-        rng = np.random.default_rng(0) if mode == "train" else None
-        u = sampling.frame_draws(
-            rng,
-            mode=mode,
-            sampling=cfg.sampling,
-            num_segments=cfg.num_segments,
-            num_clips=cfg.num_clips if mode == "test" else 1,
-            twice_sample=cfg.twice_sample,
-        )
-        return u.size * cfg.frames_per_segment
+        rng = np.random.default_rng(0) if self.mode == "train" else None  # the count, not the values
+        return clip_draws(self.cfg, self.mode, rng).size * self.cfg.frames_per_segment
 
     # ----- pipeline construction
     def _pipe_kwargs(self, batch_size: int, source) -> dict:
@@ -354,13 +353,7 @@ class DaliLoader(Loader):
         jpegs, starts, ends, flips = [], [], [], []
         for sid, s in zip(sample_ids, samples):
             v = self.views(sid, s)
-            idx = sampling.frame_indices(
-                s.num_frames,
-                v.u,
-                sampling=self.cfg.sampling,
-                dense_stride=self.cfg.dense_stride,
-                frames_per_segment=self.cfg.frames_per_segment,
-            ).ravel()
+            idx = view_frame_indices(self.cfg, s.num_frames, v).ravel()
             offsets, sizes = s.frames
             start = np.ascontiguousarray(v.boxes[:, [1, 0]], dtype=np.int32)
             end = np.ascontiguousarray(v.boxes[:, [3, 2]], dtype=np.int32)

@@ -62,10 +62,9 @@ class Views:
     out_size: int
 
 
-def make_views(cfg: LoaderConfig, mode: str, epoch: int, sample_id: int, sample: Sample) -> Views:
-    """The draws and crop boxes of one sample in one epoch (a pure function of its arguments)."""
-    rng = sampling.sample_rng(cfg.seed, epoch, sample_id) if mode == "train" else None
-    u = sampling.frame_draws(
+def clip_draws(cfg: LoaderConfig, mode: str, rng: np.random.Generator | None) -> np.ndarray:
+    """The (clips, T) uniform draws of one sample under cfg's sampling (one clip but in test mode)."""
+    return sampling.frame_draws(
         rng,
         mode=mode,
         sampling=cfg.sampling,
@@ -73,6 +72,24 @@ def make_views(cfg: LoaderConfig, mode: str, epoch: int, sample_id: int, sample:
         num_clips=cfg.num_clips if mode == "test" else 1,
         twice_sample=cfg.twice_sample,
     )
+
+
+def view_frame_indices(cfg: LoaderConfig, num_frames: int, views: Views) -> np.ndarray:
+    """The frame numbers the views' draws pick in a video of num_frames frames, under cfg's rule (with its
+    frames_per_segment consecutive frames a segment)."""
+    return sampling.frame_indices(
+        num_frames,
+        views.u,
+        sampling=cfg.sampling,
+        dense_stride=cfg.dense_stride,
+        frames_per_segment=cfg.frames_per_segment,
+    )
+
+
+def make_views(cfg: LoaderConfig, mode: str, epoch: int, sample_id: int, sample: Sample) -> Views:
+    """The draws and crop boxes of one sample in one epoch (a pure function of its arguments)."""
+    rng = sampling.sample_rng(cfg.seed, epoch, sample_id) if mode == "train" else None
+    u = clip_draws(cfg, mode, rng)
     if mode == "train":
         box = sampling.multiscale_crop_box(rng, sample.width, sample.height, cfg.crop_size, cfg.scales)
         flip = bool(cfg.flip and rng.random() < 0.5)

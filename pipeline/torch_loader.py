@@ -22,8 +22,15 @@ import torch
 import torch.nn.functional as F
 from av.video.reformatter import VideoReformatter
 
-from pipeline import sampling
-from pipeline.loader import IMAGENET_MEAN, IMAGENET_STD, Loader, LoaderConfig, Views, make_views
+from pipeline.loader import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Loader,
+    LoaderConfig,
+    Views,
+    make_views,
+    view_frame_indices,
+)
 from pipeline.shards import DatasetError, ShardDataset
 
 log = logging.getLogger(__name__)
@@ -241,13 +248,7 @@ class _Decoder(torch.utils.data.Dataset):
         try:
             sample = self.dataset[sid]
             views = make_views(self.cfg, self.mode, epoch, sid, sample)
-            idx = sampling.frame_indices(
-                sample.num_frames,
-                views.u,
-                sampling=self.cfg.sampling,
-                dense_stride=self.cfg.dense_stride,
-                frames_per_segment=self.cfg.frames_per_segment,
-            )
+            idx = view_frame_indices(self.cfg, sample.num_frames, views)
             x = render_views(decode_frames(sample.video, idx), views, self.cfg.clip_length)
             return sid, x, sample.label, sample.key
         except (ValueError, KeyError, OSError, av.FFmpegError) as e:
