@@ -221,12 +221,8 @@ class ShardDataset:
         else:
             span = self._pread(ref.tar, size, start, pooled=True)
             parts = {m: span[m.offset - start : m.offset - start + m.size] for m in members}
-
-        def member(m: Member) -> np.ndarray:
-            return parts[m]
-
-        info = json.loads(member(ref.info).tobytes())
-        label, num_frames = member(ref.meta).view("<i4")[:2]
+        info = json.loads(parts[ref.info].tobytes())
+        label, num_frames = parts[ref.meta].view("<i4")[:2]
         if not 0 <= label < len(self.classes):
             raise DatasetError(
                 f"sample {ref.key} in {ref.tar} has label {label}, outside the {len(self.classes)} classes "
@@ -234,7 +230,7 @@ class ShardDataset:
             )
         return Sample(
             key=ref.key,
-            video=member(ref.video),
+            video=parts[ref.video],
             label=int(label),
             num_frames=int(num_frames),
             width=int(info["width"]),
