@@ -173,9 +173,9 @@ def rehearsal_kit(tmp_path_factory) -> Path:
     kit_dir = tmp_path_factory.mktemp("kit")
     cmd = [sys.executable, "-m", "benchmark.gpu.prepare", "--kit", str(kit_dir)]
     cmd += ["--gops", "1,4", "--short-side", "64", "--repeat", "4"]
-    local = sorted((ROOT / ".gpukit" / "download").glob("*.whl"))
-    if local:  # wheels a developer already downloaded: no network needed
-        cmd += ["--wheels", *map(str, local)]
+    # for this Python (the compiled wheels must import here); kept in the git-ignored .gpukit/ between runs
+    python = f"{sys.version_info.major}.{sys.version_info.minor}"
+    cmd += ["--python", python, "--download-dir", str(ROOT / ".gpukit" / f"download-py{python}")]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     return kit_dir

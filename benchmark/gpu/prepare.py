@@ -40,35 +40,62 @@ from benchmark.gpu.suite import STEP_NAMES, STEPS
 
 ROOT = Path(__file__).resolve().parents[2]
 HOST_PYTHON = "3.12"
-# What the host lacks (its image has torch, numpy, rich, pillow, matplotlib, pytest, pyyaml): the pins of
-# pyproject.toml, plus webdataset's and ffmpeg-python's pure-Python needs.
+# What the host lacks (its image has torch, numpy, rich, pillow, matplotlib, pytest, pyyaml, six, packaging,
+# typing-extensions): the pins of pyproject.toml and what they import. DALI imports optree, astunparse,
+# gast, makefun, libcst and nvtx when it loads (seen under Python 3.12 + torch 2.11 without them: "No module
+# named 'optree'"). Its image-codec and compression libraries (nvidia-nvimgcodec-cu13 with nvjpeg, nvjpeg2k,
+# nvtiff; nvidia-libnvcomp-cu13: 61 MiB) stay behind: DALI loads them only when an image decoder or a
+# compressed reader runs (no NEEDED entry in libdali*.so), and the suite decodes H.264 video only.
 WHEELS = (
     "nvidia-dali-cuda130==2.4.0",
+    "optree==0.20.0",
+    "astunparse==1.6.3",
+    "gast==0.7.0",
+    "makefun==1.16.0",
+    "libcst==1.9.0",
+    "nvtx==0.2.17",
     "av==18.1.0",
     "webdataset==1.0.2",
     "ffmpeg-python==0.2.0",
     "braceexpand==0.1.7",
     "future==1.0.0",
 )
-PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
+PLATFORMS = (
+    "manylinux_2_28_x86_64",
+    "manylinux_2_27_x86_64",
+    "manylinux_2_17_x86_64",
+    "manylinux2014_x86_64",
+)
 FIRST_CALL_STEPS = ("env", "model")  # need no part: torch only, while the rest of the parts travel
 
 
-def download_wheels(dest: Path, specs: tuple[str, ...] = WHEELS) -> list[Path]:
+def download_wheels(dest: Path, python: str, specs: tuple[str, ...] = WHEELS) -> list[Path]:
+    """The wheels for `python` (pip skips those already in dest)."""
     dest.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:"]
-    cmd += ["--python-version", HOST_PYTHON, "--implementation", "cp", "-d", str(dest)]
+    cmd += ["--python-version", python, "--implementation", "cp", "-d", str(dest)]
     for platform in PLATFORMS:
         cmd += ["--platform", platform]
     done = subprocess.run([*cmd, *specs], capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"pip download failed (network? a pin that does not exist?):\n{done.stderr[-2000:]}")
-    return sorted(dest.glob("*.whl"))
+    return [wheel_for(spec, dest) for spec in specs]
+
+
+def wheel_for(spec: str, folder: Path) -> Path:
+    """The one wheel in folder for `name==version` (a cache may hold other versions too)."""
+    name, version = spec.split("==")
+    found = sorted(folder.glob(f"{name.replace('-', '_').lower()}-{version}-*.whl"))
+    if len(found) != 1:
+        raise SystemExit(f"expected one wheel for {spec} in {folder}, found {[f.name for f in found]}")
+    return found[0]
 
 
 def stage_wheels(downloaded: list[Path], dest: Path) -> list[dict]:
     """Copy the wheels into the bundle's wheels/ (DALI slimmed); their names, sizes, sha256."""
     dest.mkdir(parents=True, exist_ok=True)
+    for stale in set(dest.glob("*.whl")) - {dest / w.name for w in downloaded}:
+        stale.unlink()
     out = []
     for wheel in downloaded:
         target = dest / wheel.name
@@ -168,12 +195,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gops", default="1,4,16", help="H.264 keyframe intervals (default 1,4,16)")
     parser.add_argument("--short-side", type=int, default=256, help="shards' short side (default 256)")
     parser.add_argument("--repeat", type=int, default=400, help="times each clip is listed in train")
-    parser.add_argument("--wheels", nargs="*", default=None, help="use these wheels (no download)")
+    parser.add_argument(
+        "--python", default=HOST_PYTHON, help=f"the host's Python version (default {HOST_PYTHON})"
+    )
+    parser.add_argument("--download-dir", default=None, help="wheel cache (default KIT/download-pyVER)")
     args = parser.parse_args(argv)
     kit = (ROOT / args.kit).resolve()
     stage = kit / "stage"
-    downloaded = [Path(w) for w in args.wheels] if args.wheels is not None else None
-    downloaded = downloaded if downloaded is not None else download_wheels(kit / "download")
+    downloaded = download_wheels(Path(args.download_dir or kit / f"download-py{args.python}"), args.python)
     wheels = stage_wheels(downloaded, stage / "wheels")
     shards = build_kit_shards(
         stage / "shards", [int(g) for g in args.gops.split(",")], args.short_side, args.repeat
@@ -189,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         "git_commit": subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True
         ).stdout.strip(),
-        "host_python": HOST_PYTHON,
+        "host_python": args.python,
         "wheels": wheels,
         "shards": shards,
         "bundle": {"bytes": bundle.stat().st_size, "sha256": sha256_file(bundle)},

@@ -22,6 +22,7 @@ import checkpoints
 
 ROOT = Path(__file__).resolve().parents[2]
 EPOCHS = 2
+CPU_SAMPLES = 20  # the rehearsal's train split: 5 steps an epoch at batch 4
 
 
 def train_command(index: Path, out: Path, sizes, *, gpu: bool, extra: list[str]) -> list[str]:
@@ -74,10 +75,28 @@ def weights_distance(a: Path, b: Path) -> tuple[int, int, float]:
     return int(ca["state"]["step"]), int(cb["state"]["step"]), worst
 
 
+def rehearsal_index(index: Path, samples: int) -> Path:
+    """index_rehearsal.json beside the kit's index (shard paths stay relative to the dataset folder), with
+    the train split cut to the first `samples` listed: a few steps an epoch at the CPU rehearsal's sizes."""
+    meta = json.loads(index.read_text())
+    shards, kept = [], 0
+    for shard in meta["splits"]["train"]["shards"]:
+        if kept >= samples:
+            break
+        shards.append(shard)
+        kept += shard["num_samples"]
+    meta["splits"]["train"] = {"num_samples": kept, "shards": shards}
+    out = index.with_name("index_rehearsal.json")
+    out.write_text(json.dumps(meta))
+    return out
+
+
 def straight_and_resumed(index: Path, work: Path, sizes, *, gpu: bool) -> dict:
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
+    if not gpu:
+        index = rehearsal_index(index, CPU_SAMPLES)
     meta = json.loads(index.read_text())
     per_epoch = sum(s["num_samples"] for s in meta["splits"]["train"]["shards"]) // sizes.train_batch
     stop_at = per_epoch + per_epoch // 2  # inside the second epoch
