@@ -67,6 +67,10 @@ PLATFORMS = (
     "manylinux2014_x86_64",
 )
 FIRST_CALL_STEPS = ("env", "model")  # need no part: torch only, while the rest of the parts travel
+# Device time the plan spends besides the steps' budgets: the host's start, each call's transfer and checks,
+# the gap between one call's return and the next call, the install (joining, checking, unpacking, pip).
+HOST_START_S, CALL_OVERHEAD_S, GAP_S, INSTALL_S = 90, 15, 15, 30
+DEVICE_BUDGET_S = 900  # a session's device time, the start included
 
 
 def download_wheels(dest: Path, python: str, specs: tuple[str, ...] = WHEELS) -> list[Path]:
@@ -176,7 +180,7 @@ def plan_calls(kit_rel: str, parts: list[dict]) -> list[dict]:
         else:
             steps = []
         # + the install (last call) and ~30 s of start-up, transfer and checks
-        seconds = sum(budget[s] for s in steps) + (60 if k == len(parts) else 0) + 30
+        seconds = sum(budget[s] for s in steps) + (2 * INSTALL_S if k == len(parts) else 0) + 30
         calls.append(
             {
                 "carry": [f"{kit_rel}/{MANIFEST}", f"{kit_rel}/parts/{part['name']}"],
@@ -185,6 +189,14 @@ def plan_calls(kit_rel: str, parts: list[dict]) -> list[dict]:
             }
         )
     return calls
+
+
+def planned_device_seconds(calls: list[dict]) -> int:
+    """The plan's device time if every step used its whole budget: the start, each call's steps and
+    overhead, the gaps between calls, the install."""
+    budget = {s.name: s.budget_s for s in STEPS}
+    steps = sum(budget[n] for c in calls for n in c["command"].split("--steps ")[1].split(",") if n in budget)
+    return HOST_START_S + steps + CALL_OVERHEAD_S * len(calls) + GAP_S * (len(calls) - 1) + INSTALL_S
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -228,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         "transfer_margin_bytes": TRANSFER_MARGIN,
     }
     manifest["calls"] = plan_calls(args.kit, parts)
+    manifest["planned_device_s"] = planned_device_seconds(manifest["calls"])
     (kit / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     bundle.unlink()  # the parts hold it
     print_plan(manifest, kit)
@@ -248,6 +261,10 @@ def print_plan(manifest: dict, kit: Path) -> None:
         sent = (tree + parts[k - 1]["bytes"]) / MIB
         print(f"  {k}. carry {call['carry']}  timeout_s {call['timeout_s']}  (~{sent:.1f} MiB)")
         print(f"     {call['command']}")
+    print(
+        f"Device time if every step runs to its budget: {manifest['planned_device_s']} s of "
+        f"{DEVICE_BUDGET_S} (start {HOST_START_S} s, gaps {GAP_S} s between calls)."
+    )
     print("A call whose log says 'parts not received yet: ...' lost the host: send those parts again.")
 
 

@@ -129,7 +129,7 @@ def straight_and_resumed(index: Path, work: Path, sizes, *, gpu: bool) -> dict:
         "resumed_rel_diff": diff,
         "tolerance": tolerance,
         "resume_matches": steps == resumed_steps == EPOCHS * per_epoch and diff <= tolerance,
-        "seconds": seconds,
+        "run_seconds": seconds,  # whole processes: start-up, NCCL, the loaders, validation included
         "clips_per_s_straight": EPOCHS * per_epoch * sizes.train_batch / seconds["straight"],
     }
 
