@@ -209,7 +209,7 @@ def test_disk_full_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, m
     checkpoints.save_atomic({"step": 1}, path)
 
     def full(obj, f, *a, **k):
-        Path(f).write_bytes(b"partial")
+        f.write(b"partial")
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", full)
@@ -217,6 +217,35 @@ def test_disk_full_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, m
         checkpoints.save_atomic({"step": 2}, path)
     monkeypatch.undo()
     assert torch.load(path)["step"] == 1 and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_disk_full_inside_torch_save_is_one_line_and_leaves_no_temporary(tmp_path):
+    """A real ENOSPC through torch's own writer (the temporary is /dev/full): torch.save(obj, filename)
+    reports it as RuntimeError 'unexpected pos', without an errno."""
+    path = tmp_path / "last.pt"
+    checkpoints.save_atomic({"step": 1}, path)
+    tmp = tmp_path / ".last.pt.tmp"
+    tmp.symlink_to("/dev/full")
+    with pytest.raises(checkpoints.CheckpointError, match=f"no space left on {tmp_path}: last.pt was not"):
+        checkpoints.save_atomic({"step": 2, "weights": torch.zeros(4096)}, path)
+    assert not tmp.is_symlink() and torch.load(path)["step"] == 1
+
+
+@pytest.mark.parametrize("free, full", [(4096, True), (10 << 30, False)])
+def test_a_write_failure_without_errno_is_a_full_disk_only_when_the_disk_is_full(
+    free, full, tmp_path, monkeypatch
+):
+    def unexpected_pos(obj, f, *a, **k):
+        f.write(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+
+    monkeypatch.setattr(torch, "save", unexpected_pos)
+    monkeypatch.setattr(checkpoints.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(1, 1, free))
+    error = checkpoints.CheckpointError if full else RuntimeError
+    with pytest.raises(error) as raised:
+        checkpoints.save_atomic({"step": 2}, tmp_path / "last.pt")
+    assert ("no space left on" in str(raised.value)) == full
+    assert not list(tmp_path.iterdir())  # the half-written temporary is gone either way
 
 
 def test_more_shards_than_open_files(tmp_path):
