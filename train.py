@@ -238,21 +238,21 @@ def write_checkpoint(run: Run, state: TrainState, nonfinite: torch.Tensor, *, be
     if not run.dist.is_main:
         return
     opt = run.opt
-    checkpoints.save_atomic(
-        {
-            "model": weights,
-            "optimizer": opt.optimizer.state_dict(),
-            "scheduler": opt.scheduler.state_dict(),
-            "scaler": opt.scaler.state_dict() if opt.scaler else None,
-            "state": dataclasses.asdict(state),
-            "classes": run.classes,
-            "rng": rngs if run.dist.enabled else [checkpoints.rng_state()],
-            "config": C.to_dict(run.cfg),
-        },
-        run.out / "last.pt",
-    )
-    if best:
-        checkpoints.copy_atomic(run.out / "last.pt", run.out / "best.pt")
+    ckpt = {
+        "model": weights,
+        "optimizer": opt.optimizer.state_dict(),
+        "scheduler": opt.scheduler.state_dict(),
+        "scaler": opt.scaler.state_dict() if opt.scaler else None,
+        "state": dataclasses.asdict(state),
+        "classes": run.classes,
+        "rng": rngs if run.dist.enabled else [checkpoints.rng_state()],
+        "config": C.to_dict(run.cfg),
+    }
+    if best:  # best.pt first: a last.pt recording a best top-1 must never be ahead of best.pt
+        checkpoints.save_atomic(ckpt, run.out / "best.pt")
+        checkpoints.copy_atomic(run.out / "best.pt", run.out / "last.pt")
+    else:
+        checkpoints.save_atomic(ckpt, run.out / "last.pt")
 
 
 def restore(ckpt: dict[str, Any], opt: training.Optimisation, dist: runtime.Dist) -> TrainState:
@@ -341,6 +341,8 @@ def setup_run(cfg: C.Config, train_loader, out: Path) -> tuple[Run, TrainState]:
         sync_bn=m.sync_bn,
     )
     state = restore(resume, opt, dist) if resume is not None else TrainState()
+    if dist.is_main and cfg.run.resume:
+        forget_later_metrics(out, state.epoch)
     if dist.is_main:
         (out / "config.json").write_text(json.dumps(C.to_dict(cfg), indent=2) + "\n")
         log.info(
@@ -355,6 +357,24 @@ def setup_run(cfg: C.Config, train_loader, out: Path) -> tuple[Run, TrainState]:
             training.scaled_lr(cfg.optim, global_batch),
         )
     return Run(cfg, out, dist, device, precision, net, opt, classes), state
+
+
+def forget_later_metrics(out: Path, epoch: int) -> None:
+    """Drop the metrics.jsonl lines of epochs after `epoch`: the resumed run redoes them (their checkpoint
+    was never written), and would otherwise log them twice."""
+    metrics = out / "metrics.jsonl"
+    if metrics.exists():
+        lines = metrics.read_text().splitlines(keepends=True)
+        kept = [x for x in lines if x.endswith("\n") and _epoch_of(x) <= epoch]  # a cut last line goes
+        if len(kept) < len(lines):
+            metrics.write_text("".join(kept))
+
+
+def _epoch_of(line: str) -> float:
+    try:
+        return json.loads(line).get("epoch", 0)
+    except (json.JSONDecodeError, AttributeError):
+        return float("inf")
 
 
 def run_epoch(run: Run, state: TrainState, loader, meter: Meter, feedback: Feedback) -> bool:

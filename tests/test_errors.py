@@ -3,6 +3,7 @@ to do, an exit code (2 bad usage or config, 1 a failed run), no traceback, nothi
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import resource
@@ -19,6 +20,7 @@ from conftest import ROOT, TINY_SYNTHETIC, run_preprocess, tiny_args
 
 import checkpoints
 import config as C
+import evaluation
 import train
 
 
@@ -246,6 +248,46 @@ def test_a_write_failure_without_errno_is_a_full_disk_only_when_the_disk_is_full
         checkpoints.save_atomic({"step": 2}, tmp_path / "last.pt")
     assert ("no space left on" in str(raised.value)) == full
     assert not list(tmp_path.iterdir())  # the half-written temporary is gone either way
+
+
+def test_a_full_disk_at_a_new_best_never_leaves_last_pt_ahead_of_best_pt(
+    tiny_index, tmp_path, monkeypatch, caplog
+):
+    """The second epoch's new best meets a full disk: last.pt must not record a best that best.pt lacks, and
+    --resume (space freed) redoes that epoch once, best.pt and metrics.jsonl included."""
+    real_save, real_copy = torch.save, shutil.copyfile
+    best_writes = []
+
+    def refuse_the_second_best(target) -> None:
+        if ".best.pt" in str(getattr(target, "name", target)):
+            best_writes.append(target)
+            if len(best_writes) == 2:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def save(obj, f, *a, **k):
+        refuse_the_second_best(f)
+        return real_save(obj, f, *a, **k)
+
+    def copy(src, dst, *a, **k):
+        refuse_the_second_best(dst)
+        return real_copy(src, dst, *a, **k)
+
+    scores = iter([0.5, 0.9, 0.9])  # epoch 1, epoch 2, epoch 2 again after --resume
+    real_validate = evaluation.validate
+    monkeypatch.setattr(evaluation, "validate", lambda *a: {**real_validate(*a), "top1": next(scores)})
+    monkeypatch.setattr(torch, "save", save)
+    monkeypatch.setattr(shutil, "copyfile", copy)
+    out = tmp_path / "run"
+    args = [*tiny_args(tiny_index, out, batch_size=8), "--optim.epochs", "2"]
+    code, log = run_main(["train", *args], caplog)
+    assert code == 1 and f"no space left on {out}" in log and "Traceback" not in log
+    last, best = torch.load(out / "last.pt"), torch.load(out / "best.pt")
+    assert last["state"]["best_top1"] == best["state"]["best_top1"] == 0.5
+    assert not list(out.glob(".*.tmp"))
+    assert train.main(["train", *args, "--resume"]) == 0
+    assert torch.load(out / "best.pt")["state"]["best_top1"] == 0.9
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]  # the failed epoch's line is not repeated
 
 
 def test_more_shards_than_open_files(tmp_path):
