@@ -108,9 +108,29 @@ def test_stopped_mid_epoch_and_resumed_reaches_the_same_weights(tiny_index, stra
     assert [json.loads(x)["epoch"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
 
 
-def test_resume_without_a_checkpoint_says_what_to_do(tiny_index, tmp_path):
-    with pytest.raises(train.TrainingError, match="nothing to resume"):
-        train.train(tiny_cfg(tiny_index, tmp_path, "--resume"))
+def test_resume_of_a_run_killed_before_its_first_checkpoint_starts_it_from_step_0(
+    tiny_index, tmp_path, caplog
+):
+    """config.json and a metrics line but no last.pt (killed between the validation and the checkpoint): a
+    plain re-run points to --resume, and --resume (what an automatic restart passes) trains from step 0."""
+    run = tmp_path / "run"
+    cfg = tiny_cfg(tiny_index, run, "--optim.epochs", "1")
+    train.train(cfg)
+    (run / "last.pt").unlink()
+    (run / "best.pt").unlink()
+    with pytest.raises(train.rundir.RunDirError, match="continue it with --resume"):
+        train.train(tiny_cfg(tiny_index, run, "--optim.epochs", "1"))
+    with pytest.raises(train.TrainingError, match=f"would not continue {run / 'config.json'} exactly"):
+        train.train(tiny_cfg(tiny_index, run, "--optim.epochs", "1", "--resume", "--model.name", "tsm_mini"))
+    with caplog.at_level("WARNING"):
+        result = train.train(tiny_cfg(tiny_index, run, "--optim.epochs", "1", "--resume"))
+    assert f"{run} has no last.pt" in caplog.text and "starts from step 0" in caplog.text
+    assert result["step"] == 8 and (run / "best.pt").exists()
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 1  # the killed run's line was dropped
+    caplog.clear()
+    with caplog.at_level("WARNING"):  # a first launch with --resume (one restart command for every try)
+        assert train.train(tiny_cfg(tiny_index, tmp_path / "new", "--run.max_steps", "1", "--resume"))
+    assert "holds no config.json" in caplog.text
 
 
 def test_a_diverging_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_index, tmp_path):
