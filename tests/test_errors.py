@@ -165,6 +165,23 @@ def test_a_second_process_is_refused_by_the_lock(finished_run, tmp_path, caplog)
     assert not (out / ".lock").exists()
 
 
+@pytest.mark.parametrize("content", ["", '{"pid": 12', '{"host": "elsewhere"}'])
+def test_a_lock_whose_owner_cannot_be_read_is_stale_and_taken_over(content, tmp_path, caplog):
+    """A zero-byte or garbled .lock (disk full, or a kill between create and write) used to read as 'in use
+    by pid None on None' forever."""
+    import rundir
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".lock").write_text(content)
+    with caplog.at_level("WARNING"):
+        assert rundir.claim(out, resume=False, overwrite=False) == out
+    assert "taking over a stale lock (its owner cannot be read" in caplog.text
+    assert json.loads((out / ".lock").read_text())["pid"] == os.getpid()
+    rundir.unlock(out)
+    assert list(out.iterdir()) == []  # neither the lock nor its temporary stays
+
+
 def test_resume_refuses_what_would_not_continue_exactly(finished_run, tiny_index, tmp_path, caplog):
     run = tmp_path / "run"
     shutil.copytree(finished_run, run)
