@@ -98,6 +98,34 @@ def check_files(index: Path, paths: list[Path]) -> None:
         )
 
 
+def shard_file(index: Path, split: str, shard: object, part: str) -> str:
+    """The relative path of a shard's tar or index: one that is absolute or climbs out with `..` is refused
+    (index.json would otherwise make the loader read any file of the machine)."""
+    name = shard.get(part) if isinstance(shard, dict) else None
+    if not isinstance(name, str) or not name:
+        raise DatasetError(
+            f"{index} split {split!r}: shard entry {shard!r} has no {part!r} path; re-run preprocess"
+        )
+    if os.path.isabs(name) or ".." in Path(name).parts:
+        raise DatasetError(
+            f"{index} split {split!r}: shard entry {part} {name!r} points outside the dataset folder "
+            f"{index.parent}; shard paths must be relative paths inside it: re-run preprocess"
+        )
+    return name
+
+
+def check_split_count(index: Path, split: str, entry: dict, num_shards: int, found: int) -> None:
+    """The samples of the listed shards add up to the split's num_samples: a shard dropped from the list (or
+    a count that lies) would otherwise shrink or misreport the epoch silently."""
+    claimed = entry.get("num_samples")
+    if claimed is not None and claimed != found:
+        raise DatasetError(
+            f"{index} split {split!r} claims {claimed} samples but its {num_shards} listed shard(s) hold "
+            f"{found}: a shard is missing from the list or the count is wrong; re-run preprocess (or "
+            f"`python -m preprocess merge` for --part jobs)"
+        )
+
+
 def check_index_matches(tar: Path, idx: Path, samples: list, num_samples: int | None) -> None:
     """A stale .idx (from another version of its tar) would send reads to wrong offsets: compare the sample
     count with index.json and the last member's end with the tar's size."""
@@ -144,8 +172,9 @@ class ShardDataset:
         self.codec: str = meta.get("codec", "")
         self.video_ext: str = meta.get("video_ext", "mp4")
         root = self.index_path.parent
-        shards = meta["splits"][split]["shards"]
-        check_files(self.index_path, [root / s["tar"] for s in shards] + [root / s["index"] for s in shards])
+        shards = meta["splits"][split].get("shards", [])
+        names = [shard_file(self.index_path, split, s, part) for s in shards for part in ("tar", "index")]
+        check_files(self.index_path, [root / n for n in names])
         self.refs: list[SampleRef] = []
         for shard in shards:
             tar, idx = root / shard["tar"], root / shard["index"]
@@ -164,6 +193,7 @@ class ShardDataset:
                         info=Member(*members["json"]),
                     )
                 )
+        check_split_count(self.index_path, split, meta["splits"][split], len(shards), len(self.refs))
         self._open_files()
         # Set by a loader that gives the buffers back once their bytes were used (the DALI loader).
         self.buffers: BufferPool | None = None

@@ -59,6 +59,26 @@ def _first(d: Path, pattern: str) -> Path:
     return sorted(d.glob(pattern))[0]
 
 
+def _shard_outside(absolute: bool):
+    """The first train shard moved next to the dataset folder, index.json pointing there."""
+
+    def edit(d: Path) -> None:
+        meta = json.loads((d / "index.json").read_text())
+        shard = meta["splits"]["train"]["shards"][0]
+        for part in ("tar", "index"):
+            moved = d.parent / f"outside-{shard[part]}"
+            (d / shard[part]).rename(moved)
+            shard[part] = str(moved) if absolute else f"../{moved.name}"
+        (d / "index.json").write_text(json.dumps(meta))
+
+    return edit
+
+
+def _drop_first_train_shard(m: dict) -> dict:
+    train = m["splits"]["train"]
+    return {**m, "splits": {**m["splits"], "train": {**train, "shards": train["shards"][1:]}}}
+
+
 DATASET_CASES = {
     "index is a directory": (
         lambda d: ((d / "index.json").unlink(), (d / "index.json").mkdir()),
@@ -81,6 +101,18 @@ DATASET_CASES = {
         "does not match",
     ),
     "garbage idx": (lambda d: _first(d, "*-train-*.idx").write_text("hello"), "is not a DALI index file"),
+    "absolute shard path": (_shard_outside(absolute=True), "points outside the dataset folder"),
+    "shard path climbing out": (_shard_outside(absolute=False), "'../outside-synthetic-train-"),
+    "a shard dropped from the list": (
+        _edit_index(_drop_first_train_shard),
+        "split 'train' claims 32 samples but its",
+    ),
+    "a split claiming more samples": (
+        _edit_index(
+            lambda m: {**m, "splits": {**m["splits"], "val": {**m["splits"]["val"], "num_samples": 1000}}}
+        ),
+        "split 'val' claims 1000 samples but its",
+    ),
     "empty train split": (
         _edit_index(lambda m: {**m, "splits": {**m["splits"], "train": {"num_samples": 0, "shards": []}}}),
         "not one full batch of 8",
