@@ -27,6 +27,7 @@ MAX_OPEN_SHARDS = 64
 # A sample's members are read in one pread when the tar headers between them are all that lies in between
 # (preprocess writes them together); members scattered by other tools are read one by one.
 SPAN_SLACK = 3 * 1024
+TAR_BLOCK = 512  # a tar member's header: the block before its data
 POOL_GRAIN = 2**20  # read buffers are whole MiBs, so one fits the next samples of about its size
 
 
@@ -39,6 +40,7 @@ class DatasetError(RuntimeError):
 class Member:
     offset: int
     size: int
+    name: str = ""  # as the .idx names it; the tar header before `offset` must carry it
 
 
 @dataclass(frozen=True)
@@ -129,7 +131,7 @@ def check_split_count(index: Path, split: str, entry: dict, num_shards: int, fou
 def check_index_matches(tar: Path, idx: Path, samples: list, num_samples: int | None) -> None:
     """A stale .idx (from another version of its tar) would send reads to wrong offsets: compare the sample
     count with index.json and the last member's end with the tar's size."""
-    end = max((off + size for _, members in samples for off, size in members.values()), default=0)
+    end = max((m[0] + m[1] for _, members in samples for m in members.values()), default=0)
     if (num_samples is not None and len(samples) != num_samples) or end > tar.stat().st_size:
         raise DatasetError(
             f"{idx} does not match {tar} ({len(samples)} samples indexed, {num_samples} listed; last member "
@@ -138,8 +140,9 @@ def check_index_matches(tar: Path, idx: Path, samples: list, num_samples: int | 
         )
 
 
-def parse_idx(path: Path) -> list[tuple[str, dict[str, tuple[int, int]]]]:
-    """A wds2idx file: a line per sample, repeated ``ext offset size name`` groups -> [(key, members)]."""
+def parse_idx(path: Path, names: bool = False) -> list[tuple[str, dict[str, tuple]]]:
+    """A wds2idx file: a line per sample, repeated ``ext offset size name`` groups -> [(key, members)],
+    members {ext: (offset, size)}, or (offset, size, name) with ``names``."""
     try:
         lines = path.read_text().splitlines()
         version, count = lines[0].split()
@@ -148,13 +151,39 @@ def parse_idx(path: Path) -> list[tuple[str, dict[str, tuple[int, int]]]]:
         samples = []
         for line in lines[1 : 1 + int(count)]:
             fields = line.split()
-            members = {fields[i]: (int(fields[i + 1]), int(fields[i + 2])) for i in range(0, len(fields), 4)}
+            members = {
+                fields[i]: (
+                    int(fields[i + 1]),
+                    int(fields[i + 2]),
+                    *fields[i + 3 : i + 4 if names else i + 3],
+                )
+                for i in range(0, len(fields), 4)
+            }
             samples.append((fields[3].split(".", 1)[0], members))
     except (ValueError, IndexError, UnicodeDecodeError) as e:
         raise DatasetError(
             f"{path} is not a DALI index file ({e}): rebuild it with wds2idx or re-run preprocess"
         ) from None
     return samples
+
+
+def check_header(ref: SampleRef, member: Member, data: np.ndarray, at: int) -> None:
+    """The tar header at ``data[at:]`` names ``member``: swapped or shifted .idx offsets would otherwise
+    give a sample another's bytes and label without a sound."""
+    header = data[at : at + TAR_BLOCK].tobytes()
+    name = header[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
+    prefix = (
+        header[345:500].split(b"\0", 1)[0].decode("utf-8", "replace") if header[257:262] == b"ustar" else ""
+    )
+    found = f"{prefix}/{name}" if prefix else name
+    expected = member.name
+    truncated = len(name) >= 99 and expected.startswith(name)  # a long name lives in a header before this one
+    if expected and found.rsplit("/", 1)[-1] != expected.rsplit("/", 1)[-1] and not truncated:
+        raise DatasetError(
+            f"{ref.tar}: its .idx puts {expected} at byte {member.offset}, where the tar holds "
+            f"{found or 'no member header'!r}: the index does not match the tar (samples would get other "
+            f"samples' bytes and labels); rebuild it with `wds2idx TAR IDX` or re-run preprocess"
+        )
 
 
 class ShardDataset:
@@ -178,7 +207,7 @@ class ShardDataset:
         self.refs: list[SampleRef] = []
         for shard in shards:
             tar, idx = root / shard["tar"], root / shard["index"]
-            samples = parse_idx(idx)
+            samples = parse_idx(idx, names=True)
             check_index_matches(tar, idx, samples, shard.get("num_samples"))
             for key, members in samples:
                 missing = {self.video_ext, "meta", "json"} - members.keys()
@@ -241,16 +270,23 @@ class ShardDataset:
 
     def __getitem__(self, i: int) -> Sample:
         """One sample in one read: its members lie together in the tar, so one pread spans them (3 syscalls
-        and 3 buffers fewer per sample than a read per member)."""
+        and 3 buffers fewer per sample than a read per member). The read starts at the first member's tar
+        header, so every member's header is at hand to check the offsets (check_header)."""
         ref = self.refs[i]
         members = (ref.video, ref.meta, ref.info)
-        start = min(m.offset for m in members)
+        start = min(m.offset for m in members) - TAR_BLOCK
         size = max(m.offset + m.size for m in members) - start
-        if size > sum(m.size for m in members) + SPAN_SLACK:  # not written together: one read each
-            parts = {m: self._pread(ref.tar, m.size, m.offset) for m in members}
+        parts = {}
+        if size > sum(m.size for m in members) + TAR_BLOCK + SPAN_SLACK:  # not written together: one each
+            for m in members:
+                data = self._pread(ref.tar, TAR_BLOCK + m.size, m.offset - TAR_BLOCK)
+                check_header(ref, m, data, 0)
+                parts[m] = data[TAR_BLOCK:]
         else:
             span = self._pread(ref.tar, size, start, pooled=True)
-            parts = {m: span[m.offset - start : m.offset - start + m.size] for m in members}
+            for m in members:
+                check_header(ref, m, span, m.offset - start - TAR_BLOCK)
+                parts[m] = span[m.offset - start : m.offset - start + m.size]
         info = json.loads(parts[ref.info].tobytes())
         label, num_frames = parts[ref.meta].view("<i4")[:2]
         if not 0 <= label < len(self.classes):

@@ -3,6 +3,7 @@ to do, an exit code (2 bad usage or config, 1 a failed run), no traceback, nothi
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -74,6 +75,16 @@ def _shard_outside(absolute: bool):
     return edit
 
 
+def _swap_idx_offsets(d: Path) -> None:
+    """The first two samples of a train .idx trade offsets and sizes; names, count and extent stay valid."""
+    idx = _first(d, "*-train-*.idx")
+    head, first, second, *rest = idx.read_text().splitlines()
+    a, b = first.split(), second.split()
+    for i in range(0, len(a), 4):
+        a[i + 1 : i + 3], b[i + 1 : i + 3] = b[i + 1 : i + 3], a[i + 1 : i + 3]
+    idx.write_text("\n".join([head, " ".join(a), " ".join(b), *rest]) + "\n")
+
+
 def _drop_first_train_shard(m: dict) -> dict:
     train = m["splits"]["train"]
     return {**m, "splits": {**m["splits"], "train": {**train, "shards": train["shards"][1:]}}}
@@ -113,6 +124,7 @@ DATASET_CASES = {
         ),
         "split 'val' claims 1000 samples but its",
     ),
+    "swapped idx offsets": (_swap_idx_offsets, "the index does not match the tar"),
     "empty train split": (
         _edit_index(lambda m: {**m, "splits": {**m["splits"], "train": {"num_samples": 0, "shards": []}}}),
         "not one full batch of 8",
@@ -129,6 +141,18 @@ def test_bad_datasets_stop_with_one_message(case, tiny_index, tmp_path, caplog):
     assert code == 1 and message in log, log
     if case == "empty train split":
         assert "add samples to the split" not in log  # batch 8 can be lowered; batch 1 would say to add data
+
+
+def test_the_dali_loader_stops_on_swapped_idx_offsets_instead_of_skipping(tiny_index, tmp_path):
+    """Read in its reader threads, a mismatched header is a broken dataset, not a broken sample."""
+    from pipeline import DatasetError, LoaderConfig, build_loader
+
+    index = broken_copy(tiny_index, tmp_path, _swap_idx_offsets)
+    cfg = LoaderConfig(index=str(index), crop_size=28, scale_size=32, num_segments=4, batch_size=4, workers=2)
+    loader = build_loader(dataclasses.replace(cfg, backend="dali-cpu"), "train", "train")
+    with pytest.raises(DatasetError, match="the index does not match the tar"):
+        list(loader)
+    assert loader.skipped == 0
 
 
 def test_a_label_outside_the_class_list_names_the_sample_and_shard(tiny_index, tmp_path, caplog):
