@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import threading
 import weakref
 from collections import OrderedDict
@@ -22,7 +23,8 @@ import numpy as np
 FORMAT = "gcvideo-shards/1"
 # Shards open at once per reading thread (per DataLoader worker): Kinetics-400 has ~940 shards at 256
 # videos each, more than a default `ulimit -n` of 1024 leaves room for once sockets, libraries and workers
-# take theirs.
+# take theirs. Below that, a dataset's threads share an eighth of the process's open-file limit
+# (open_shard_budget): under `ulimit -n 256` 4 reader threads x 64 used every descriptor the process had.
 MAX_OPEN_SHARDS = 64
 # A sample's members are read in one pread when the tar headers between them are all that lies in between
 # (preprocess writes them together); members scattered by other tools are read one by one.
@@ -62,6 +64,20 @@ class Sample:
     height: int
     # (offsets, sizes) of each frame's bytes in ``video``, for loaders that decode frames as images
     frames: tuple[np.ndarray, np.ndarray] | None = None
+
+
+def open_shard_budget() -> int:
+    """Shard descriptors one dataset may hold open, all its threads together: an eighth of the open-file
+    limit, after raising the soft limit to the hard one (as servers do; an unprivileged process may)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 16)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+        except (ValueError, OSError):
+            pass  # some systems cap the soft limit below the hard one: keep it
+    return max(1, soft // 8) if soft != resource.RLIM_INFINITY else 1 << 13
 
 
 def read_index(index: str | os.PathLike) -> dict:
@@ -239,6 +255,7 @@ class ShardDataset:
             threading.Lock(),
             os.getpid(),
         )
+        self._budget = open_shard_budget()
 
     def _fd(self, tar: str) -> int:
         if self._pid != os.getpid():
@@ -250,7 +267,8 @@ class ShardDataset:
                 self._all_fds.append(fds)
         fd = fds.get(tar)
         if fd is None:
-            if len(fds) >= MAX_OPEN_SHARDS:
+            per_thread = max(1, min(MAX_OPEN_SHARDS, self._budget // len(self._all_fds)))
+            while len(fds) >= per_thread:
                 os.close(fds.popitem(last=False)[1])
             fd = fds[tar] = os.open(tar, os.O_RDONLY)
         else:
@@ -304,7 +322,7 @@ class ShardDataset:
         )
 
     def __getstate__(self):
-        skip = ("_local", "_all_fds", "_lock", "_pid", "buffers")
+        skip = ("_local", "_all_fds", "_lock", "_pid", "_budget", "buffers")
         return {k: v for k, v in self.__dict__.items() if k not in skip}
 
     def __setstate__(self, state):

@@ -380,6 +380,58 @@ def test_more_shards_than_open_files(tmp_path):
     assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] > 40  # the limit applied to the child only
 
 
+def test_training_on_the_dali_cpu_loader_under_a_low_open_file_limit(tmp_path):
+    """136 one-sample shards under `ulimit -n 96` (soft and hard: raising cannot help): 4 reader threads kept
+    up to 64 shards open each, ran out of descriptors, skipped samples as broken and crashed at validation."""
+    data = tmp_path / "many"
+    sizes = ["--train-per-class", "16", "--val-per-class", "1", *TINY_SYNTHETIC[4:]]
+    run_preprocess("synthetic", "--out", str(data), *sizes, "--shard-size", "1", "--workers", "1")
+    args = tiny_args(data / "index.json", tmp_path / "run", batch_size=8)
+    args[args.index("--data.backend") + 1], args[args.index("--data.workers") + 1] = "dali-cpu", "2"
+    done = subprocess.run(
+        [sys.executable, "train.py", "train", *args, "--optim.epochs", "1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (96, 96)),
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "skipping broken" not in done.stderr and "Traceback" not in done.stderr
+    assert (tmp_path / "run" / "best.pt").exists()
+
+
+def test_the_soft_open_file_limit_is_raised_to_the_hard_one():
+    code = (
+        "import resource\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (64, 200))\n"
+        "from pipeline.shards import open_shard_budget\n"
+        "assert open_shard_budget() == 25, open_shard_budget()\n"
+        "assert resource.getrlimit(resource.RLIMIT_NOFILE) == (200, 200)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("backend, workers", [("torch", 0), ("dali-cpu", 2)])
+@pytest.mark.parametrize("err", [errno.EMFILE, errno.ENOMEM])
+def test_running_out_of_descriptors_or_memory_is_a_resource_error_not_a_broken_sample(
+    backend, workers, err, tiny_index, monkeypatch
+):
+    from pipeline import LoaderConfig, ResourceError, build_loader
+    from pipeline.shards import ShardDataset
+
+    def exhausted(self, tar, size, offset, pooled=False):
+        raise OSError(err, os.strerror(err))
+
+    cfg = LoaderConfig(index=str(tiny_index), crop_size=28, scale_size=32, num_segments=4, batch_size=4)
+    loader = build_loader(dataclasses.replace(cfg, backend=backend, workers=workers), "train", "train")
+    monkeypatch.setattr(ShardDataset, "_pread", exhausted)
+    with pytest.raises(ResourceError, match=f"lack of a system resource \\({os.strerror(err)}\\)"):
+        next(iter(loader))
+    assert loader.skipped == 0 and not loader.bad
+
+
 def _marked_processes(mark: str) -> list[int]:
     pids = []
     for proc in Path("/proc").iterdir():
