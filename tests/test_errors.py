@@ -493,3 +493,30 @@ def test_evaluate_takes_plain_weights_with_a_model_name_and_refuses_other_classe
     other = broken_copy(tiny_index, tmp_path, _edit_index(lambda m: {**m, "classes": m["classes"][::-1]}))
     code, log = run_main(["evaluate", str(finished_run / "best.pt"), "--data.index", str(other)], caplog)
     assert code == 2 and "trained on 8 classes" in log and "differing from class 0" in log
+
+
+def test_sigterm_ends_a_rank_waiting_in_the_gloo_handshake(tiny_index, tmp_path):
+    """Rank 1 of 2 connects to a store that never answers (a peer that never comes): SIGTERM ends it now,
+    instead of after torchrun's SIGKILL 30 s later."""
+    import socket
+
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+    env = {**os.environ, "RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1"}
+    env |= {"MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+    args = [*tiny_args(tiny_index, tmp_path / "run", batch_size=8), "--run.dist_backend", "gloo"]
+    proc = subprocess.Popen(
+        [sys.executable, "train.py", "train", *args], cwd=ROOT, env=env, stderr=subprocess.DEVNULL
+    )
+    try:
+        server.settimeout(120)
+        peer, _ = server.accept()  # the rank is in the handshake now
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=10)
+        assert code != 0
+        peer.close()
+    finally:
+        proc.kill()
+        proc.wait()
+        server.close()
