@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tarfile
 import textwrap
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -332,3 +334,42 @@ def test_out_of_time_when_one_more_mean_epoch_would_overrun(budget_min, elapsed_
     cfg.run.time_budget_min = budget_min
     run = SimpleNamespace(cfg=cfg, dist=runtime.Dist(), device=torch.device("cpu"))
     assert train.out_of_time(run, elapsed_s, epochs_done) is late
+
+
+def _rank_pid(mark: str, rank: int) -> int | None:
+    """The pid of the training process of `rank` among those started with environment variable `mark`."""
+    for proc in Path("/proc").iterdir():
+        try:
+            env = (proc / "environ").read_bytes().split(b"\0") if proc.name.isdigit() else []
+        except OSError:
+            continue
+        if mark.encode() + b"=1" in env and f"RANK={rank}".encode() in env:
+            return int(proc.name)
+    return None
+
+
+def test_a_two_rank_gloo_run_killed_mid_epoch_continues_with_a_new_torchrun_and_resume(tiny_index, tmp_path):
+    """The restart recipe of the README: rank 1 killed -9 after the first checkpoint, torchrun ends the job,
+    and a new torchrun with the same arguments and --resume trains to the end."""
+    mark = f"GCVIDEO_RESTART_{os.getpid()}"
+    run = tmp_path / "run"
+    args = [*tiny_args(tiny_index, run, batch_size=2), "--optim.epochs", "1", "--run.ckpt_every", "2"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", mark: "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py"]
+    first = subprocess.Popen([*cmd, "train", *args], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 180
+    while not (run / "last.pt").exists() and time.time() < deadline and first.poll() is None:
+        time.sleep(0.2)
+    victim = _rank_pid(mark, 1)
+    assert victim is not None and (run / "last.pt").exists(), "no checkpoint before the kill"
+    os.kill(victim, signal.SIGKILL)
+    assert first.wait(timeout=120) != 0
+    first.stderr.close()
+    again = subprocess.run(
+        [*cmd, "train", *args, "--resume"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    ckpt = torch.load(run / "last.pt", weights_only=True)
+    assert ckpt["state"]["epoch"] == 1 and ckpt["state"]["step"] == 8  # 32 clips / (2 ranks x 2)
+    assert "continue with --resume" not in again.stderr and "from step 0" not in again.stderr  # from last.pt
+    assert [json.loads(x)["epoch"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1]
