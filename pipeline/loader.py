@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from pipeline import sampling
-from pipeline.shards import DatasetError, Sample, ShardDataset
+from pipeline.shards import DEFAULT_CACHE_BYTES, DEFAULT_CACHE_DIR, DatasetError, Sample, ShardDataset
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -24,7 +24,10 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclass
 class LoaderConfig:
-    index: str = "data/synthetic/index.json"  # dataset index.json
+    index: str = "data/synthetic/index.json"  # dataset index.json: a path or an fsspec URL (s3://, gs://)
+    # A remote index's local shard cache: whole shards fetched on first use, least recently used evicted
+    cache_dir: str = DEFAULT_CACHE_DIR
+    cache_gb: float = DEFAULT_CACHE_BYTES / 1e9
     # auto: dali-gpu for NVDEC codecs on a GPU, else the CPU backend measured fastest for the codec
     # (pipeline.build.select_backend: dali-cpu for MJPEG, torch otherwise)
     backend: Literal["auto", "dali-gpu", "dali-cpu", "torch"] = "auto"
@@ -170,7 +173,7 @@ class Loader:
         self.cfg, self.split, self.mode = cfg, split, mode
         self.rank, self.world_size = rank, world_size
         self.device, self.dtype = explicit_device(device), dtype
-        self.dataset = ShardDataset(cfg.index, split)
+        self.dataset = ShardDataset(cfg.index, split, cfg.cache_dir, int(cfg.cache_gb * 1e9))
         self.classes = self.dataset.classes
         self.epoch, self.start_batch = 0, 0
         self.skipped = 0
