@@ -108,14 +108,19 @@ class Driver:
 
     def run(self, work: list[ShardWork]) -> dict[str, dict[str, Any]]:
         pending = list(reversed(work))  # popped from the end: plan order
-        while pending or self.running:
-            while pending and len(self.running) < self.slots():
-                self.submit(pending.pop())
-            ready, _ = self.ray.wait(list(self.running), num_returns=1, timeout=POLL_SECONDS)
-            for ref in ready:
-                self.collect(ref)
-            if not pending:
-                self.relaunch_stragglers()
+        try:
+            while pending or self.running:
+                while pending and len(self.running) < self.slots():
+                    self.submit(pending.pop())
+                ready, _ = self.ray.wait(list(self.running), num_returns=1, timeout=POLL_SECONDS)
+                for ref in ready:
+                    self.collect(ref)
+                if not pending:
+                    self.relaunch_stragglers()
+        except BaseException:  # a shard that cannot be written, Ctrl-C: stop the others too
+            for ref in self.running:
+                self.ray.cancel(ref, force=True)
+            raise
         return self.written
 
     def collect(self, ref) -> None:
