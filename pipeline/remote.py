@@ -122,8 +122,9 @@ class ShardCache:
                     if name.endswith(".tar"):
                         self._make_room(name, size)
                     self._fetch(name, local, size)
+        now = time.time_ns()  # not the filesystem's clock: its ticks are coarser than two uses can be apart
         with contextlib.suppress(FileNotFoundError):  # evicted meanwhile by another process: still ours
-            os.utime(local)
+            os.utime(local, ns=(now, now))
         return local
 
     def paths(self, names: list[str], sizes: dict[str, int]) -> list[Path]:
