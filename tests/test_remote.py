@@ -212,3 +212,13 @@ def test_fetches_are_retried_and_checked_against_their_size(store, tmp_path):
     with pytest.raises(DatasetError, match=r"cannot fetch flakymem://tiny/synthetic-val-000000.tar.*lists"):
         val[0]
     assert not list((tmp_path / "other").rglob("*.partial"))
+
+
+def test_ray_tasks_upload_the_same_objects(s3, tiny_index, tmp_path):
+    """--engine ray into s3://: each task uploads its shard, then its done record; index.json comes last."""
+    url = f"s3://{BUCKET}/tiny-ray"
+    args = ["synthetic", "--out", url, "--staging", str(tmp_path), *TINY_SYNTHETIC, "--workers", "2"]
+    run_preprocess(*args, "--engine", "ray")
+    assert bucket_files(s3, "tiny-ray") == local_files(tiny_index.parent)
+    records = [p.rsplit("/", 1)[1] for p in s3.find(f"{BUCKET}/tiny-ray/.records")]
+    assert sorted(records) == ["plan.json", "synthetic-train-000000.json", "synthetic-val-000000.json"]
