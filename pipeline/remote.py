@@ -3,11 +3,12 @@ is read through a local shard cache, so the loaders keep reading local files by 
 
 Shards are fetched whole on first use (with retries, checked against the size index.json or the store gives)
 into ``<cache_dir>/<hash of the dataset URL>/``; the .idx files of a split are fetched when the dataset is
-opened. The cache is bounded: before a shard is fetched, the least recently opened shards of the whole cache
-directory are evicted until it fits. A process that still has an evicted shard open keeps reading it (the
-file lives until its descriptor closes), so random access, exact resume and once-per-sample evaluation are
-those of a local dataset. Fetches and evictions hold a lock on the cache directory, so the DataLoader
-workers, DDP ranks and runs of one machine share one cache without fetching a shard twice.
+opened. The cache is bounded: every read marks its shard used, and before a shard is fetched the least
+recently used shards of the whole cache directory are evicted until it fits. A reader that finds its open
+shard evicted closes it (freeing the space) and fetches it again; a read under way finishes on its open
+descriptor. The samples and their order are those of the local dataset, so random access, exact resume and
+once-per-sample evaluation are unchanged. Fetches and evictions hold a lock on the cache directory, so the
+DataLoader workers, DDP ranks and runs of one machine share one cache without fetching a shard twice.
 """
 
 from __future__ import annotations
@@ -122,10 +123,17 @@ class ShardCache:
                     if name.endswith(".tar"):
                         self._make_room(name, size)
                     self._fetch(name, local, size)
-        now = time.time_ns()  # not the filesystem's clock: its ticks are coarser than two uses can be apart
-        with contextlib.suppress(FileNotFoundError):  # evicted meanwhile by another process: still ours
-            os.utime(local, ns=(now, now))
+        self.touch(name)  # False when evicted meanwhile by another process: still ours through its descriptor
         return local
+
+    def touch(self, name: str) -> bool:
+        """Mark a cached file used now (its place in the LRU order); False when it is no longer cached."""
+        now = time.time_ns()  # not the filesystem's clock: its ticks are coarser than two uses can be apart
+        try:
+            os.utime(self.dir / name, ns=(now, now))
+        except FileNotFoundError:
+            return False
+        return True
 
     def paths(self, names: list[str], sizes: dict[str, int]) -> list[Path]:
         """Many small files (the .idx files) at once, fetched by a few threads."""

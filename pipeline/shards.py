@@ -321,6 +321,9 @@ class ShardDataset:
             with self._lock:
                 self._all_fds.append(fds)
         fd = fds.get(tar)
+        if fd is not None and self.cache is not None and not self.cache.touch(self._remote[tar][0]):
+            os.close(fds.pop(tar))  # evicted from the cache: let its disk space go, fetch it again
+            fd = None
         if fd is None:
             per_thread = max(1, min(MAX_OPEN_SHARDS, self._budget // len(self._all_fds)))
             while len(fds) >= per_thread:

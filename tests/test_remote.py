@@ -133,6 +133,17 @@ def s3_small(s3, tmp_path_factory) -> str:
     return f"{url}/index.json"
 
 
+def test_a_bounded_cache_reads_every_sample_and_keeps_to_its_bound(s3_small, tmp_path):
+    whole = ShardDataset(s3_small, "train", cache_dir=tmp_path / "whole")
+    sizes = sorted(size for _, size in whole._remote.values())
+    bound = sizes[-1] + sizes[-2]  # two shards at a time
+    ds = ShardDataset(s3_small, "train", cache_dir=tmp_path / "bounded", cache_bytes=bound)
+    order = [i for rnd in range(2) for i in range(rnd, len(ds), 3)]  # hops between the 4 shards, twice
+    for i in order:
+        assert ds[i].key == whole[i].key and (ds[i].video == whole[i].video).all()
+        assert sum(p.stat().st_size for p in (tmp_path / "bounded").rglob("*.tar")) <= bound
+
+
 def test_a_shard_deleted_mid_run_is_an_error_naming_it(s3, s3_small, tmp_path):
     ds = ShardDataset(s3_small, "train", cache_dir=tmp_path)
     first = ds[0]  # fetches the first sample's shard
