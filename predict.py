@@ -129,7 +129,6 @@ def load_predictor(
         "cpu",
         name=model_name or None,
         num_segments=num_segments,
-        num_classes=len(classes) or None,
         hint="--model NAME --classes FILE [--num-segments 8]",
     )
     classes = classes or loaded.classes
@@ -257,6 +256,7 @@ def stream_predictions(
     sequentially, one per `hop` once the first window is full; t and frame are the window's newest frame's.
     online: None uses the online model where the model allows it, False the offline sliding window."""
     stats = stats or StreamStats()
+    counts: dict = {}
     with vf.open_video(source) as container:
         stream = vf.video_stream(container, source)
         stride = stride or default_stride(p, vf.stream_rate(stream))
@@ -269,25 +269,26 @@ def stream_predictions(
         start = time.perf_counter()
         try:
             windows = (
-                _online_scores(p, tsm, container, stream, stride, hop, stats)
+                _online_scores(p, tsm, container, stream, stride, hop, stats, counts)
                 if tsm is not None
-                else _window_scores(p, container, stream, stride, hop, stats)
+                else _window_scores(p, container, stream, stride, hop, stats, counts)
             )
             for number, t, scores in windows:
                 stats.records += 1
-                stats.seconds = time.perf_counter() - start
+                stats.frames, stats.seconds = counts["decoded"], time.perf_counter() - start
                 yield {"t": round(t, 3), "frame": number, "top": top_classes(scores, p.classes, top)}
         except (av.FFmpegError, OSError) as e:
             raise vf.decode_error(source, e) from None
         except VideoFileError as e:
             raise VideoFileError(f"{source}: {e}") from None
-        stats.seconds = time.perf_counter() - start
+        stats.frames, stats.seconds = counts.get("decoded", 0), time.perf_counter() - start
 
 
 @torch.no_grad()
-def _window_scores(p: Predictor, container, stream, stride: int, hop: Hop, stats: StreamStats):
-    for number, t, x_TSSC in vf.sliding_windows(container, stream, p.cfg.data, p.shards, stride, hop):
-        stats.frames, stats.scored = number + 1, stats.scored + len(x_TSSC)
+def _window_scores(p: Predictor, container, stream, stride: int, hop: Hop, stats: StreamStats, counts):
+    windows = vf.sliding_windows(container, stream, p.cfg.data, p.shards, stride, hop, counts)
+    for number, t, x_TSSC in windows:
+        stats.scored += len(x_TSSC)
         x = x_TSSC.permute(0, 3, 1, 2)[None].to(p.device)
         with runtime.autocast(p.precision, p.device.type):
             scores = p.net(x).float().softmax(-1)[0].cpu()
@@ -295,18 +296,18 @@ def _window_scores(p: Predictor, container, stream, stride: int, hop: Hop, stats
 
 
 @torch.no_grad()
-def _online_scores(
-    p: Predictor, tsm: OnlineTSM, container, stream, stride: int, hop: Hop, stats: StreamStats
-):
+def _online_scores(p: Predictor, tsm: OnlineTSM, container, stream, stride: int, hop: Hop, stats, counts):
     """Every stride-th frame through the online model, one 2D forward each; a record every hop once T
     frames were seen (the mean logits of the last T, as the offline model averages a clip's)."""
-    frames = vf.preprocessed_frames(container, stream, p.cfg.data, p.shards, lambda n: n % stride == 0)
+    frames = vf.preprocessed_frames(
+        container, stream, p.cfg.data, p.shards, lambda n: n % stride == 0, counts
+    )
     last, seen, number = None, 0, -1
     for number, t, x_SSC in frames:
         with runtime.autocast(p.precision, p.device.type):
             logits = tsm.step(x_SSC.permute(2, 0, 1).to(p.device))
         seen += 1
-        stats.frames, stats.scored = number + 1, seen
+        stats.scored = seen
         if seen >= p.cfg.data.num_segments and hop.due(last, number, t):
             last = (number, t)
             yield number, t, logits.float().softmax(-1).cpu()

@@ -293,13 +293,15 @@ def stream_rate(stream) -> float:
 
 
 def preprocessed_frames(
-    container, stream, d: LoaderConfig, shards: ShardGeometry, keep
+    container, stream, d: LoaderConfig, shards: ShardGeometry, keep, counts: dict | None = None
 ) -> Iterator[tuple[int, float, torch.Tensor]]:
     """(frame number, seconds from the first frame, preprocessed frame) for each decoded frame whose number
-    `keep(number)` accepts, in decoding order (the others are decoded but not rendered)."""
+    `keep(number)` accepts, in decoding order (the others are decoded but not rendered); counts["decoded"]
+    is kept at the number of frames decoded so far."""
     rate = stream_rate(stream)
-    render, start = None, 0.0
+    render, start, counts = None, 0.0, {} if counts is None else counts
     for number, frame in enumerate(container.decode(stream)):
+        counts["decoded"] = number + 1
         if not keep(number):
             continue
         if render is None:
@@ -309,7 +311,13 @@ def preprocessed_frames(
 
 
 def sliding_windows(
-    container, stream, d: LoaderConfig, shards: ShardGeometry, stride: int, hop: Hop
+    container,
+    stream,
+    d: LoaderConfig,
+    shards: ShardGeometry,
+    stride: int,
+    hop: Hop,
+    counts: dict | None = None,
 ) -> Iterator[tuple[int, float, torch.Tensor]]:
     """(frame number, seconds, window (T * frames_per_segment, S, S, 3)) every `hop`: the window's T segments
     start `stride` frames apart, each the frames_per_segment consecutive frames from its start (TDN: 5), as
@@ -318,7 +326,11 @@ def sliding_windows(
     span = (segments - 1) * stride + per_segment  # source frames from the first segment's start to the end
     kept: dict[int, torch.Tensor] = {}
     last, number = None, -1  # last: (number, t) of the last window given
-    for number, t, x in preprocessed_frames(container, stream, d, shards, lambda n: n % stride < per_segment):
+
+    def used(n: int) -> bool:  # the frames some window uses
+        return n % stride < per_segment
+
+    for number, t, x in preprocessed_frames(container, stream, d, shards, used, counts):
         kept[number] = x
         for old in [k for k in kept if k <= number - span]:
             del kept[old]
