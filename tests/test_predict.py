@@ -424,7 +424,8 @@ def test_stream_command_writes_jsonl_and_plain_lines(files, tmp_path, capsys):
 
 def test_stream_stride_defaults_to_the_checkpoints_training_clip(tmp_path):
     """Trained on videos of a median 40 frames at T=4: the window's frames are 10 apart, so the first
-    window is full at frame 30; a plain state_dict assumes 10-s clips (at 10 fps: 25 apart, full at 75)."""
+    window is full at frame 30; a plain state_dict assumes 10-s clips (at 10 fps: 25 apart, full at 75, and
+    windows end only where a segment can start, every 25 frames: the 100-frame video has room for one)."""
     cfg = tiny_config()
     model = tiny_model(cfg)
     ckpt = tmp_path / "ckpt.pt"
@@ -439,7 +440,7 @@ def test_stream_stride_defaults_to_the_checkpoints_training_clip(tmp_path):
     (tmp_path / "c.txt").write_text("\n".join(CLASSES))
     named = {"model_name": "gc_tsm_mini", "classes_file": str(tmp_path / "c.txt"), "num_segments": 4}
     p = predict.load_predictor(str(tmp_path / "plain.pt"), torch.device("cpu"), **named)
-    assert [r["frame"] for r in predict.stream_predictions(p, video)] == [75, 85, 95]
+    assert [r["frame"] for r in predict.stream_predictions(p, video)] == [75]
 
 
 def test_stream_frames_are_rendered_as_read_views_renders_them():
