@@ -82,8 +82,7 @@ def load(path: str | Path, what: str = "checkpoint") -> Any:
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError, KeyError) as e:
         raise CheckpointError(
-            f"{what} {path} is not a weights file that loads with torch.load(weights_only=True) "
-            f"({_reason(e)}): it is truncated or not a torch checkpoint"
+            f"{what} {path} cannot be read ({_reason(e)}): it is truncated or not a torch checkpoint"
         ) from None
 
 
