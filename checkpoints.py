@@ -69,7 +69,7 @@ def load(path: str | Path, what: str = "checkpoint") -> Any:
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         text = str(e)
-        if "Unsupported global" not in text and "Unsupported class" not in text:  # not code: not a pickle
+        if "GLOBAL" not in text.upper() and "class" not in text:  # no object refused: not a weights pickle
             raise CheckpointError(
                 f"{what} {path} is not a weights file that loads with torch.load(weights_only=True): "
                 f"{_reason(e)}"
@@ -91,7 +91,8 @@ def _reason(err: Exception) -> str:
     text = str(err)
     _, marker, detail = text.partition("WeightsUnpickler error:")
     lines = [line.strip() for line in (detail if marker else text).splitlines() if line.strip()]
-    reason = lines[0] if lines else type(err).__name__
+    named = [line for line in lines if "GLOBAL" in line]  # the object refused, when one was
+    reason = (named or lines or [type(err).__name__])[0]
     return reason if len(reason) <= 200 else reason[:197] + "..."
 
 
