@@ -234,7 +234,7 @@ def inference_facts(index: str | Path, dataset: Any) -> dict[str, Any]:
         shards = {"short_side": settings.get("short_side"), "size": settings.get("size")}
     except (OSError, ValueError, KeyError, TypeError):
         shards = None
-    n = len(dataset)
+    n = len(dataset) if dataset is not None else 0  # a loader without a dataset (tests' stand-ins)
     picks = sorted({round(i * (n - 1) / 15) for i in range(16)}) if n else []
     frames = []
     for i in picks:

@@ -357,7 +357,7 @@ def setup_run(cfg: C.Config, train_loader, out: Path) -> tuple[Run, TrainState]:
             global_batch,
             training.scaled_lr(cfg.optim, global_batch),
         )
-    facts = checkpoints.inference_facts(cfg.data.index, train_loader.dataset)
+    facts = checkpoints.inference_facts(cfg.data.index, getattr(train_loader, "dataset", None))
     return Run(cfg, out, dist, device, precision, net, opt, classes, facts), state
 
 
