@@ -249,34 +249,68 @@ def inference_facts(index: str | Path, dataset: Any) -> dict[str, Any]:
 
 
 def save_atomic(obj: Any, path: Path) -> None:
-    """Write to a temporary file beside `path` and rename it: a reader never sees half a checkpoint."""
+    """Write to a temporary file beside `path` and rename it: a reader never sees half a checkpoint. torch
+    writes through a Python file object, so a failed write raises the OSError (and errno) of the system call;
+    torch.save(obj, filename) reports the same failure as a RuntimeError 'unexpected pos' without one."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with _no_space_message(path, tmp):
-        torch.save(obj, tmp)
+    with _write_failure_message(path, tmp):
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
 
 
 def copy_atomic(src: Path, dst: Path) -> None:
     tmp = dst.with_name(f".{dst.name}.tmp")
-    with _no_space_message(dst, tmp):
+    with _write_failure_message(dst, tmp):
         shutil.copyfile(src, tmp)
         os.replace(tmp, dst)
 
 
+# Below this much free space, a write that failed without an errno (a RuntimeError from torch's writer) is
+# taken for a full disk: a checkpoint of the smallest model needs more.
+FULL_DISK_BYTES = 1 << 20
+NO_SPACE = {errno.ENOSPC: "no space left on", errno.EDQUOT: "disk quota exceeded on"}
+
+
+def _errno_of(error: BaseException) -> int | None:
+    """The errno of `error` or of an OSError it was raised from (torch wraps its writer's failures)."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno is not None:
+            return error.errno
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _free_bytes(folder: Path) -> int:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return -1
+
+
 @contextlib.contextmanager
-def _no_space_message(path: Path, tmp: Path):
-    """A full disk ends the run with one line, the half-written temporary removed and the old file kept."""
+def _write_failure_message(path: Path, tmp: Path):
+    """A failed write ends the run with one line, the half-written temporary removed and the old file kept:
+    a full disk or quota (by errno, or by the free space left when torch gives no errno), any other OSError
+    with its reason."""
     try:
         yield
-    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
-        if isinstance(e, OSError) and e.errno != errno.ENOSPC and "No space left" not in str(e):
-            raise
-        if isinstance(e, RuntimeError) and "No space left" not in str(e) and "write" not in str(e).lower():
-            raise
+    except (OSError, RuntimeError) as e:
+        code = _errno_of(e)
+        full = code in NO_SPACE or (code is None and 0 <= _free_bytes(path.parent) < FULL_DISK_BYTES)
         tmp.unlink(missing_ok=True)
+        if not full and not isinstance(e, OSError):
+            raise
+        if full:
+            raise CheckpointError(
+                f"{NO_SPACE.get(code, 'no space left on')} {path.parent}: {path.name} was not written (the "
+                f"previous one, if any, is intact); free some space, then continue with --resume"
+            ) from None
         raise CheckpointError(
-            f"no space left on {path.parent}: {path.name} was not written (the previous one, if any, is "
-            f"intact); free some space, then continue with --resume"
+            f"cannot write {path} ({e.strerror or e}): the previous one, if any, is intact; make the folder "
+            f"writable, then continue with --resume"
         ) from None
 
 

@@ -28,8 +28,10 @@ from pipeline.loader import (
     IMAGENET_STD,
     Loader,
     LoaderConfig,
+    ResourceError,
     Views,
     make_views,
+    resource_error,
     view_frame_indices,
 )
 from pipeline.shards import DatasetError, ShardDataset
@@ -281,8 +283,10 @@ class _Decoder(torch.utils.data.Dataset):
             idx = view_frame_indices(self.cfg, sample.num_frames, views)
             x = render_views(decode_frames(sample.video, idx), views, self.cfg.clip_length)
             return sid, x, sample.label, sample.key
-        except (ValueError, KeyError, OSError, av.FFmpegError) as e:
-            return sid, f"{type(e).__name__}: {e}", -1, ""
+        except (ValueError, KeyError, OSError, MemoryError, av.FFmpegError) as e:
+            ref = self.dataset.refs[sid]
+            lack = resource_error(e, ref.key, ref.tar)  # raised by the main process, like a DatasetError
+            return sid, lack if lack is not None else f"{type(e).__name__}: {e}", -1, ""
         except DatasetError as e:  # not a broken file but a broken dataset: the main process raises it
             return sid, e, -1, ""
 
@@ -363,7 +367,7 @@ class TorchLoader(Loader):
     def _take(self, results, out: list) -> None:
         for sid, x, label, key in results:
             self._reads += 1
-            if isinstance(x, DatasetError):
+            if isinstance(x, (DatasetError, ResourceError)):
                 raise x
             if isinstance(x, str):
                 self.mark_bad(sid, x)
