@@ -41,6 +41,7 @@ import rundir
 import runtime
 import training
 from pipeline import DatasetError, ResourceError, build_loader
+from pipeline.video_file import VideoFileError
 
 log = logging.getLogger("train")
 ROOT = Path(__file__).resolve().parent
@@ -77,6 +78,7 @@ class Run:
     net: torch.nn.Module  # the model as trained (DDP / compiled wrappers)
     opt: training.Optimisation
     classes: list[str] = field(default_factory=list)
+    facts: dict[str, Any] = field(default_factory=dict)  # checkpoints.inference_facts of the training data
 
 
 # ------------------------------------------------------------------------------------------------------- data
@@ -247,6 +249,7 @@ def write_checkpoint(run: Run, state: TrainState, nonfinite: torch.Tensor, *, be
         "classes": run.classes,
         "rng": rngs if run.dist.enabled else [checkpoints.rng_state()],
         "config": C.to_dict(run.cfg),
+        "facts": run.facts,
     }
     if best:  # best.pt first: a last.pt recording a best top-1 must never be ahead of best.pt
         checkpoints.save_atomic(ckpt, run.out / "best.pt")
@@ -386,7 +389,8 @@ def setup_run(cfg: C.Config, train_loader, out: Path) -> tuple[Run, TrainState]:
             global_batch,
             training.scaled_lr(cfg.optim, global_batch),
         )
-    return Run(cfg, out, dist, device, precision, net, opt, classes), state
+    facts = checkpoints.inference_facts(cfg.data.index, getattr(train_loader, "dataset", None))
+    return Run(cfg, out, dist, device, precision, net, opt, classes, facts), state
 
 
 def forget_later_metrics(out: Path, epoch: int) -> None:
@@ -612,6 +616,7 @@ USER_ERRORS = (
     checkpoints.CheckpointError,
     runtime.DeviceError,
     predict.PredictError,
+    VideoFileError,
 )
 
 
