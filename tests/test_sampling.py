@@ -229,3 +229,69 @@ def test_eval_crop_table(w, h, scale, crop, n, boxes, flips, out):
         w, h, scale_size=scale, crop_size=crop, num_crops=n
     )
     assert got_boxes.tolist() == boxes and got_flips.tolist() == flips and got_out == out
+
+
+class ScriptedRNG:
+    """Answers integers(n) from a script and records each n: which choice was drawn, and among how many."""
+
+    def __init__(self, *answers: int):
+        self.answers, self.bounds = list(answers), []
+
+    def integers(self, n: int) -> int:
+        self.bounds.append(n)
+        return self.answers.pop(0)
+
+
+# 340x256, crop 224: pair 3 is (224, 224); its 13 fixed offsets (test_fixed_offsets_match_tsm), in order
+OFFSETS_224 = [
+    (0, 0),
+    (116, 0),
+    (0, 32),
+    (116, 32),
+    (58, 16),
+    (0, 16),
+    (116, 16),
+    (58, 32),
+    (58, 0),
+    (29, 8),
+    (87, 8),
+    (29, 24),
+    (87, 24),
+]
+
+
+@pytest.mark.parametrize("choice, offset", list(enumerate(OFFSETS_224)))
+def test_multiscale_crop_box_picks_each_fixed_offset(choice, offset):
+    rng = ScriptedRNG(3, choice)
+    box = sampling.multiscale_crop_box(rng, 340, 256, 224)
+    assert rng.bounds == [10, 13]  # one of the 10 pairs, then one of all 13 offsets
+    assert box == (offset[0], offset[1], offset[0] + 224, offset[1] + 224)
+
+
+@pytest.mark.parametrize(
+    "pair, size, offsets",
+    [
+        # (256, 256) on 340x256: w_step 21, h_step 0
+        (0, (256, 256), [(0, 0), (84, 0), (0, 0), (84, 0), (42, 0), (0, 0), (84, 0), (42, 0), (42, 0)]),
+        # (168, 192): w_step 43, h_step 16
+        (7, (168, 192), [(0, 0), (172, 0), (0, 64), (172, 64), (86, 32), (0, 32), (172, 32), (86, 64)]),
+    ],
+)
+def test_multiscale_crop_box_offsets_per_pair(pair, size, offsets):
+    for choice, (x, y) in enumerate(offsets):
+        rng = ScriptedRNG(pair, choice)
+        assert sampling.multiscale_crop_box(rng, 340, 256, 224) == (x, y, x + size[0], y + size[1])
+    last = sampling.tsm_fixed_offsets(340, 256, *size)[12]
+    rng = ScriptedRNG(pair, 12)
+    assert sampling.multiscale_crop_box(rng, 340, 256, 224)[:2] == last
+
+
+def test_random_crops_reach_every_pair_and_every_offset():
+    rng = np.random.default_rng(0)
+    seen: dict[tuple[int, int], set] = {}
+    for _ in range(4000):
+        x0, y0, x1, y1 = sampling.multiscale_crop_box(rng, 340, 256, 224)
+        seen.setdefault((x1 - x0, y1 - y0), set()).add((x0, y0))
+    assert set(seen) == set(sampling.multiscale_crop_pairs(340, 256, 224))
+    for (w, h), positions in seen.items():
+        assert positions == set(sampling.tsm_fixed_offsets(340, 256, w, h)), (w, h)
