@@ -172,3 +172,45 @@ def test_the_clipped_gradient_is_the_one_applied():
     step = (w0 - model.fc.bias.detach()) / (0.01 * 2)  # biases train at lr x2, without weight decay
     torch.testing.assert_close(step, model.fc.bias.grad, rtol=1e-4, atol=1e-6)
     assert total_grad_norm(model) == pytest.approx(0.5, rel=1e-4)
+
+
+def test_the_step_loss_is_cross_entropy_with_the_configured_label_smoothing():
+    torch.manual_seed(0)
+    model = TinyVideoNet()
+    x, y = toy_task()()
+    cfg = optim_cfg(0.01)
+    cfg.optim.label_smoothing = 0.2
+    with torch.no_grad():
+        expected = nn.functional.cross_entropy(model(x), y, label_smoothing=0.2)
+    opt = training.Optimisation.build(
+        model, cfg, steps_per_epoch=1, global_batch=BATCH, precision="fp32", device=CPU
+    )
+    loss, _, _ = training.train_step(model, x, y, opt, "fp32", "cpu")
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert expected.item() != pytest.approx(nn.functional.cross_entropy(model(x), y).item(), rel=1e-3)
+
+
+class BiasOnly(nn.Module):
+    """A model whose first (and only) parameter group is the biases, at lr x2."""
+
+    def __init__(self):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(CLASSES))
+
+    def forward(self, x_NTCHW: torch.Tensor) -> torch.Tensor:
+        return self.bias.expand(x_NTCHW.shape[0], -1)
+
+
+def test_base_lr_is_the_scheduled_lr_without_the_groups_multiplier():
+    cfg = optim_cfg(0.1)
+    cfg.optim.lr_steps, cfg.optim.epochs = (1,), 2
+    model = BiasOnly()
+    opt = training.Optimisation.build(
+        model, cfg, steps_per_epoch=2, global_batch=2 * BATCH, precision="fp32", device=CPU
+    )
+    assert opt.optimizer.param_groups[0]["lr_mult"] == 2
+    assert opt.base_lr() == pytest.approx(0.2)  # 0.1 for 16 clips, batch 32
+    x, y = toy_task()()
+    for _ in range(2):
+        training.train_step(model, x, y, opt, "fp32", "cpu")
+    assert opt.base_lr() == pytest.approx(0.02)  # epoch 1: x0.1
