@@ -151,6 +151,8 @@ def main(args: argparse.Namespace) -> int:
                     compile=compile_,
                 )
                 row = {"model": name, "mode": mode, "batch": batch, "frames": frames, "size": size}
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
                 row |= _measure(
                     model,
                     clip_batch(model),
@@ -160,6 +162,8 @@ def main(args: argparse.Namespace) -> int:
                     warmup=warmup,
                     iters=iters,
                 )
+                if device.type == "cuda":  # forward+backward's activations: the peak of the two
+                    row["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
                 rows.append(row)
                 log.info(
                     "%-12s %-16s fwd %.2f clips/s, fwd+bwd %.2f clips/s",
