@@ -214,3 +214,53 @@ def test_base_lr_is_the_scheduled_lr_without_the_groups_multiplier():
     for _ in range(2):
         training.train_step(model, x, y, opt, "fp32", "cpu")
     assert opt.base_lr() == pytest.approx(0.02)  # epoch 1: x0.1
+
+
+def test_the_optimiser_takes_momentum_nesterov_gc_and_fine_tuning_multipliers():
+    cfg = optim_cfg(0.1)
+    cfg.optim.momentum, cfg.optim.nesterov, cfg.optim.gc_lr_mult = 0.8, True, 5.0
+    model = checkpoints.build_model(cfg, CLASSES)
+    opt = training.Optimisation.build(
+        model, cfg, steps_per_epoch=1, global_batch=BATCH, precision="fp32", device=CPU, fine_tuning=True
+    )
+    groups = {g["name"]: g for g in opt.optimizer.param_groups}
+    assert all(g["momentum"] == 0.8 and g["nesterov"] for g in groups.values())
+    assert groups["gc_weight"]["lr_mult"] == 5.0 and groups["gc_weight"]["lr"] == pytest.approx(0.5)
+    assert groups["fc_weight"]["lr_mult"] == cfg.optim.fc_lr_mult == 5.0  # the new classifier's x5
+
+
+def bias_step(bias: list[float], labels: list[int]) -> tuple[float, float, bool, BiasOnly]:
+    model = BiasOnly()
+    with torch.no_grad():
+        model.bias.copy_(torch.tensor(bias))
+    opt = training.Optimisation.build(
+        model, optim_cfg(0.01), steps_per_epoch=1, global_batch=BATCH, precision="fp32", device=CPU
+    )
+    x = torch.zeros(len(labels), FRAMES, 3, SIDE, SIDE)
+    loss, correct, bad = training.train_step(model, x, torch.tensor(labels), opt, "fp32", "cpu")
+    return loss.item(), correct.item(), bool(bad.item()), model
+
+
+def test_the_step_counts_the_clips_it_got_right():
+    # every clip predicts class 1
+    assert bias_step([0.0, 2.0, 0.0, 0.0], [1, 1, 0, 3, 1])[1] == 3
+
+
+def test_an_infinite_loss_with_finite_gradients_is_reported():
+    # the target class's logit is -inf: the loss is infinite, its gradient (softmax - one-hot) is finite
+    loss, _, bad, model = bias_step([-float("inf"), 0.0, 0.0, 0.0], [0, 0])
+    assert loss == float("inf") and torch.isfinite(model.bias.grad).all() and bad
+
+
+def test_an_infinite_gradient_with_a_finite_loss_is_reported():
+    # huge inputs, zero weights: finite logits (the bias), gradients that overflow float32
+    torch.manual_seed(0)
+    model = TinyVideoNet()
+    with torch.no_grad():
+        model.fc.weight.zero_()
+    opt = training.Optimisation.build(
+        model, optim_cfg(0.01), steps_per_epoch=1, global_batch=BATCH, precision="fp32", device=CPU
+    )
+    x = torch.full((BATCH, FRAMES, 3, SIDE, SIDE), 3e38)
+    loss, _, bad = training.train_step(model, x, torch.zeros(BATCH, dtype=torch.long), opt, "fp32", "cpu")
+    assert torch.isfinite(loss) and bool(bad)
