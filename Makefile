@@ -45,7 +45,7 @@ lint: lint-python
 # limits it to some modules; the score table and the survivors go to mutants/report.md.
 MUTANTS ?=
 mutate: setup
-	GCVIDEO_SHARED_DATA=$(abspath ../shared/data) OMP_NUM_THREADS=1 $(VENV)/bin/mutmut run --max-children 2 $(MUTANTS)
+	GCVIDEO_SHARED_DATA=$(abspath ../shared/data) OMP_NUM_THREADS=1 $(VENV)/bin/mutmut run --max-children 2 $(foreach m,$(MUTANTS),'$(m)')
 	$(PYTHON) tests/mutation_report.py > mutants/report.md
 	cat mutants/report.md
 
