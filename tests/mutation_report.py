@@ -1,6 +1,11 @@
 """The mutation score per core module from mutmut's results (mutants/*.meta), as markdown on stdout.
 
     python tests/mutation_report.py            # after `make mutate` (or `mutmut run NAMES...`)
+    python tests/mutation_report.py OLD .      # OLD: a copy of an earlier run's folder; mutants run again
+                                               # in this one (the survivors, say) take its result
+
+mutmut forgets every result once the tests change; a run limited to the survivors of an earlier full run, with
+tests only added since, is combined with that run this way.
 
 Counts only mutants that were run: `not checked` (a run limited to some modules, or stopped) is reported as
 such, never as killed or survived. Survivors are listed with their one-line change, to be explained (or
@@ -51,10 +56,20 @@ def changed_line(name: str) -> str:
     )
 
 
-def main(root: Path) -> int:
+def merged_results(roots: list[Path], module: str) -> dict[str, str]:
+    """Each mutant's result in the last root that ran it."""
+    merged: dict[str, str] = {}
+    for root in roots:
+        for name, status in module_results(root, module).items():
+            if status != "not checked" or name not in merged:
+                merged[name] = status
+    return merged
+
+
+def main(roots: list[Path]) -> int:
     rows, survivors = [], []
     for module in CORE:
-        results = module_results(root, module)
+        results = merged_results(roots, module)
         c = Counter(results.values())
         run = c["killed"] + c["survived"] + c["timeout"] + c["no tests"]
         score = f"{(c['killed'] + c['timeout']) / run:.1%}" if run else "not run"
@@ -73,4 +88,4 @@ def main(root: Path) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(Path(sys.argv[1]) if len(sys.argv) > 1 else Path.cwd()))
+    sys.exit(main([Path(a) for a in sys.argv[1:]] or [Path.cwd()]))

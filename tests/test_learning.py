@@ -241,9 +241,27 @@ def bias_step(bias: list[float], labels: list[int]) -> tuple[float, float, bool,
     return loss.item(), correct.item(), bool(bad.item()), model
 
 
+class Readout(nn.Module):
+    """Logits read off the input (its first CLASSES pixel values), plus a bias for the optimiser to move."""
+
+    def __init__(self):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(CLASSES))
+
+    def forward(self, x_NTCHW: torch.Tensor) -> torch.Tensor:
+        return x_NTCHW[:, 0, 0, 0, :CLASSES] + self.bias
+
+
 def test_the_step_counts_the_clips_it_got_right():
-    # every clip predicts class 1
-    assert bias_step([0.0, 2.0, 0.0, 0.0], [1, 1, 0, 3, 1])[1] == 3
+    predicted, labels = [1, 3, 0, 2, 2], [1, 3, 2, 0, 2]  # 3 right
+    x = torch.zeros(len(labels), FRAMES, 3, SIDE, SIDE)
+    x[torch.arange(len(labels)), 0, 0, 0, torch.tensor(predicted)] = 5.0
+    model = Readout()
+    opt = training.Optimisation.build(
+        model, optim_cfg(0.01), steps_per_epoch=1, global_batch=BATCH, precision="fp32", device=CPU
+    )
+    _, correct, _ = training.train_step(model, x, torch.tensor(labels), opt, "fp32", "cpu")
+    assert correct.item() == 3
 
 
 def test_an_infinite_loss_with_finite_gradients_is_reported():
