@@ -127,3 +127,12 @@ def test_disk_full_while_copying_best_keeps_the_old_copy(tmp_path, monkeypatch):
         checkpoints.copy_atomic(tmp_path / "last.pt", tmp_path / "best.pt")
     monkeypatch.undo()
     assert torch.load(tmp_path / "best.pt")["step"] == 1 and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_the_model_takes_the_configs_model_options():
+    cfg = demo_cfg()
+    cfg.model.cdiv, cfg.model.gc_loop, cfg.model.shift_div = 8, True, 4
+    model = checkpoints.build_model(cfg, 3)
+    blocks = [b for layer in (model.backbone.layer1, model.backbone.layer2) for b in layer]
+    assert blocks[0].gc.split_sizes == [2] * 8 and blocks[1].gc.targets == [1, 2, 3, 4]  # 16 / 8; rotated
+    assert blocks[0].shift.shift_div == 4
