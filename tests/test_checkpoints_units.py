@@ -36,16 +36,14 @@ def test_checkpoint_model_is_built_from_the_config_inside(tmp_path):
 def test_a_plain_state_dict_takes_the_named_model_and_its_class_count(tmp_path):
     model = checkpoints.build_model(demo_cfg(), 5)
     torch.save({"state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, tmp_path / "p.pt")
-    with pytest.raises(checkpoints.CheckpointError, match="not a gcvideo checkpoint .*--model.name"):
+    with pytest.raises(checkpoints.CheckpointError, match=r"p.pt .*\(no config inside\): .*--model.name"):
         checkpoints.checkpoint_model(tmp_path / "p.pt", CPU)
     plain = demo_cfg(classes=0)
     loaded, cfg, classes = checkpoints.checkpoint_model(tmp_path / "p.pt", CPU, plain)
     assert cfg.model.num_classes == 5 and classes == [] and loaded.fc.out_features == 5
     assert torch.equal(loaded.state_dict()["fc.weight"], model.state_dict()["fc.weight"])
     other = C.apply_overrides(demo_cfg(), ["--model.name", "tsn_mini"])
-    with pytest.raises(
-        checkpoints.CheckpointError, match="does not fit --model.name tsn_mini with 5 classes: "
-    ):
+    with pytest.raises(checkpoints.CheckpointError, match="does not fit model tsn_mini with 5 classes: "):
         checkpoints.checkpoint_model(tmp_path / "p.pt", CPU, other)
 
 
@@ -67,7 +65,7 @@ def test_unusable_files_are_named_with_the_reason(tmp_path):
 def test_an_unsafe_pickle_names_the_reason(tmp_path):
     torch.save({"model": {}, "x": np.dtype("float64").type}, tmp_path / "obj.pt")  # a class: not plain data
     with pytest.raises(
-        checkpoints.CheckpointError, match=r"obj.pt refused: .*could run code from the file \(Weights only"
+        checkpoints.CheckpointError, match=r"obj.pt refused: .*could run code from the file \(.+\)"
     ):
         checkpoints.load(tmp_path / "obj.pt")
 
