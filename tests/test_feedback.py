@@ -1,0 +1,90 @@
+"""What a user sees in the first hour: progress in a log file (Docker, Slurm, `> log`) as on a terminal, one
+epoch numbering, Ctrl-C ending in a checkpoint and one line, help that describes every option, a one-epoch
+smoke run, and what --resume says about a finished run."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, tiny_args
+
+import checkpoints
+import progress
+
+STEP_LINE = re.compile(
+    r"step (\d+)/(\d+)  epoch (\d+)/(\d+)  loss [\d.]+  top-1 [\d.]+%  lr [\d.e+-]+  [\d.]+ clips/s  "
+    r"data wait \d+%  ETA (\d+:\d\d:\d\d|\?)$"
+)
+
+
+def train_command(index: Path, out: Path, *extra: str) -> list[str]:
+    """train.py on the tiny set (8 steps an epoch at batch 4) with the live view on, as a user runs it."""
+    args = [*tiny_args(index, out, batch_size=4), "--run.live", "true", *extra]
+    return [sys.executable, "train.py", "train", *args]
+
+
+def test_redirected_training_writes_a_complete_line_every_log_every_steps(tiny_index, tmp_path):
+    log_file = tmp_path / "log"
+    cmd = train_command(tiny_index, tmp_path / "run", "--optim.epochs", "2", "--run.log_every", "3")
+    with open(log_file, "w") as f:  # stdout and stderr to a file: no terminal, as under Docker or Slurm
+        done = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, timeout=300)
+    text = log_file.read_text()
+    assert done.returncode == 0, text[-3000:]
+    steps = [STEP_LINE.search(line) for line in text.splitlines() if " step " in line]
+    assert all(steps), [line for line in text.splitlines() if " step " in line]
+    # every 3rd step and the last step of each epoch, each line whole (no 80-column cut, no bar)
+    assert [int(m[1]) for m in steps] == [3, 6, 8, 9, 12, 15, 16]
+    assert {(int(m[2]), int(m[4])) for m in steps} == {(16, 2)}
+    assert [int(m[3]) for m in steps] == [1, 1, 1, 2, 2, 2, 2]  # the epoch in progress, from 1
+    assert steps[-1][5] == "0:00:00"
+    assert "━" not in text
+    # the validation lines and metrics.jsonl count the same epochs
+    assert re.findall(r"epoch (\d)/2: val top-1", text) == ["1", "2"]
+    metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in metrics] == [1, 2]
+
+
+def test_progress_lines_and_clock():
+    assert progress.clock(3725.4) == "1:02:05" and progress.clock(float("inf")) == "?"
+    assert progress.eta_s(done=30, total=120, elapsed_s=12.0) == pytest.approx(36.0)
+    line = progress.progress_line("evaluate a.pt", 30, 120, 12.0)
+    assert line == "evaluate a.pt: 30/120 batches (25%), 0:00:12, ETA 0:00:36"
+    assert progress.line_steps(120) == 12 and progress.line_steps(3) == 1
+
+
+def test_ctrl_c_checkpoints_the_step_and_ends_in_one_line(tiny_index, tmp_path):
+    """Ctrl-C signals the whole process group (training and its DataLoader workers): the run writes last.pt
+    at the step it reached and says so in one line, exit 130, no traceback; --resume goes on from there."""
+    out = tmp_path / "run"
+    cmd = train_command(
+        tiny_index, out, "--optim.epochs", "50", "--run.log_every", "2", "--data.workers", "2"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )  # its own process group, as a terminal's foreground job
+    lines = []
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        lines.append(proc.stderr.readline())
+        if " step 4/" in lines[-1]:
+            break
+    os.killpg(proc.pid, signal.SIGINT)
+    code = proc.wait(timeout=60)
+    stderr = "".join(lines) + proc.stderr.read()
+    assert code == 128 + signal.SIGINT, stderr[-3000:]
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+    errors = [line for line in stderr.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and "stopped by SIGINT at step" in errors[0] and "--resume" in errors[0]
+    stopped_at = int(re.search(r"at step (\d+)", errors[0])[1])
+    state = checkpoints.load(out / "last.pt")["state"]
+    assert stopped_at >= 4 and state["step"] == stopped_at
+    assert state["start_batch"] == stopped_at % 8 and state["epoch"] == stopped_at // 8
