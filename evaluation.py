@@ -26,6 +26,7 @@ import torch.distributed as torch_dist
 import torch.nn.functional as F
 
 import config as C
+import progress
 import runtime
 from checkpoints import checkpoint_model
 from pipeline import build_loader
@@ -123,15 +124,18 @@ def class_pairs(index: Mapping[str, Any]) -> list[tuple[int, int]]:
 
 
 @torch.no_grad()
-def score_videos(model: torch.nn.Module, loader, *, autocast) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+def score_videos(
+    model: torch.nn.Module, loader, *, autocast, label: str = ""
+) -> tuple[dict[str, np.ndarray], dict[str, int]]:
     """Scores (softmax averaged over the V views) and labels of every video of a test loader, by key.
 
     `autocast` is a zero-argument callable returning the run's precision context (runtime.autocast).
-    Scores stay on the device until the end: one transfer, not one per batch.
+    Scores stay on the device until the end: one transfer, not one per batch. A `label` shows progress
+    under it (progress.track: a bar on a terminal, log lines elsewhere).
     """
     model.eval()
     batches, all_keys = [], []
-    for x_NVTCHW, labels_N, keys in loader:
+    for x_NVTCHW, labels_N, keys in progress.track(loader, len(loader), label, enabled=bool(label)):
         n, v = x_NVTCHW.shape[:2]
         with autocast():
             logits = model(x_NVTCHW.flatten(0, 1))
@@ -267,6 +271,7 @@ def score_checkpoint(path: str, overrides: Sequence[str], dist: runtime.Dist, de
     model, cfg, classes = checkpoint_model(path, device, plain)
     cfg = eval_config(cfg, overrides)
     precision = runtime.resolve_precision(cfg.run.precision, device)
+    runtime.use_cpu_threads(device, cfg.run.threads, cfg.data.workers)  # as training does
     net = runtime.setup_model(model, device=device, channels_last=cfg.model.channels_last, compile=False)
     loader = build_loader(
         cfg.data, split=cfg.eval.split, mode="test", rank=dist.rank, world_size=dist.world_size, device=device
@@ -281,7 +286,12 @@ def score_checkpoint(path: str, overrides: Sequence[str], dist: runtime.Dist, de
             f"differing from class {diff}: evaluate on the dataset it was trained on (--data.index), or "
             f"fine-tune it on this one with --tune-from"
         )
-    scores, labels = score_videos(net, loader, autocast=lambda: runtime.autocast(precision, device.type))
+    scores, labels = score_videos(
+        net,
+        loader,
+        autocast=lambda: runtime.autocast(precision, device.type),
+        label=f"evaluate {path}" if dist.is_main else "",
+    )
     if dist.enabled:  # every rank scored its own videos: gather them on rank 0
         parts: list[Any] = [None] * dist.world_size
         torch_dist.all_gather_object(parts, (scores, labels))

@@ -558,8 +558,7 @@ def train(cfg: C.Config) -> dict[str, Any]:
     """Build the data (the demo set if missing) and the loaders of `cfg`, then fit."""
     C.validate(cfg)
     dist, device = runtime.init_distributed(cfg.run.device, cfg.run.dist_backend)
-    if device.type == "cpu":
-        torch.set_num_threads(runtime.cpu_threads(cfg.run.threads, cfg.data.workers))
+    runtime.use_cpu_threads(device, cfg.run.threads, cfg.data.workers)
     ensure_dataset(cfg.data.index, dist)
     return fit(cfg, *build_loaders(cfg, dist, device))
 

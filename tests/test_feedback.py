@@ -14,10 +14,13 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import ROOT, tiny_args
 
 import checkpoints
+import evaluation
 import progress
+import runtime
 
 STEP_LINE = re.compile(
     r"step (\d+)/(\d+)  epoch (\d+)/(\d+)  loss [\d.]+  top-1 [\d.]+%  lr [\d.e+-]+  [\d.]+ clips/s  "
@@ -31,13 +34,25 @@ def train_command(index: Path, out: Path, *extra: str) -> list[str]:
     return [sys.executable, "train.py", "train", *args]
 
 
-def test_redirected_training_writes_a_complete_line_every_log_every_steps(tiny_index, tmp_path):
-    log_file = tmp_path / "log"
-    cmd = train_command(tiny_index, tmp_path / "run", "--optim.epochs", "2", "--run.log_every", "3")
-    with open(log_file, "w") as f:  # stdout and stderr to a file: no terminal, as under Docker or Slurm
+def redirected(cmd: list[str], log_file: Path) -> str:
+    """Run `cmd` with stdout and stderr to a file (no terminal, as under Docker or Slurm); the file's text."""
+    with open(log_file, "w") as f:
         done = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, timeout=300)
     text = log_file.read_text()
     assert done.returncode == 0, text[-3000:]
+    return text
+
+
+@pytest.fixture(scope="module")
+def redirected_run(tiny_index, tmp_path_factory) -> tuple[Path, str]:
+    """A 2-epoch run logged to a file: (its run directory, the log)."""
+    tmp = tmp_path_factory.mktemp("redirected")
+    cmd = train_command(tiny_index, tmp / "run", "--optim.epochs", "2", "--run.log_every", "3")
+    return tmp / "run", redirected(cmd, tmp / "log")
+
+
+def test_redirected_training_writes_a_complete_line_every_log_every_steps(redirected_run):
+    out, text = redirected_run
     steps = [STEP_LINE.search(line) for line in text.splitlines() if " step " in line]
     assert all(steps), [line for line in text.splitlines() if " step " in line]
     # every 3rd step and the last step of each epoch, each line whole (no 80-column cut, no bar)
@@ -48,8 +63,25 @@ def test_redirected_training_writes_a_complete_line_every_log_every_steps(tiny_i
     assert "━" not in text
     # the validation lines and metrics.jsonl count the same epochs
     assert re.findall(r"epoch (\d)/2: val top-1", text) == ["1", "2"]
-    metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in metrics] == [1, 2]
+
+
+def test_evaluate_shows_progress_in_a_log_and_uses_the_training_threads_policy(redirected_run, tmp_path):
+    out, _ = redirected_run
+    cmd = [sys.executable, "train.py", "evaluate", str(out / "best.pt"), "--eval.out", str(tmp_path / "ev")]
+    text = redirected([*cmd, "--eval.batch_size", "4", "--run.device", "cpu"], tmp_path / "log")
+    lines = re.findall(r"evaluate \S+best.pt: (\d+)/4 batches \(\d+%\), \S+, ETA \S+$", text, re.M)
+    assert lines == ["1", "2", "3", "4"], text[-2000:]
+    threads = torch.get_num_threads()
+    try:  # in this process: the threads the checkpoint's loader leaves (or --run.threads) as training takes
+        ev = ["--eval.out", str(tmp_path / "ev2"), "--eval.batch_size", "8", "--run.device", "cpu"]
+        evaluation.evaluate([str(out / "best.pt")], [*ev, "--run.threads", "1"])
+        assert torch.get_num_threads() == 1
+        evaluation.evaluate([str(out / "best.pt")], ev)  # the run's loader had 0 workers: every core
+        assert torch.get_num_threads() == runtime.cpu_threads(0, 0) == len(os.sched_getaffinity(0))
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_progress_lines_and_clock():
