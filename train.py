@@ -17,6 +17,7 @@ the step from training.py; evaluation and prediction from evaluation.py and pred
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -24,6 +25,7 @@ import random
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -565,13 +567,26 @@ def train(cfg: C.Config) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------------------------- command line
 
+
+def usage(argv: list[str]) -> str:
+    """--help: the commands, presets and aliases, and every option with its value in the chosen preset."""
+    name, _ = C.split_preset(argv)
+    wrap = functools.partial(textwrap.fill, width=110, subsequent_indent="  ")
+    return USAGE.format(
+        presets=wrap(", ".join(C.PRESETS)),
+        aliases=wrap(", ".join(f"{k}={v}" for k, v in C.ALIASES.items())),
+        preset=name,
+        options=C.help_text(C.preset(name)),
+    )
+
+
 USAGE = """usage:
   python train.py [train] [--preset NAME] [--section.field VALUE ...]   train (default preset: demo)
   python train.py evaluate CKPT [CKPT ...] [--eval.num_clips N --eval.num_crops 1|3|10 ...]
   python train.py predict CKPT VIDEO [--classes FILE] [--top 5] [--device cpu] [--stream ...]   (predict -h)
 presets: {presets}
 aliases: {aliases}
-options (demo defaults):
+options, with their values in preset {preset} (--preset NAME --help shows another's):
 {options}"""
 
 
@@ -654,15 +669,13 @@ def main(argv: list[str] | None = None) -> int:
         datefmt="%H:%M:%S",
     )
     command = argv.pop(0) if argv and argv[0] in ("train", "evaluate", "predict") else "train"
-    if ("-h" in argv or "--help" in argv) and command != "predict":
-        options = C.help_text(C.demo())
-        aliases = ", ".join(f"{k}={v}" for k, v in C.ALIASES.items())
-        sys.stdout.write(USAGE.format(presets=", ".join(C.PRESETS), options=options, aliases=aliases) + "\n")
-        return 0
     signal.signal(signal.SIGTERM, STOP)
     if command != "predict":  # predict's camera stream ends at Ctrl-C by itself
         signal.signal(signal.SIGINT, STOP)
     try:
+        if ("-h" in argv or "--help" in argv) and command != "predict":
+            sys.stdout.write(usage(argv) + "\n")
+            return 0
         {"train": run_train, "evaluate": run_evaluate, "predict": predict.main}[command](argv)
     except USER_ERRORS as e:
         log.error("%s", e)

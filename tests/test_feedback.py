@@ -4,6 +4,7 @@ smoke run, and what --resume says about a finished run."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -18,6 +19,7 @@ import torch
 from conftest import ROOT, tiny_args
 
 import checkpoints
+import config as C
 import evaluation
 import progress
 import runtime
@@ -120,3 +122,21 @@ def test_ctrl_c_checkpoints_the_step_and_ends_in_one_line(tiny_index, tmp_path):
     state = checkpoints.load(out / "last.pt")["state"]
     assert stopped_at >= 4 and state["step"] == stopped_at
     assert state["start_batch"] == stopped_at % 8 and state["epoch"] == stopped_at // 8
+
+
+def test_help_describes_every_option_with_the_chosen_presets_values():
+    cmd = [sys.executable, "train.py", "--preset", "gc_tsm_r50_k400_8f", "--help"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    for option in C.all_options(C.Config()):
+        at = next(i for i, line in enumerate(lines) if line.startswith(f"  {option} "))
+        description = lines[at + 1]
+        assert description.startswith("      ") and len(description.split()) >= 2, (option, description)
+    assert "  --data.index data/k400/index.json" in lines and "  --data.crop_size 224" in lines
+    assert "  --model.pretrained imagenet" in lines and "preset gc_tsm_r50_k400_8f" in done.stdout
+    assert max(map(len, lines)) <= 110
+    for section in dataclasses.fields(C.Config()):
+        if section.name != "preset":
+            for f in dataclasses.fields(getattr(C.Config(), section.name)):
+                assert f.metadata.get("help"), f"--{section.name}.{f.name} has no help"
