@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import math
 import re
 import textwrap
@@ -26,6 +27,8 @@ from typing import Any, Literal
 import models
 from pipeline import LoaderConfig
 from pipeline.loader import option
+
+log = logging.getLogger("config")
 
 
 class ConfigError(ValueError):
@@ -575,7 +578,33 @@ def split_preset(argv: Sequence[str]) -> tuple[str, list[str]]:
 def parse_train_args(argv: Sequence[str]) -> Config:
     """`[--preset NAME] [--section.field VALUE ...]` -> the validated config (preset demo by default)."""
     name, rest = split_preset(argv)
-    return validate(apply_overrides(preset(name), rest))
+    cfg = apply_overrides(preset(name), rest)
+    given = {ALIASES.get(a.split("=")[0], a.split("=")[0]) for a in rest if a.startswith("--")}
+    for note in fit_schedule(cfg, given):
+        log.warning("%s", note)
+    return validate(cfg)
+
+
+def fit_schedule(cfg: Config, given: set[str]) -> list[str]:
+    """A run shorter than its preset's schedule (--optim.epochs 1 for a smoke run) gets one that fits: a
+    warm-up no longer than the run warms up for half of it, lr steps past the end are dropped. Returns the
+    notes that say so. A warm-up or steps `given` on the command line are the user's own: validate refuses
+    them if they do not fit."""
+    o, notes = cfg.optim, []
+    if "--optim.warmup_epochs" not in given and o.warmup_epochs >= o.epochs:
+        notes.append(
+            f"--optim.epochs {o.epochs} is not longer than preset {cfg.preset}'s warm-up of "
+            f"{o.warmup_epochs:g} epoch(s): warming up for {o.epochs / 2:g} (--optim.warmup_epochs to choose)"
+        )
+        o.warmup_epochs = o.epochs / 2
+    late = [s for s in o.lr_steps if s >= o.epochs]
+    if "--optim.lr_steps" not in given and late:
+        o.lr_steps = tuple(s for s in o.lr_steps if s < o.epochs)
+        notes.append(
+            f"--optim.epochs {o.epochs} ends before preset {cfg.preset}'s lr steps at epoch(s) "
+            f"{', '.join(f'{s:g}' for s in late)}: they are dropped (--optim.lr_steps to choose)"
+        )
+    return notes
 
 
 # ------------------------------------------------------------------------------------------------ validation

@@ -357,7 +357,25 @@ def load_resume(cfg: C.Config, out: Path, dist: runtime.Dist) -> dict[str, Any]:
             f"--resume would not continue {last} exactly ({'; '.join(changed)}): resume with the same "
             f"settings, or start a new run from its weights with --tune-from {last}"
         )
+    done = finished(cfg, TrainState(**ckpt["state"]))
+    if done:
+        raise TrainingError(
+            f"{out} holds a finished run ({done}): nothing to resume. Evaluate it with python train.py "
+            f"evaluate {out / 'best.pt'}; train on with --resume and a larger --optim.epochs or "
+            f"--run.target_top1; or start a new run from its weights with --tune-from {out / 'best.pt'}"
+        )
     return ckpt
+
+
+def finished(cfg: C.Config, state: TrainState) -> str:
+    """Why a run in `state` has nothing left to train under `cfg` ('' if it has): every epoch is done, or its
+    best validation reached --run.target_top1 (what ended it). A stop by --run.time_budget_min is not an end:
+    --resume continues it in the next job."""
+    if state.epoch >= cfg.optim.epochs:
+        return f"all {cfg.optim.epochs} epochs of --optim.epochs are done"
+    if cfg.run.target_top1 and state.best_top1 >= cfg.run.target_top1:
+        return f"its best val top-1 {state.best_top1:.1%} reached --run.target_top1 {cfg.run.target_top1:g}"
+    return ""
 
 
 def seed_everything(seed: int) -> None:

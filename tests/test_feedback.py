@@ -23,6 +23,7 @@ import config as C
 import evaluation
 import progress
 import runtime
+import train
 
 STEP_LINE = re.compile(
     r"step (\d+)/(\d+)  epoch (\d+)/(\d+)  loss [\d.]+  top-1 [\d.]+%  lr [\d.e+-]+  [\d.]+ clips/s  "
@@ -140,3 +141,36 @@ def test_help_describes_every_option_with_the_chosen_presets_values():
         if section.name != "preset":
             for f in dataclasses.fields(getattr(C.Config(), section.name)):
                 assert f.metadata.get("help"), f"--{section.name}.{f.name} has no help"
+
+
+def test_a_short_run_fits_the_presets_schedule_with_a_note(caplog):
+    with caplog.at_level("WARNING"):
+        cfg = C.parse_train_args(["--optim.epochs", "1"])
+    assert cfg.optim.epochs == 1 and cfg.optim.warmup_epochs == 0.5 and "warming up for 0.5" in caplog.text
+    k400 = C.parse_train_args(["--preset", "gc_tsm_r50_k400_8f", "--epochs", "30"])
+    assert k400.optim.lr_steps == (20,) and k400.optim.warmup_epochs == 0
+    with pytest.raises(C.ConfigError, match="warmup_epochs must be in"):  # the user's own warm-up: refused
+        C.parse_train_args(["--optim.epochs", "1", "--optim.warmup_epochs", "2"])
+    with pytest.raises(C.ConfigError, match="lr_steps must be increasing"):
+        C.parse_train_args(["--preset", "gc_tsm_r50_k400_8f", "--epochs", "1", "--optim.lr_steps", "5"])
+
+
+def test_a_one_epoch_smoke_run_trains_and_resuming_it_says_it_is_finished(tiny_index, tmp_path, caplog):
+    args = tiny_args(tiny_index, tmp_path / "run", batch_size=8)
+    at = args.index("--optim.warmup_epochs")
+    args = args[:at] + args[at + 2 :]  # the demo's own warm-up of 1 epoch
+    with caplog.at_level("INFO"):
+        assert train.main(["train", *args, "--optim.epochs", "1"]) == 0
+    assert "warming up for 0.5" in caplog.text
+    metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in metrics] == [1]
+    caplog.clear()
+    before = (tmp_path / "run" / "last.pt").read_bytes()
+    with caplog.at_level("ERROR"):
+        assert train.main(["train", *args, "--optim.epochs", "1", "--resume"]) == 1
+    assert "holds a finished run (all 1 epochs of --optim.epochs are done)" in caplog.text
+    assert "--tune-from" in caplog.text and (tmp_path / "run" / "last.pt").read_bytes() == before
+    state = checkpoints.load(tmp_path / "run" / "last.pt")["state"]
+    reached = C.parse_train_args(["--run.target_top1", "0.01", "--epochs", "5"])
+    assert train.finished(reached, train.TrainState(**{**state, "best_top1": 0.5})).startswith("its best val")
+    assert train.finished(reached, train.TrainState(**{**state, "best_top1": 0.0})) == ""
