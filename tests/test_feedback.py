@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import ROOT, tiny_args
@@ -174,3 +175,29 @@ def test_a_one_epoch_smoke_run_trains_and_resuming_it_says_it_is_finished(tiny_i
     reached = C.parse_train_args(["--run.target_top1", "0.01", "--epochs", "5"])
     assert train.finished(reached, train.TrainState(**{**state, "best_top1": 0.5})).startswith("its best val")
     assert train.finished(reached, train.TrainState(**{**state, "best_top1": 0.0})) == ""
+
+
+def test_most_confused_pairs_and_class_accuracy():
+    cm = np.array([[5, 3, 0], [1, 2, 4], [0, 0, 0]])
+    assert evaluation.most_confused(cm, 2) == [(1, 2, 4), (0, 1, 3)]
+    assert evaluation.most_confused(cm, 10) == [(1, 2, 4), (0, 1, 3), (1, 0, 1)]  # no empty cells
+    acc = evaluation.class_accuracy(cm)
+    assert acc[:2].tolist() == [5 / 8, 2 / 7] and np.isnan(acc[2])
+
+
+def test_confusion_png_of_many_classes_shows_pairs_and_sorted_accuracy_not_the_matrix(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(400), 3)
+    pred = np.where(rng.random(labels.size) < 0.7, labels, rng.integers(0, 400, labels.size))
+    scores = {f"v{i}": np.eye(400)[p] for i, p in enumerate(pred)}
+    truth = {f"v{i}": int(y) for i, y in enumerate(labels)}
+    evaluation.write_report(tmp_path / "many", scores, truth, [f"class {c}" for c in range(400)])
+    width, height = Image.open(tmp_path / "many" / "confusion.png").size
+    assert width <= 2000 and height <= 1000  # was 3000 x 2700 of bare cells
+    few = {k: v[:8] / max(v[:8].sum(), 1) + 1e-3 for k, v in list(scores.items())[:24]}
+    evaluation.write_report(
+        tmp_path / "few", few, {k: truth[k] % 8 for k in few}, [f"c{c}" for c in range(8)]
+    )
+    assert Image.open(tmp_path / "few" / "confusion.png").size[0] < 1000
