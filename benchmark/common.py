@@ -333,6 +333,7 @@ def _bars(ax, plot: Plot, categories: list[str], series: dict[str, list[dict[str
         ax.margins(x=0.08)  # room for the value labels
     else:
         ax.set_xticks(range(len(categories)), categories)
+        ax.margins(y=0.2)  # room for the value labels and the legend above the bars
 
 
 def draw_plot(plot: Plot, rows: Sequence[dict[str, Any]], path: Path) -> None:
@@ -381,7 +382,7 @@ def draw_plot(plot: Plot, rows: Sequence[dict[str, Any]], path: Path) -> None:
     ax.set_title("\n".join(textwrap.wrap(plot.title or f"{plot.y} vs {plot.x}", 64)))
     ax.grid(True, alpha=0.3)
     if plot.group and horizontal:  # below the bars, where it covers none
-        fig.legend(title=plot.group, fontsize="small", loc="outside lower center", ncols=len(series))
+        fig.legend(title=plot.group, fontsize="small", loc="outside lower center", ncols=min(len(series), 4))
     elif plot.group:
         ax.legend(title=plot.group, fontsize="small")
     fig.savefig(path)

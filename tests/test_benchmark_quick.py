@@ -54,3 +54,18 @@ def test_loader_benchmark_without_the_shared_data_says_what_it_needs(tmp_path, m
     message = str(exit_.value)
     assert "\n" not in message and "../shared/data/videos/kinetics" in message
     assert str(tmp_path / "no-such-dir") in message and not (tmp_path / "out").exists()
+
+
+def test_plots_put_long_labels_on_horizontal_bars_and_wide_ranges_on_a_log_axis(tmp_path):
+    from PIL import Image
+
+    from benchmark.common import Plot, _horizontal, draw_plot, wide_range
+
+    assert wide_range([0.6, 1.05, 79.8]) and not wide_range([34.1, 108.0]) and not wide_range([0.0, 5.0])
+    series = [f"torch h264 gop {g}" for g in range(1, 13)]
+    assert _horizontal(series) and _horizontal(["a"] * 7) and not _horizontal(["h264", "mjpeg"])
+    rows = [{"series": s, "clips_per_s": 10.0 + i} for i, s in enumerate(series)]
+    title = "H.264 keyframe interval vs TSN-8 random-access decode (clips per CPU second), long"
+    draw_plot(Plot(x="series", y="clips_per_s", title=title), rows, tmp_path / "bars.png")
+    width, height = Image.open(tmp_path / "bars.png").size
+    assert height > 480 and width >= 864  # grown for 12 rows of labels, not squeezed under the axis
