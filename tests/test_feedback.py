@@ -201,3 +201,16 @@ def test_confusion_png_of_many_classes_shows_pairs_and_sorted_accuracy_not_the_m
         tmp_path / "few", few, {k: truth[k] % 8 for k in few}, [f"c{c}" for c in range(8)]
     )
     assert Image.open(tmp_path / "few" / "confusion.png").size[0] < 1000
+
+
+def test_online_benchmark_takes_one_thread_unless_told(capsys):
+    from models.online import main as online_main
+
+    threads = torch.get_num_threads()
+    try:
+        assert online_main(["--model", "tsm_mini", "--size", "32", "--warmup", "1", "--iters", "2"]) == 0
+        assert ", 1 thread(s)," in capsys.readouterr().out and torch.get_num_threads() == 1
+        assert online_main(["--model", "tsm_mini", "--size", "32", "--iters", "2", "--threads", "2"]) == 0
+        assert ", 2 thread(s)," in capsys.readouterr().out
+    finally:
+        torch.set_num_threads(threads)
