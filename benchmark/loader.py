@@ -107,7 +107,7 @@ def source_videos() -> list[tuple[Path, str]]:
     return [(p, p.stem.split("_")[0]) for p in found]
 
 
-def build_shards(out: Path, *, codec: str, gop: int, copies: int = 1) -> Path:
+def build_shards(out: Path, *, codec: str, gop: int, copies: int = 1, short_side: int = SHORT_SIDE) -> Path:
     """The five clips sharded by the preprocess CLI at Kinetics geometry; returns index.json (reused if
     present). copies > 1 shards that many distinct copies (symlinks, one sample each), for reads that one
     file's page cache must not serve (the reader benchmark's cold reads); repeated_index lists the same files
@@ -128,7 +128,7 @@ def build_shards(out: Path, *, codec: str, gop: int, copies: int = 1) -> Path:
     lst = out.parent / f"{out.name}.csv"
     lst.write_text("path,label\n" + "".join(f"{name},{label}\n" for name, label in rows))
     cmd = [sys.executable, "-m", "preprocess", "list", "--split", f"train={lst}", "--root", str(root)]
-    cmd += ["--out", str(out), "--name", "bench", "--codec", codec, "--short-side", str(SHORT_SIDE)]
+    cmd += ["--out", str(out), "--name", "bench", "--codec", codec, "--short-side", str(short_side)]
     cmd += ["--gop", str(gop), "--workers", "2", "--no-progress"]
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
     return index

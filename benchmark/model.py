@@ -201,36 +201,35 @@ def measure_rows(s: Settings) -> list[dict]:
     with Progress(transient=True) as progress:
         task = progress.add_task("model benchmark", total=len(measured))
         for mode, name in measured:
-            channels_last, precision, compile_ = MODES[mode]
             progress.update(task, description=f"{name} {mode}")
-            torch._dynamo.reset()  # each compiled model starts from empty caches, as in a fresh process
-            model = runtime.setup_model(
-                build_model(name, 400, s.frames),
-                device=s.device,
-                channels_last=channels_last,
-                compile=compile_,
-            )
-            row = {"model": name, "mode": mode, "batch": s.batch, "frames": s.frames, "size": s.size}
-            row |= _measure(
-                model,
-                clip_batch(model),
-                labels,
-                precision=precision,
-                device=s.device,
-                warmup=s.warmup,
-                iters=s.iters,
-            )
-            rows.append(row)
+            rows.append(measure_row(s, mode, name, clip_batch, labels))
             log.info(
                 "%-12s %-16s fwd %.2f clips/s, fwd+bwd %.2f clips/s",
                 name,
                 mode,
-                row["fwd_clips_per_s"],
-                row["train_clips_per_s"],
+                rows[-1]["fwd_clips_per_s"],
+                rows[-1]["train_clips_per_s"],
             )
-            del model
             progress.advance(task)
     return rows
+
+
+def measure_row(s: Settings, mode: str, name: str, clip_batch, labels: torch.Tensor) -> dict:
+    """One model in one mode, built afresh: its medians (and on a GPU the peak memory)."""
+    channels_last, precision, compile_ = MODES[mode]
+    torch._dynamo.reset()  # each compiled model starts from empty caches, as in a fresh process
+    model = runtime.setup_model(
+        build_model(name, 400, s.frames), device=s.device, channels_last=channels_last, compile=compile_
+    )
+    row = {"model": name, "mode": mode, "batch": s.batch, "frames": s.frames, "size": s.size}
+    if s.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(s.device)
+    row |= _measure(
+        model, clip_batch(model), labels, precision=precision, device=s.device, warmup=s.warmup, iters=s.iters
+    )
+    if s.device.type == "cuda":  # forward+backward's activations: the peak of the two
+        row["peak_mem_gib"] = torch.cuda.max_memory_allocated(s.device) / 2**30
+    return row
 
 
 def main(args: argparse.Namespace) -> int:

@@ -401,22 +401,6 @@ def test_bad_paths_and_sizes_are_named(index, tmp_path):
         build_loader(_cfg(index, batch_size=64), "train", "train")
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (NVDEC)")
-def test_dali_gpu_decodes_h264_like_the_fallback(tmp_path):
-    rows = [(f"kinetics/{k}", "x") for k in KINETICS[:4]]
-    h264 = _preprocess(tmp_path / "h264", {"val": rows}, "--codec", "h264", "--gop", "8")
-    outs = {}
-    for backend in ("dali-gpu", "torch"):
-        loader = build_loader(
-            _cfg(h264, backend=backend, batch_size=4), "val", "val", device=torch.device("cuda")
-        )
-        outs[backend] = list(loader)
-    (xg, yg), (xt, yt) = outs["dali-gpu"][0], outs["torch"][0]
-    assert xg.is_cuda and xg.shape == xt.shape == (4, 4, 3, 56, 56) and torch.equal(yg.cpu(), yt.cpu())
-    assert (xg.float() - xt.float()).abs().mean() < 0.05
-
-
 def test_mp4_frame_ranges_are_the_demuxed_packets(index, h264_index):
     from pipeline.mp4 import frame_ranges
 
