@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, tiny_args
+from conftest import ROOT, TINY_SYNTHETIC, tiny_args
 
 import checkpoints
 import config as C
@@ -214,3 +214,16 @@ def test_online_benchmark_takes_one_thread_unless_told(capsys):
         assert ", 2 thread(s)," in capsys.readouterr().out
     finally:
         torch.set_num_threads(threads)
+
+
+def test_redirected_preprocessing_logs_complete_progress_lines(tmp_path):
+    cmd = [sys.executable, "-m", "preprocess", "synthetic", "--out", str(tmp_path / "ds"), *TINY_SYNTHETIC]
+    text = redirected([*cmd, "--workers", "1"], tmp_path / "log")
+    lines = re.findall(
+        r"transcoding (\d+)/48 videos \(\d+%\): [\d.]+ videos/s, [\d.]+x realtime, 0 failed, ETA \S+$",
+        text,
+        re.M,
+    )
+    assert [int(n) for n in lines] == list(range(3, 49, 3)), text[-2000:]
+    assert not re.search(r"transcoding\s+━", text)  # no bar (the summary table stays)
+    assert max(map(len, text.splitlines())) > 80  # log lines whole, not wrapped at 80 columns
