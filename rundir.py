@@ -4,6 +4,7 @@ earlier one unless asked (--resume continues it, --run.overwrite replaces it).""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import socket
@@ -11,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+log = logging.getLogger(__name__)
 RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "config.json")
 
 
@@ -24,7 +26,9 @@ def holds_run(out: Path) -> bool:
 
 def lock(out: Path) -> None:
     """<out>/.lock names the process training into `out`; a second one is refused instead of interleaving
-    checkpoints and metrics. A lock whose process is gone (same host) is taken over."""
+    checkpoints and metrics. The lock appears whole (written beside it, then hard-linked into place), so one
+    whose owner cannot be read (empty or garbled: a disk that filled up, an older version killed between
+    create and write) or whose process is gone (same host) is stale: it is taken over, with a message."""
     lock = out / ".lock"
     me = {
         "pid": os.getpid(),
@@ -32,27 +36,78 @@ def lock(out: Path) -> None:
         "command": " ".join(sys.argv),
         "since": time.time(),
     }
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            holder = json.loads(lock.read_text() or "{}")
-            if holder.get("host") == me["host"] and not _alive(holder.get("pid", -1)):
-                lock.unlink(missing_ok=True)  # stale: its process died without cleaning up
-                continue
-            raise RunDirError(
-                f"{out} is in use by pid {holder.get('pid')} on {holder.get('host')} "
-                f"({holder.get('command', '?')}): wait for it or choose another --run.out; if that process "
-                f"is gone, delete {lock}"
-            ) from None
+    tmp = out / f".lock.{os.getpid()}.tmp"
+    try:
+        tmp.write_text(json.dumps(me))
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise RunDirError(
+            f"cannot write the lock of {out} ({e.strerror}): free some space or fix the folder"
+        ) from None
+    try:
+        for _ in range(3):
+            try:
+                _place(tmp, lock)
+                return
+            except FileExistsError:
+                holder = _holder(lock)
+            if holder == {}:
+                continue  # released meanwhile
+            stale = _stale_reason(holder, me["host"])
+            if stale is None:
+                raise RunDirError(
+                    f"{out} is in use by pid {holder['pid']} on {holder['host']} "
+                    f"({holder.get('command', '?')}): wait for it or choose another --run.out; if that "
+                    f"process is gone, delete {lock}"
+                )
+            log.warning("%s: taking over a stale lock (%s)", lock, stale)
+            lock.unlink(missing_ok=True)
+        raise RunDirError(f"{lock} keeps reappearing: another process is claiming {out}; try again")
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _place(tmp: Path, lock: Path) -> None:
+    """Create `lock` with the content of `tmp` at once (FileExistsError when it exists)."""
+    try:
+        os.link(tmp, lock)
+    except FileExistsError:
+        raise
+    except OSError:  # a file system without hard links: create exclusively, then write
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         with os.fdopen(fd, "w") as f:
-            json.dump(me, f)
-        return
+            f.write(tmp.read_text())
+
+
+def _holder(lock: Path) -> dict | None:
+    """The owner a lock names, or None when it cannot be read."""
+    try:
+        holder = json.loads(lock.read_text())
+    except FileNotFoundError:
+        return {}  # released meanwhile: try again
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    ok = (
+        isinstance(holder, dict)
+        and isinstance(holder.get("pid"), int)
+        and isinstance(holder.get("host"), str)
+    )
+    return holder if ok else None
+
+
+def _stale_reason(holder: dict | None, host: str) -> str | None:
+    """Why a lock's owner is gone, or None while it may still be training."""
+    if holder is None:
+        return "its owner cannot be read: it was never written completely"
+    if holder["host"] == host and not _alive(holder["pid"]):
+        return f"pid {holder['pid']} has ended"
+    return None
 
 
 def unlock(out: Path) -> None:
     lock = out / ".lock"
-    if lock.exists() and json.loads(lock.read_text() or "{}").get("pid") == os.getpid():
+    holder = _holder(lock) if lock.exists() else None
+    if holder and holder.get("pid") == os.getpid():
         lock.unlink()
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -67,8 +69,24 @@ def init_distributed(device: str = "auto", backend: str = "auto") -> tuple[Dist,
     if dist.enabled and not torch_dist.is_initialized():
         if backend == "auto":
             backend = "nccl" if dev.type == "cuda" else "gloo"
-        torch_dist.init_process_group(backend, device_id=dev if backend == "nccl" else None)
+        with default_sigterm():
+            torch_dist.init_process_group(backend, device_id=dev if backend == "nccl" else None)
     return dist, dev
+
+
+@contextlib.contextmanager
+def default_sigterm():
+    """SIGTERM's default action (end now) while a rank waits for its peers in init_process_group: Python runs
+    signal handlers only between bytecodes, so inside gloo's C++ handshake the handler never ran and a
+    SIGTERM waited for torchrun's SIGKILL 30 s later. Nothing is trained yet, so nothing is lost."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def all_reduce_sum(t: torch.Tensor, dist: Dist) -> torch.Tensor:

@@ -44,6 +44,7 @@ import rundir
 import runtime
 import training
 from pipeline import DatasetError, ResourceError, build_loader
+from pipeline.video_file import VideoFileError
 
 log = logging.getLogger("train")
 ROOT = Path(__file__).resolve().parent
@@ -111,6 +112,7 @@ class Run:
     net: torch.nn.Module  # the model as trained (DDP / compiled wrappers)
     opt: training.Optimisation
     classes: list[str] = field(default_factory=list)
+    facts: dict[str, Any] = field(default_factory=dict)  # checkpoints.inference_facts of the training data
 
 
 # ------------------------------------------------------------------------------------------------------- data
@@ -301,21 +303,22 @@ def write_checkpoint(run: Run, state: TrainState, nonfinite: torch.Tensor, *, be
     if not run.dist.is_main:
         return
     opt = run.opt
-    checkpoints.save_atomic(
-        {
-            "model": weights,
-            "optimizer": opt.optimizer.state_dict(),
-            "scheduler": opt.scheduler.state_dict(),
-            "scaler": opt.scaler.state_dict() if opt.scaler else None,
-            "state": dataclasses.asdict(state),
-            "classes": run.classes,
-            "rng": rngs if run.dist.enabled else [checkpoints.rng_state()],
-            "config": C.to_dict(run.cfg),
-        },
-        run.out / "last.pt",
-    )
-    if best:
-        checkpoints.copy_atomic(run.out / "last.pt", run.out / "best.pt")
+    ckpt = {
+        "model": weights,
+        "optimizer": opt.optimizer.state_dict(),
+        "scheduler": opt.scheduler.state_dict(),
+        "scaler": opt.scaler.state_dict() if opt.scaler else None,
+        "state": dataclasses.asdict(state),
+        "classes": run.classes,
+        "rng": rngs if run.dist.enabled else [checkpoints.rng_state()],
+        "config": C.to_dict(run.cfg),
+        "facts": run.facts,
+    }
+    if best:  # best.pt first: a last.pt recording a best top-1 must never be ahead of best.pt
+        checkpoints.save_atomic(ckpt, run.out / "best.pt")
+        checkpoints.copy_atomic(run.out / "best.pt", run.out / "last.pt")
+    else:
+        checkpoints.save_atomic(ckpt, run.out / "last.pt")
 
 
 def restore(ckpt: dict[str, Any], opt: training.Optimisation, dist: runtime.Dist) -> TrainState:
@@ -331,12 +334,15 @@ def restore(ckpt: dict[str, Any], opt: training.Optimisation, dist: runtime.Dist
 # --------------------------------------------------------------------------------------------------- training
 
 
-def load_resume(cfg: C.Config, out: Path, dist: runtime.Dist) -> dict[str, Any]:
+def load_resume(cfg: C.Config, out: Path, dist: runtime.Dist) -> dict[str, Any] | None:
     """<out>/last.pt, refused when this run would not continue it exactly (another model, batch size, frame
-    count or number of ranks shifts the loader position or the weights' meaning)."""
+    count or number of ranks shifts the loader position or the weights' meaning). None for a run that wrote
+    no checkpoint yet (killed in its first epoch, or never started): it starts again from step 0, so an
+    automatic restart with --resume always continues."""
     last = out / "last.pt"
     if not last.exists():
-        raise TrainingError(f"{last} not found: nothing to resume (start without --resume)")
+        restart_without_checkpoint(cfg, out, dist)
+        return None
     try:
         ckpt = checkpoints.load(last, "--resume checkpoint")
     except checkpoints.CheckpointError as e:
@@ -344,19 +350,8 @@ def load_resume(cfg: C.Config, out: Path, dist: runtime.Dist) -> dict[str, Any]:
             f"{e}. To go on from the best validation instead: copy {out / 'best.pt'} to {last} and --resume; "
             f"a complete {out / '.last.pt.tmp'}, if present, is the save that was interrupted"
         ) from None
-    saved = C.from_dict(ckpt["config"])
-    pairs = {
-        "--model.name": (saved.model.name, cfg.model.name),
-        "--data.batch_size": (saved.data.batch_size, cfg.data.batch_size),
-        "--data.num_segments": (saved.data.num_segments, cfg.data.num_segments),
-        "ranks (torchrun --nproc_per_node x nodes)": (len(ckpt["rng"]), dist.world_size),
-    }
-    changed = [f"{k} {a} -> {b}" for k, (a, b) in pairs.items() if a != b]
-    if changed:
-        raise TrainingError(
-            f"--resume would not continue {last} exactly ({'; '.join(changed)}): resume with the same "
-            f"settings, or start a new run from its weights with --tune-from {last}"
-        )
+    ranks = (len(ckpt["rng"]), dist.world_size)
+    refuse_changes(C.from_dict(ckpt["config"]), cfg, last, ranks)
     done = finished(cfg, TrainState(**ckpt["state"]))
     if done:
         raise TrainingError(
@@ -365,6 +360,42 @@ def load_resume(cfg: C.Config, out: Path, dist: runtime.Dist) -> dict[str, Any]:
             f"--run.target_top1; or start a new run from its weights with --tune-from {out / 'best.pt'}"
         )
     return ckpt
+
+
+def refuse_changes(saved: C.Config, cfg: C.Config, source: Path, ranks: tuple[int, int] | None) -> None:
+    pairs = {
+        "--model.name": (saved.model.name, cfg.model.name),
+        "--data.batch_size": (saved.data.batch_size, cfg.data.batch_size),
+        "--data.num_segments": (saved.data.num_segments, cfg.data.num_segments),
+    }
+    if ranks is not None:
+        pairs["ranks (torchrun --nproc_per_node x nodes)"] = ranks
+    changed = [f"{k} {a} -> {b}" for k, (a, b) in pairs.items() if a != b]
+    if changed:
+        raise TrainingError(
+            f"--resume would not continue {source} exactly ({'; '.join(changed)}): resume with the same "
+            f"settings, or start a new run from its weights with --tune-from {source}"
+        )
+
+
+def restart_without_checkpoint(cfg: C.Config, out: Path, dist: runtime.Dist) -> None:
+    """--resume on a run directory without last.pt: checked against its config.json, started from step 0."""
+    saved = out / "config.json"
+    try:
+        text = saved.read_text() if saved.exists() else ""
+        saved_cfg = C.from_dict(json.loads(text)) if text else None
+    except (OSError, json.JSONDecodeError):
+        saved_cfg = None  # cut short by the kill: nothing to compare with
+    if saved_cfg is not None:
+        refuse_changes(saved_cfg, cfg, saved, None)
+    if dist.is_main:
+        why = "with the settings of its config.json" if saved_cfg is not None else "(it holds no config.json)"
+        log.warning(
+            "--resume: %s has no last.pt (the run stopped before its first checkpoint): training starts "
+            "from step 0 %s",
+            out,
+            why,
+        )
 
 
 def finished(cfg: C.Config, state: TrainState) -> str:
@@ -422,8 +453,12 @@ def setup_run(cfg: C.Config, train_loader, out: Path) -> tuple[Run, TrainState]:
         sync_bn=m.sync_bn,
     )
     state = restore(resume, opt, dist) if resume is not None else TrainState()
+    if dist.is_main and cfg.run.resume:
+        forget_later_metrics(out, state.epoch)
     if dist.is_main:
-        (out / "config.json").write_text(json.dumps(C.to_dict(cfg), indent=2) + "\n")
+        tmp = out / ".config.json.tmp"  # a kill never leaves half a config.json for --resume to read
+        tmp.write_text(json.dumps(C.to_dict(cfg), indent=2) + "\n")
+        os.replace(tmp, out / "config.json")
         log.info(
             "%s: %s on %s x%d (%s), %d steps/epoch, global batch %d, lr %.4g",
             cfg.preset,
@@ -435,7 +470,26 @@ def setup_run(cfg: C.Config, train_loader, out: Path) -> tuple[Run, TrainState]:
             global_batch,
             training.scaled_lr(cfg.optim, global_batch),
         )
-    return Run(cfg, out, dist, device, precision, net, opt, classes), state
+    facts = checkpoints.inference_facts(cfg.data.index, getattr(train_loader, "dataset", None))
+    return Run(cfg, out, dist, device, precision, net, opt, classes, facts), state
+
+
+def forget_later_metrics(out: Path, epoch: int) -> None:
+    """Drop the metrics.jsonl lines of epochs after `epoch`: the resumed run redoes them (their checkpoint
+    was never written), and would otherwise log them twice."""
+    metrics = out / "metrics.jsonl"
+    if metrics.exists():
+        lines = metrics.read_text().splitlines(keepends=True)
+        kept = [x for x in lines if x.endswith("\n") and _epoch_of(x) <= epoch]  # a cut last line goes
+        if len(kept) < len(lines):
+            metrics.write_text("".join(kept))
+
+
+def _epoch_of(line: str) -> float:
+    try:
+        return json.loads(line).get("epoch", 0)
+    except (json.JSONDecodeError, AttributeError):
+        return float("inf")
 
 
 def run_epoch(run: Run, state: TrainState, loader, meter: Meter, feedback: Feedback) -> bool:
@@ -675,6 +729,7 @@ USER_ERRORS = (
     checkpoints.CheckpointError,
     runtime.DeviceError,
     predict.PredictError,
+    VideoFileError,
 )
 
 

@@ -137,8 +137,9 @@ def build_shards(out: Path, *, codec: str, gop: int, copies: int = 1, short_side
 def repeated_index(index: Path, repeat: int) -> Path:
     """index_x<repeat>.json beside index.json: the same shards listed `repeat` times in the train split."""
     meta = json.loads(index.read_text())
+    train = meta["splits"]["train"]
     meta["splits"] = {
-        "train": {**meta["splits"]["train"], "shards": meta["splits"]["train"]["shards"] * repeat}
+        "train": {"num_samples": train["num_samples"] * repeat, "shards": train["shards"] * repeat}
     }
     path = index.with_name(f"index_x{repeat}.json")
     path.write_text(json.dumps(meta))

@@ -16,14 +16,16 @@ ecal_* and *_nl models are refused.
 
 Generic over the registry: any VideoNet whose temporal modules are TemporalShift (tsm_* on ResNets, ResNeXt
 and MobileNetV2, the backbone of the TSM online demo; tsn_* have none and run as a plain per-frame 2D
-network). A backbone built from other blocks needs only to use TemporalShift.
+network). A backbone built from other blocks needs only to use TemporalShift. GST (3D convolutions over the
+clip) and TDN (differences of 5 frames a segment) have other temporal modules and are refused too.
 
     online = OnlineTSM(build_model("tsm_r50", 400, 8), window=8)
     for frame_CHW in frames:           # normalised like the training frames
         logits_K = online.step(frame_CHW)   # mean of the last 8 frames' logits
     online.reset()                     # before the next video
 
-`python -m models.online` measures frames/s of the online mode on this machine (see docs/inference.md).
+`python -m models.online` measures frames/s of the online mode on this machine (random weights, see
+docs/inference.md); `python train.py predict CKPT VIDEO --stream` runs it on a real video or camera.
 """
 
 from __future__ import annotations
@@ -85,8 +87,20 @@ class CachedShift(nn.Module):
         return f"shift_div={self.shift_div}"
 
 
+_NOT_SHIFTS = {"gst": "GST's 3D convolutions", "tdn": "TDN's differences of 5 frames a segment"}
+
+
 def check_online(model: nn.Module) -> None:
-    """ValueError when the model has temporal modules that need future frames (GC calibrators, non-local)."""
+    """ValueError when the model has temporal modules online mode cannot run: GST's 3D convolutions and TDN's
+    frame differences (5 frames a segment) are not shifts, GC calibrators and non-local blocks need future
+    frames."""
+    families = sorted({type(m).__module__.rpartition(".")[2] for m in model.modules()} & set(_NOT_SHIFTS))
+    if families:
+        raise ValueError(
+            f"{families[0]}_* models cannot run online: their temporal modules ({_NOT_SHIFTS[families[0]]}) "
+            "are not temporal shifts that a one-frame cache can replace; online mode supports tsm_* and "
+            "tsn_* models"
+        )
     kinds = sorted({type(m).__name__ for m in model.modules() if isinstance(m, Calibrator)})
     if kinds:
         raise ValueError(

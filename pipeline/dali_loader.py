@@ -244,10 +244,12 @@ def decodes_jpeg_frames(codec: str, video_ext: str, *, gpu: bool) -> bool:
 
 
 # Messages of failures that say nothing about the file: out of GPU memory, NVDEC sessions exhausted, a CUDA
-# error. Such a sample is retried alone and, if it fails again, the run stops instead of skipping it for good.
+# error, no descriptors or memory left. Such a sample is retried alone and, if it fails again, the run stops
+# instead of skipping it for good.
 RESOURCE_ERROR = re.compile(
     r"out of memory|cudaErrorMemoryAllocation|CUDA_ERROR_OUT_OF_MEMORY|CUDA error|cuda runtime|"
-    r"NVDEC.*(busy|limit|session)|cuvid.*(resource|memory)|no free decoder",
+    r"NVDEC.*(busy|limit|session)|cuvid.*(resource|memory)|no free decoder|Too many open files|"
+    r"Cannot allocate memory",
     re.IGNORECASE,
 )
 

@@ -3,6 +3,7 @@ and the output contract. Backends subclass Loader; pipeline.build chooses and bu
 
 from __future__ import annotations
 
+import errno
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -121,7 +122,23 @@ def make_views(cfg: LoaderConfig, mode: str, epoch: int, sample_id: int, sample:
 
 
 class ResourceError(RuntimeError):
-    """Decoding failed for lack of a device resource (GPU memory, decoder sessions), not because of a file."""
+    """Reading or decoding failed for lack of a resource (open files, memory, GPU memory, decoder sessions),
+    not because of a file."""
+
+
+# errnos that say nothing about the file read: the process ran out of descriptors or memory.
+RESOURCE_ERRNOS = (errno.EMFILE, errno.ENFILE, errno.ENOMEM)
+
+
+def resource_error(error: BaseException, key: str, tar: str) -> ResourceError | None:
+    """The ResourceError a failed read of sample `key` stands for, or None when it may be the file's fault."""
+    if isinstance(error, MemoryError) or (isinstance(error, OSError) and error.errno in RESOURCE_ERRNOS):
+        reason = error.strerror if isinstance(error, OSError) else "out of memory"
+        return ResourceError(
+            f"reading sample {key} from {tar} failed for lack of a system resource ({reason}); no sample was "
+            f"marked broken. Raise the open-file limit (ulimit -n) or free memory, or lower --data.workers"
+        )
+    return None
 
 
 def explicit_device(device: torch.device | str) -> torch.device:
@@ -277,7 +294,10 @@ class Loader:
             if isinstance(fetched, BaseException):
                 raise fetched
             return fetched
-        except (ValueError, KeyError, OSError) as e:
+        except (ValueError, KeyError, OSError, MemoryError) as e:
+            ref = self.dataset.refs[sample_id]
+            if (lack := resource_error(e, ref.key, ref.tar)) is not None:
+                raise lack from None
             self.mark_bad(sample_id, e)
             return None
 

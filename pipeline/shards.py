@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import threading
 import weakref
 from collections import OrderedDict
@@ -22,11 +23,13 @@ import numpy as np
 FORMAT = "gcvideo-shards/1"
 # Shards open at once per reading thread (per DataLoader worker): Kinetics-400 has ~940 shards at 256
 # videos each, more than a default `ulimit -n` of 1024 leaves room for once sockets, libraries and workers
-# take theirs.
+# take theirs. Below that, a dataset's threads share an eighth of the process's open-file limit
+# (open_shard_budget): under `ulimit -n 256` 4 reader threads x 64 used every descriptor the process had.
 MAX_OPEN_SHARDS = 64
 # A sample's members are read in one pread when the tar headers between them are all that lies in between
 # (preprocess writes them together); members scattered by other tools are read one by one.
 SPAN_SLACK = 3 * 1024
+TAR_BLOCK = 512  # a tar member's header: the block before its data
 POOL_GRAIN = 2**20  # read buffers are whole MiBs, so one fits the next samples of about its size
 
 
@@ -39,6 +42,7 @@ class DatasetError(RuntimeError):
 class Member:
     offset: int
     size: int
+    name: str = ""  # as the .idx names it; the tar header before `offset` must carry it
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,20 @@ class Sample:
     height: int
     # (offsets, sizes) of each frame's bytes in ``video``, for loaders that decode frames as images
     frames: tuple[np.ndarray, np.ndarray] | None = None
+
+
+def open_shard_budget() -> int:
+    """Shard descriptors one dataset may hold open, all its threads together: an eighth of the open-file
+    limit, after raising the soft limit to the hard one (as servers do; an unprivileged process may)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 16)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+        except (ValueError, OSError):
+            pass  # some systems cap the soft limit below the hard one: keep it
+    return max(1, soft // 8) if soft != resource.RLIM_INFINITY else 1 << 13
 
 
 def read_index(index: str | os.PathLike) -> dict:
@@ -98,10 +116,38 @@ def check_files(index: Path, paths: list[Path]) -> None:
         )
 
 
+def shard_file(index: Path, split: str, shard: object, part: str) -> str:
+    """The relative path of a shard's tar or index: one that is absolute or climbs out with `..` is refused
+    (index.json would otherwise make the loader read any file of the machine)."""
+    name = shard.get(part) if isinstance(shard, dict) else None
+    if not isinstance(name, str) or not name:
+        raise DatasetError(
+            f"{index} split {split!r}: shard entry {shard!r} has no {part!r} path; re-run preprocess"
+        )
+    if os.path.isabs(name) or ".." in Path(name).parts:
+        raise DatasetError(
+            f"{index} split {split!r}: shard entry {part} {name!r} points outside the dataset folder "
+            f"{index.parent}; shard paths must be relative paths inside it: re-run preprocess"
+        )
+    return name
+
+
+def check_split_count(index: Path, split: str, entry: dict, num_shards: int, found: int) -> None:
+    """The samples of the listed shards add up to the split's num_samples: a shard dropped from the list (or
+    a count that lies) would otherwise shrink or misreport the epoch silently."""
+    claimed = entry.get("num_samples")
+    if claimed is not None and claimed != found:
+        raise DatasetError(
+            f"{index} split {split!r} claims {claimed} samples but its {num_shards} listed shard(s) hold "
+            f"{found}: a shard is missing from the list or the count is wrong; re-run preprocess (or "
+            f"`python -m preprocess merge` for --part jobs)"
+        )
+
+
 def check_index_matches(tar: Path, idx: Path, samples: list, num_samples: int | None) -> None:
     """A stale .idx (from another version of its tar) would send reads to wrong offsets: compare the sample
     count with index.json and the last member's end with the tar's size."""
-    end = max((off + size for _, members in samples for off, size in members.values()), default=0)
+    end = max((m[0] + m[1] for _, members in samples for m in members.values()), default=0)
     if (num_samples is not None and len(samples) != num_samples) or end > tar.stat().st_size:
         raise DatasetError(
             f"{idx} does not match {tar} ({len(samples)} samples indexed, {num_samples} listed; last member "
@@ -110,8 +156,9 @@ def check_index_matches(tar: Path, idx: Path, samples: list, num_samples: int | 
         )
 
 
-def parse_idx(path: Path) -> list[tuple[str, dict[str, tuple[int, int]]]]:
-    """A wds2idx file: a line per sample, repeated ``ext offset size name`` groups -> [(key, members)]."""
+def parse_idx(path: Path, names: bool = False) -> list[tuple[str, dict[str, tuple]]]:
+    """A wds2idx file: a line per sample, repeated ``ext offset size name`` groups -> [(key, members)],
+    members {ext: (offset, size)}, or (offset, size, name) with ``names``."""
     try:
         lines = path.read_text().splitlines()
         version, count = lines[0].split()
@@ -120,13 +167,39 @@ def parse_idx(path: Path) -> list[tuple[str, dict[str, tuple[int, int]]]]:
         samples = []
         for line in lines[1 : 1 + int(count)]:
             fields = line.split()
-            members = {fields[i]: (int(fields[i + 1]), int(fields[i + 2])) for i in range(0, len(fields), 4)}
+            members = {
+                fields[i]: (
+                    int(fields[i + 1]),
+                    int(fields[i + 2]),
+                    *fields[i + 3 : i + 4 if names else i + 3],
+                )
+                for i in range(0, len(fields), 4)
+            }
             samples.append((fields[3].split(".", 1)[0], members))
     except (ValueError, IndexError, UnicodeDecodeError) as e:
         raise DatasetError(
             f"{path} is not a DALI index file ({e}): rebuild it with wds2idx or re-run preprocess"
         ) from None
     return samples
+
+
+def check_header(ref: SampleRef, member: Member, data: np.ndarray, at: int) -> None:
+    """The tar header at ``data[at:]`` names ``member``: swapped or shifted .idx offsets would otherwise
+    give a sample another's bytes and label without a sound."""
+    header = data[at : at + TAR_BLOCK].tobytes()
+    name = header[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
+    prefix = (
+        header[345:500].split(b"\0", 1)[0].decode("utf-8", "replace") if header[257:262] == b"ustar" else ""
+    )
+    found = f"{prefix}/{name}" if prefix else name
+    expected = member.name
+    truncated = len(name) >= 99 and expected.startswith(name)  # a long name lives in a header before this one
+    if expected and found.rsplit("/", 1)[-1] != expected.rsplit("/", 1)[-1] and not truncated:
+        raise DatasetError(
+            f"{ref.tar}: its .idx puts {expected} at byte {member.offset}, where the tar holds "
+            f"{found or 'no member header'!r}: the index does not match the tar (samples would get other "
+            f"samples' bytes and labels); rebuild it with `wds2idx TAR IDX` or re-run preprocess"
+        )
 
 
 class ShardDataset:
@@ -144,12 +217,13 @@ class ShardDataset:
         self.codec: str = meta.get("codec", "")
         self.video_ext: str = meta.get("video_ext", "mp4")
         root = self.index_path.parent
-        shards = meta["splits"][split]["shards"]
-        check_files(self.index_path, [root / s["tar"] for s in shards] + [root / s["index"] for s in shards])
+        shards = meta["splits"][split].get("shards", [])
+        names = [shard_file(self.index_path, split, s, part) for s in shards for part in ("tar", "index")]
+        check_files(self.index_path, [root / n for n in names])
         self.refs: list[SampleRef] = []
         for shard in shards:
             tar, idx = root / shard["tar"], root / shard["index"]
-            samples = parse_idx(idx)
+            samples = parse_idx(idx, names=True)
             check_index_matches(tar, idx, samples, shard.get("num_samples"))
             for key, members in samples:
                 missing = {self.video_ext, "meta", "json"} - members.keys()
@@ -164,6 +238,7 @@ class ShardDataset:
                         info=Member(*members["json"]),
                     )
                 )
+        check_split_count(self.index_path, split, meta["splits"][split], len(shards), len(self.refs))
         self._open_files()
         # Set by a loader that gives the buffers back once their bytes were used (the DALI loader).
         self.buffers: BufferPool | None = None
@@ -180,6 +255,7 @@ class ShardDataset:
             threading.Lock(),
             os.getpid(),
         )
+        self._budget = open_shard_budget()
 
     def _fd(self, tar: str) -> int:
         if self._pid != os.getpid():
@@ -191,7 +267,8 @@ class ShardDataset:
                 self._all_fds.append(fds)
         fd = fds.get(tar)
         if fd is None:
-            if len(fds) >= MAX_OPEN_SHARDS:
+            per_thread = max(1, min(MAX_OPEN_SHARDS, self._budget // len(self._all_fds)))
+            while len(fds) >= per_thread:
                 os.close(fds.popitem(last=False)[1])
             fd = fds[tar] = os.open(tar, os.O_RDONLY)
         else:
@@ -211,16 +288,23 @@ class ShardDataset:
 
     def __getitem__(self, i: int) -> Sample:
         """One sample in one read: its members lie together in the tar, so one pread spans them (3 syscalls
-        and 3 buffers fewer per sample than a read per member)."""
+        and 3 buffers fewer per sample than a read per member). The read starts at the first member's tar
+        header, so every member's header is at hand to check the offsets (check_header)."""
         ref = self.refs[i]
         members = (ref.video, ref.meta, ref.info)
-        start = min(m.offset for m in members)
+        start = min(m.offset for m in members) - TAR_BLOCK
         size = max(m.offset + m.size for m in members) - start
-        if size > sum(m.size for m in members) + SPAN_SLACK:  # not written together: one read each
-            parts = {m: self._pread(ref.tar, m.size, m.offset) for m in members}
+        parts = {}
+        if size > sum(m.size for m in members) + TAR_BLOCK + SPAN_SLACK:  # not written together: one each
+            for m in members:
+                data = self._pread(ref.tar, TAR_BLOCK + m.size, m.offset - TAR_BLOCK)
+                check_header(ref, m, data, 0)
+                parts[m] = data[TAR_BLOCK:]
         else:
             span = self._pread(ref.tar, size, start, pooled=True)
-            parts = {m: span[m.offset - start : m.offset - start + m.size] for m in members}
+            for m in members:
+                check_header(ref, m, span, m.offset - start - TAR_BLOCK)
+                parts[m] = span[m.offset - start : m.offset - start + m.size]
         info = json.loads(parts[ref.info].tobytes())
         label, num_frames = parts[ref.meta].view("<i4")[:2]
         if not 0 <= label < len(self.classes):
@@ -238,7 +322,7 @@ class ShardDataset:
         )
 
     def __getstate__(self):
-        skip = ("_local", "_all_fds", "_lock", "_pid", "buffers")
+        skip = ("_local", "_all_fds", "_lock", "_pid", "_budget", "buffers")
         return {k: v for k, v in self.__dict__.items() if k not in skip}
 
     def __setstate__(self, state):

@@ -118,6 +118,12 @@ def add_output_options(
         help="keep sources whose decoder reports errors (concealed frames) instead of failing them",
     )
     g.add_argument(
+        "--keep-truncated",
+        action="store_true",
+        help="keep sources that end before the length their video stream declares (a partial download), "
+        "noted as warnings in failures.jsonl, instead of failing them (reason 'truncated')",
+    )
+    g.add_argument(
         "--shard-size",
         "--shard-samples",
         dest="shard_size",
@@ -255,6 +261,7 @@ def settings_from(args: argparse.Namespace) -> EncodeSettings:
             preset=args.preset,
             mjpeg_quality=args.quality,
             tolerate_decode_errors=args.tolerate_decode_errors,
+            keep_truncated=args.keep_truncated,
         )
     except ValueError as err:
         raise InputError(f"bad option: {err}") from err

@@ -22,6 +22,7 @@ class EncodeSettings:
     mjpeg_quality: int = 3  # mjpeg -q:v (2 best .. 31 worst)
     threads: int = 1  # ffmpeg threads per process (the pool already uses every core)
     tolerate_decode_errors: bool = False  # False: a source with decoder errors is a failure (-xerror)
+    keep_truncated: bool = False  # True: a source that ends early is kept, with a warning in failures.jsonl
 
     def __post_init__(self) -> None:
         if self.codec not in CODECS:

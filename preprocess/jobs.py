@@ -41,6 +41,7 @@ class Sample:
     video: bytes
     info: dict[str, Any]  # the sample's .json content
     source_seconds: float = 0.0  # seconds of source video consumed (for the realtime factor)
+    warning: str = ""  # kept despite this (e.g. truncated, with --keep-truncated): noted in failures.jsonl
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,9 @@ class VideoStream:
     fps: float | None  # average frame rate, when known
     duration: float | None  # seconds, when known
     pix_fmt: str
+    # what the video stream itself declares (a truncated download keeps them: its frames are then fewer)
+    declared_frames: int | None = None
+    declared_duration: float | None = None
 
 
 def _fraction(text: str | None, default: Fraction | None) -> Fraction | None:
@@ -75,6 +78,8 @@ def parse_probe(info: dict[str, Any]) -> VideoStream:
             fps=float(rate) if rate else None,
             duration=duration,
             pix_fmt=stream.get("pix_fmt", "?"),
+            declared_frames=int(stream["nb_frames"]) if str(stream.get("nb_frames", "")).isdigit() else None,
+            declared_duration=_float(stream.get("duration")),
         )
     kinds = sorted({s.get("codec_type", "?") for s in info.get("streams", [])})
     raise ProbeError("no video stream" + (f" (only {', '.join(kinds)})" if kinds else " (no streams at all)"))

@@ -302,6 +302,7 @@ def _write_shard(
     writer: ShardWriter | None = None
     samples: list[dict[str, Any]] = []
     failures: list[dict[str, Any]] = []
+    warnings = [w for w in previous.get("warnings", []) if w["key"] in kept and w["key"] not in todo]
     try:
         for job in work.plan.jobs:
             if job.key not in todo:
@@ -321,8 +322,12 @@ def _write_shard(
                     writer.add_members(old.members(entry["key"]))  # type: ignore[union-attr]
             writer.add(result)
             samples.append(_sample_entry(result))
+            if result.warning:
+                warnings.append(
+                    {"source": job.source, "key": job.key, "split": job.split, "reason": result.warning}
+                )
         files = writer.finish() if writer is not None else _file_sizes(previous)
-        record = _record(stem, work.plan.split, samples, failures, files)
+        record = {**_record(stem, work.plan.split, samples, failures, files), "warnings": warnings}
         # The record goes in first, with the sizes of the files about to be renamed into place: a kill before
         # the renames leaves files that do not match it, and restart then redoes the shard.
         write_json_atomic(cfg.out / RECORDS / f"{stem}.json", record)
@@ -548,9 +553,11 @@ def _run_locked(dataset: Dataset, cfg: ShardJob, process_fn: ProcessFn, console:
     records = [written.get(p.stem(cfg.name)) or _finished(cfg, p) for p in mine]
     failures = [f.record() for f in dataset.rejected] if cfg.part[0] == 0 else []
     failures += [f for r in records for f in r["failures"]]
+    kept_with_warnings = [{**w, "warning": True} for r in records for w in r.get("warnings", [])]
     suffix = part_suffix(cfg.part)
     failures_path = cfg.out / f"failures{suffix}.jsonl"
-    write_text_atomic(failures_path, "".join(json.dumps(rec, ensure_ascii=False) + "\n" for rec in failures))
+    lines = [json.dumps(rec, ensure_ascii=False) + "\n" for rec in failures + kept_with_warnings]
+    write_text_atomic(failures_path, "".join(lines))
     index = build_index(cfg, dataset, records, len(failures), tool_versions())
     if cfg.part[1] > 1:
         index["part"] = list(cfg.part)
@@ -584,6 +591,7 @@ REASON_HINTS = (
         "transcode failed",
         "see the ffmpeg messages in {failures} (--tolerate-decode-errors keeps damaged sources)",
     ),
+    ("truncated", "download the files in {failures} again, or keep what they hold with --keep-truncated"),
     ("internal error", "this is a bug: please report it with {failures}"),
 )
 

@@ -15,7 +15,7 @@ import av
 
 from preprocess.ffmpeg_args import EncodeSettings, frames_args, output_size, transcode_args
 from preprocess.jobs import Failure, Job, Sample
-from preprocess.probe import ProbeError, probe
+from preprocess.probe import ProbeError, VideoStream, probe
 
 TIMEOUT_S = 600.0  # per ffmpeg run; a 10 s clip takes well under a second, a full-length film minutes
 
@@ -123,7 +123,39 @@ def frame_pattern(folder: Path) -> tuple[str, int, int]:
     return str(folder / f"{prefix}{number}.{ext}"), first, len(numbers)
 
 
-def _encode_frames(job: Job, settings: EncodeSettings, dst: str) -> tuple[bytes, float]:
+# A source whose decoded frames cover less than this share of what its video stream declares (less two
+# frames) ended early: a truncated download (ffmpeg says "partial file" and exits 0; -xerror does not catch
+# demuxer errors).
+TRUNCATION_TOLERANCE = 0.1
+
+
+def declared_seconds(stream: VideoStream, job: Job) -> float | None:
+    """Seconds of video the output should hold by the source's own declarations, within the trim window."""
+    fps = stream.fps
+    total = stream.declared_duration or (
+        stream.declared_frames / fps if stream.declared_frames and fps else None
+    )
+    if total is None:
+        return None
+    if job.end_frame is not None:
+        return (min(job.end_frame, total * fps) - (job.start_frame or 0)) / fps if fps else None
+    return min(job.end if job.end is not None else total, total) - (job.start or 0.0)
+
+
+TRUNCATED = "truncated: the video ends before the length its stream declares (a partial download?)"
+
+
+def truncation(expected: float | None, decoded: DecodedInfo) -> str | None:
+    """How far the decoded video falls short of the declared length (None: it does not)."""
+    if not expected or not decoded.fps:
+        return None
+    got = decoded.num_frames / decoded.fps
+    if got >= expected * (1 - TRUNCATION_TOLERANCE) - 2 / decoded.fps:
+        return None
+    return f"{decoded.num_frames} frames ({got:.2f} s) decoded of the {expected:.2f} s declared"
+
+
+def _encode_frames(job: Job, settings: EncodeSettings, dst: str) -> tuple[bytes, float, None]:
     folder = Path(job.source)
     if not folder.is_dir():
         raise ProbeError("frame folder not found")
@@ -138,10 +170,10 @@ def _encode_frames(job: Job, settings: EncodeSettings, dst: str) -> tuple[bytes,
     rate = job.frame_rate or 12.0
     size = output_size(width, height, Fraction(1), 0, settings)
     args = frames_args(pattern, dst, start_number=first, frame_rate=rate, size=size, settings=settings)
-    return run_ffmpeg(args, dst), count / rate
+    return run_ffmpeg(args, dst), count / rate, None
 
 
-def _encode_video(job: Job, settings: EncodeSettings, dst: str) -> tuple[bytes, float]:
+def _encode_video(job: Job, settings: EncodeSettings, dst: str) -> tuple[bytes, float, float | None]:
     if not os.path.exists(job.source):
         raise ProbeError("file not found")
     if not os.access(job.source, os.R_OK) or os.path.isdir(job.source):
@@ -166,7 +198,7 @@ def _encode_video(job: Job, settings: EncodeSettings, dst: str) -> tuple[bytes, 
         seconds = job.end - (job.start or 0.0)
     else:
         seconds = stream.duration or 0.0
-    return data, seconds
+    return data, seconds, declared_seconds(stream, job)
 
 
 def process(job: Job, settings: EncodeSettings) -> Sample | Failure:
@@ -175,8 +207,11 @@ def process(job: Job, settings: EncodeSettings) -> Sample | Failure:
         with tempfile.TemporaryDirectory(prefix="gcvideo-") as tmp:
             dst = os.path.join(tmp, "out.mp4")
             encode = _encode_frames if job.kind == "frames" else _encode_video
-            data, seconds = encode(job, settings, dst)
+            data, seconds, expected = encode(job, settings, dst)
         decoded = inspect_video(data)
+        short = truncation(expected, decoded)
+        if short and not settings.keep_truncated:
+            raise ProbeError(TRUNCATED, short)
     except ProbeError as err:
         return Failure(job.source, err.reason, err.detail, key=job.key, split=job.split)
     except ValidationError as err:
@@ -185,4 +220,10 @@ def process(job: Job, settings: EncodeSettings) -> Sample | Failure:
         return Failure(
             job.source, f"internal error: {type(err).__name__}: {err}", key=job.key, split=job.split
         )
-    return Sample(job.key, data, sample_info(job, decoded), source_seconds=seconds)
+    return Sample(
+        job.key,
+        data,
+        sample_info(job, decoded),
+        source_seconds=seconds,
+        warning=f"{TRUNCATED}: kept (--keep-truncated), {short}" if short else "",
+    )

@@ -136,6 +136,19 @@ def test_the_plan_sends_every_part_once_and_runs_every_step():
     assert single[0]["command"].endswith("--steps " + ",".join(STEP_NAMES))
 
 
+def test_a_step_cut_at_its_budget_takes_its_children_with_it(tmp_path):
+    from benchmark.gpu.suite import run_with_budget
+
+    pid_file = tmp_path / "child.pid"
+    script = f"sleep 300 & echo $! > {pid_file}; wait"
+    with open(tmp_path / "log", "w") as sink:
+        assert run_with_budget(["bash", "-c", script], 1.0, sink) is None
+        assert run_with_budget(["bash", "-c", "exit 3"], 10, sink) == 3
+    child = int(pid_file.read_text())
+    with pytest.raises(ProcessLookupError):
+        os.kill(child, 0)
+
+
 def test_parse_steps():
     assert [s.name for s in parse_steps("all")] == list(STEP_NAMES) and parse_steps("none") == []
     assert [s.name for s in parse_steps("model,env")] == ["env", "model"]  # the suite's own order

@@ -258,3 +258,44 @@ def test_cli_mistakes_end_in_a_message_and_an_exit_code(case, tmp_path, capsys):
     for message in messages:
         assert message in err, err
     assert "Traceback" not in err
+
+
+@pytest.fixture
+def truncated_download(tmp_path) -> Path:
+    """A faststart MP4 of 50 frames cut at the 30th frame's packet: its moov still declares 50 frames, ffmpeg
+    reads 29 with "partial file" and exits 0 (-xerror does not catch demuxer errors)."""
+    import av
+
+    whole, cut = tmp_path / "whole.mp4", tmp_path / "videos" / "cut.mp4"
+    cut.parent.mkdir()
+    encode = ["ffmpeg", "-v", "error", "-f", "lavfi", "-i", "testsrc=size=64x48:rate=25", "-frames:v", "50"]
+    encode += ["-c:v", "libx264", "-pix_fmt", "yuv420p", "-movflags", "+faststart", str(whole)]
+    subprocess.run(encode, check=True, timeout=60)
+    with av.open(str(whole)) as container:
+        starts = [
+            p.pos for p in container.demux(container.streams.video[0]) if p.pos is not None and p.pos > 0
+        ]
+    cut.write_bytes(whole.read_bytes()[: starts[29]])
+    shutil.copy(EDGE / "short_32_frames.mp4", cut.parent / "good.mp4")
+    return cut
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_a_truncated_faststart_download_fails_as_truncated_or_is_kept_with_a_warning(
+    keep, truncated_download, tmp_path, capsys
+):
+    videos, out = truncated_download.parent, tmp_path / "out"
+    (tmp_path / "list.txt").write_text("cut.mp4 0\ngood.mp4 0\n")
+    argv = ["list", "--split", f"train={tmp_path / 'list.txt'}", "--root", str(videos), "--out", str(out)]
+    code, err = cli([*argv, *FAST, *(["--keep-truncated"] if keep else [])], capsys)
+    assert code == 0, err
+    rows = [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]
+    assert [r["key"] for r in rows] == ["cut"] and rows[0]["reason"].startswith("truncated: ")
+    assert "29 frames (1.16 s) decoded of the 2.00 s declared" in (
+        rows[0]["reason"] + rows[0].get("detail", "")
+    )
+    assert rows[0].get("warning", False) == keep
+    index = json.loads((out / "index.json").read_text())
+    assert index["splits"]["train"]["num_samples"] == (2 if keep else 1) and index["failures"] == (
+        0 if keep else 1
+    )

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tarfile
 import textwrap
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -108,9 +110,29 @@ def test_stopped_mid_epoch_and_resumed_reaches_the_same_weights(tiny_index, stra
     assert [json.loads(x)["epoch"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
 
 
-def test_resume_without_a_checkpoint_says_what_to_do(tiny_index, tmp_path):
-    with pytest.raises(train.TrainingError, match="nothing to resume"):
-        train.train(tiny_cfg(tiny_index, tmp_path, "--resume"))
+def test_resume_of_a_run_killed_before_its_first_checkpoint_starts_it_from_step_0(
+    tiny_index, tmp_path, caplog
+):
+    """config.json and a metrics line but no last.pt (killed between the validation and the checkpoint): a
+    plain re-run points to --resume, and --resume (what an automatic restart passes) trains from step 0."""
+    run = tmp_path / "run"
+    cfg = tiny_cfg(tiny_index, run, "--optim.epochs", "1")
+    train.train(cfg)
+    (run / "last.pt").unlink()
+    (run / "best.pt").unlink()
+    with pytest.raises(train.rundir.RunDirError, match="continue it with --resume"):
+        train.train(tiny_cfg(tiny_index, run, "--optim.epochs", "1"))
+    with pytest.raises(train.TrainingError, match=f"would not continue {run / 'config.json'} exactly"):
+        train.train(tiny_cfg(tiny_index, run, "--optim.epochs", "1", "--resume", "--model.name", "tsm_mini"))
+    with caplog.at_level("WARNING"):
+        result = train.train(tiny_cfg(tiny_index, run, "--optim.epochs", "1", "--resume"))
+    assert f"{run} has no last.pt" in caplog.text and "starts from step 0" in caplog.text
+    assert result["step"] == 8 and (run / "best.pt").exists()
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 1  # the killed run's line was dropped
+    caplog.clear()
+    with caplog.at_level("WARNING"):  # a first launch with --resume (one restart command for every try)
+        assert train.train(tiny_cfg(tiny_index, tmp_path / "new", "--run.max_steps", "1", "--resume"))
+    assert "holds no config.json" in caplog.text
 
 
 def test_a_diverging_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_index, tmp_path):
@@ -312,3 +334,42 @@ def test_out_of_time_when_one_more_mean_epoch_would_overrun(budget_min, elapsed_
     cfg.run.time_budget_min = budget_min
     run = SimpleNamespace(cfg=cfg, dist=runtime.Dist(), device=torch.device("cpu"))
     assert train.out_of_time(run, elapsed_s, epochs_done) is late
+
+
+def _rank_pid(mark: str, rank: int) -> int | None:
+    """The pid of the training process of `rank` among those started with environment variable `mark`."""
+    for proc in Path("/proc").iterdir():
+        try:
+            env = (proc / "environ").read_bytes().split(b"\0") if proc.name.isdigit() else []
+        except OSError:
+            continue
+        if mark.encode() + b"=1" in env and f"RANK={rank}".encode() in env:
+            return int(proc.name)
+    return None
+
+
+def test_a_two_rank_gloo_run_killed_mid_epoch_continues_with_a_new_torchrun_and_resume(tiny_index, tmp_path):
+    """The restart recipe of the README: rank 1 killed -9 after the first checkpoint, torchrun ends the job,
+    and a new torchrun with the same arguments and --resume trains to the end."""
+    mark = f"GCVIDEO_RESTART_{os.getpid()}"
+    run = tmp_path / "run"
+    args = [*tiny_args(tiny_index, run, batch_size=2), "--optim.epochs", "1", "--run.ckpt_every", "2"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", mark: "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py"]
+    first = subprocess.Popen([*cmd, "train", *args], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 180
+    while not (run / "last.pt").exists() and time.time() < deadline and first.poll() is None:
+        time.sleep(0.2)
+    victim = _rank_pid(mark, 1)
+    assert victim is not None and (run / "last.pt").exists(), "no checkpoint before the kill"
+    os.kill(victim, signal.SIGKILL)
+    assert first.wait(timeout=120) != 0
+    first.stderr.close()
+    again = subprocess.run(
+        [*cmd, "train", *args, "--resume"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    ckpt = torch.load(run / "last.pt", weights_only=True)
+    assert ckpt["state"]["epoch"] == 1 and ckpt["state"]["step"] == 8  # 32 clips / (2 ranks x 2)
+    assert "continue with --resume" not in again.stderr and "from step 0" not in again.stderr  # from last.pt
+    assert [json.loads(x)["epoch"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1]

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -135,17 +136,7 @@ def run_step(step: Step, args: argparse.Namespace, kit: dict | None, out: Path, 
     log(f"step {step.name} (budget {budget} s): {step.what}")
     t0 = time.monotonic()
     with open(out / "suite.log", "a") as sink:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT)
-        try:
-            code = proc.wait(timeout=budget)
-        except subprocess.TimeoutExpired:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            code = None
+        code = run_with_budget(cmd, budget, sink, env)
     entry["seconds"] = round(time.monotonic() - t0, 1)
     result = _read_json(result_path)
     if step.into_suite:
@@ -160,6 +151,36 @@ def run_step(step: Step, args: argparse.Namespace, kit: dict | None, out: Path, 
             entry["why"] = result["why"]
     log(f"step {step.name}: {entry['status']} in {entry['seconds']} s" + _why(entry))
     return entry
+
+
+def run_with_budget(cmd: list[str], budget_s: float, sink, env: dict | None = None) -> int | None:
+    """Run cmd in its own process group, so that a step cut at its budget takes its children (torchrun,
+    train.py, loader workers) with it; its exit status, or None when it was stopped at the budget."""
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    try:
+        return proc.wait(timeout=budget_s)
+    except subprocess.TimeoutExpired:
+        _stop_group(proc)
+        return None
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    """SIGTERM to the step's whole process group, SIGKILL 10 s later if anything is left."""
+    for sig, wait_s in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait_s)
+        except subprocess.TimeoutExpired:
+            continue
+        try:  # the leader is gone; its children may not be
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            return
 
 
 def _why(entry: dict) -> str:
