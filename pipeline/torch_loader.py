@@ -12,6 +12,7 @@ import io
 import logging
 import multiprocessing
 import os
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -306,7 +307,12 @@ class _Jobs(torch.utils.data.Sampler):
 def _exit_with_parent(parent_pid: int, worker_id: int) -> None:
     """Workers are children of the forkserver, not of the training process, so neither the kernel nor
     torch's own watchdog (which watches the direct parent) ends them when training dies: a killed run would
-    leave them (and the forkserver) behind. Poll the training process instead."""
+    leave them (and the forkserver) behind. Poll the training process instead.
+
+    Ctrl-C and `scancel` signal the whole process group: the training process alone decides when its loader
+    ends (it checkpoints first, reading batches until then), so the workers ignore SIGINT and SIGTERM."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
     def watch() -> None:
         while True:
