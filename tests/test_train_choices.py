@@ -96,13 +96,20 @@ def evaluate_recording_views(monkeypatch, checkpoint: Path, out: Path, *override
     monkeypatch.setattr(torch_loader, "make_views", lambda *a: views.append(real_views(*a)) or views[-1])
     real_score = evaluation.score_videos
 
-    def score(model, loader, **kw):
-        def recorded():
-            for x, *rest in loader:
+    class Recorded:  # the loader as score_videos sees it (it takes len() for its progress), shapes noted
+        def __init__(self, loader):
+            self.loader = loader
+
+        def __len__(self):
+            return len(self.loader)
+
+        def __iter__(self):
+            for x, *rest in self.loader:
                 shapes.append(tuple(x.shape))
                 yield x, *rest
 
-        return real_score(model, recorded(), **kw)
+    def score(model, loader, **kw):
+        return real_score(model, Recorded(loader), **kw)
 
     monkeypatch.setattr(evaluation, "score_videos", score)
     report = evaluation.evaluate([str(checkpoint)], [*overrides, "--eval.out", str(out)])
