@@ -647,6 +647,7 @@ def validate(cfg: Config) -> Config:
         m.name in known,
         f"unknown --model.name {m.name!r}{_did_you_mean(m.name, known)}; known: {', '.join(known)}",
     )
+    _check(d.cache_gb > 0, f"--data.cache_gb must be > 0 (a remote index's shard cache), got {d.cache_gb}")
     _check(0.0 <= m.dropout < 1.0, f"--model.dropout must be in [0, 1), got {m.dropout}")
     _check(
         min(m.shift_div, m.cdiv, m.ratio) >= 1,

@@ -30,6 +30,7 @@ import progress
 import runtime
 from checkpoints import checkpoint_model
 from pipeline import build_loader
+from pipeline.shards import read_index
 
 log = logging.getLogger(__name__)
 
@@ -389,7 +390,7 @@ def evaluate(checkpoints: Sequence[str], overrides: Sequence[str]) -> dict[str, 
     if not dist.is_main or first is None:
         runtime.barrier(dist)  # the ranks end together: one that tears its process group down early aborts
         return {}
-    index = json.loads(Path(first.data.index).read_text())
+    index = read_index(first.data.index)
     out = Path(first.eval.out or Path(checkpoints[0]).parent / f"eval-{first.eval.split}")
     meta = {
         "checkpoints": [str(p) for p in checkpoints],

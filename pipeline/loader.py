@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from pipeline import sampling
-from pipeline.shards import DatasetError, Sample, ShardDataset
+from pipeline.shards import DEFAULT_CACHE_BYTES, DEFAULT_CACHE_DIR, DatasetError, Sample, ShardDataset
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -30,7 +30,14 @@ def option(default: Any, help: str) -> Any:
 @dataclass
 class LoaderConfig:
     index: str = option(
-        "data/synthetic/index.json", "the dataset's index.json (python -m preprocess writes it)"
+        "data/synthetic/index.json",
+        "the dataset's index.json (python -m preprocess writes it): a path or an fsspec URL (s3://, gs://)",
+    )
+    cache_dir: str = option(
+        DEFAULT_CACHE_DIR, "a remote index's local shard cache: whole shards fetched on first use"
+    )
+    cache_gb: float = option(
+        DEFAULT_CACHE_BYTES / 1e9, "the shard cache's bound in GB (least recently used shards evicted)"
     )
     backend: Literal["auto", "dali-gpu", "dali-cpu", "torch"] = option(
         "auto",
@@ -186,7 +193,7 @@ class Loader:
         self.cfg, self.split, self.mode = cfg, split, mode
         self.rank, self.world_size = rank, world_size
         self.device, self.dtype = explicit_device(device), dtype
-        self.dataset = ShardDataset(cfg.index, split)
+        self.dataset = ShardDataset(cfg.index, split, cfg.cache_dir, int(cfg.cache_gb * 1e9))
         self.classes = self.dataset.classes
         self.epoch, self.start_batch = 0, 0
         self.skipped = 0

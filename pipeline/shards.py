@@ -31,6 +31,9 @@ MAX_OPEN_SHARDS = 64
 SPAN_SLACK = 3 * 1024
 TAR_BLOCK = 512  # a tar member's header: the block before its data
 POOL_GRAIN = 2**20  # read buffers are whole MiBs, so one fits the next samples of about its size
+# A remote dataset's local shard cache (pipeline.remote): --data.cache_dir, --data.cache_gb.
+DEFAULT_CACHE_DIR = "~/.cache/gcvideo/shards"
+DEFAULT_CACHE_BYTES = 100 * 10**9
 
 
 class DatasetError(RuntimeError):
@@ -81,15 +84,25 @@ def open_shard_budget() -> int:
 
 
 def read_index(index: str | os.PathLike) -> dict:
-    """index.json, checked: a missing, unreadable or foreign file is an error that says what to do."""
-    path = Path(index)
+    """index.json, checked: a missing, unreadable or foreign file is an error that says what to do. `index`
+    may be an fsspec URL (s3://bucket/prefix/index.json, pipeline.remote)."""
+    from pipeline import remote
+
     rebuild = "build the dataset with `python -m preprocess ...` or pass --data.index PATH/index.json"
-    if not path.is_file():
-        what = "is a directory, not a file" if path.is_dir() else "not found"
-        raise DatasetError(f"dataset index {path} {what}: {rebuild}")
+    if remote.is_remote(index):
+        path, text = str(index), remote.read_remote_text(str(index))
+    else:
+        path = Path(remote.local_path(index))
+        if not path.is_file():
+            what = "is a directory, not a file" if path.is_dir() else "not found"
+            raise DatasetError(f"dataset index {path} {what}: {rebuild}")
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise DatasetError(f"dataset index {path} cannot be read ({e}): {rebuild}") from None
     try:
-        meta = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        meta = json.loads(text)
+    except json.JSONDecodeError as e:
         raise DatasetError(f"dataset index {path} cannot be read as JSON ({e}): {rebuild}") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
@@ -107,13 +120,16 @@ def check_files(index: Path, paths: list[Path]) -> None:
     """Every shard and index file that index.json lists exists: training on part of a dataset is an error."""
     missing = [p for p in paths if not p.is_file()]
     if missing:
-        names = ", ".join(str(p) for p in missing[:5]) + (
-            f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-        )
-        raise DatasetError(
-            f"{index} lists {len(missing)} file(s) that are missing: {names}. Re-run the preprocess command "
-            f"(it rebuilds only what is missing), or rebuild an index with DALI's wds2idx TAR IDX"
-        )
+        raise missing_files_error(index, missing)
+
+
+def missing_files_error(index: Path | str, missing: list) -> DatasetError:
+    more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+    names = ", ".join(str(p) for p in missing[:5]) + more
+    return DatasetError(
+        f"{index} lists {len(missing)} file(s) that are missing: {names}. Re-run the preprocess command "
+        f"(it rebuilds only what is missing), or rebuild an index with DALI's wds2idx TAR IDX"
+    )
 
 
 def shard_file(index: Path, split: str, shard: object, part: str) -> str:
@@ -144,14 +160,17 @@ def check_split_count(index: Path, split: str, entry: dict, num_shards: int, fou
         )
 
 
-def check_index_matches(tar: Path, idx: Path, samples: list, num_samples: int | None) -> None:
+def check_index_matches(
+    tar: Path | str, idx: Path | str, samples: list, num_samples: int | None, tar_size: int | None = None
+) -> None:
     """A stale .idx (from another version of its tar) would send reads to wrong offsets: compare the sample
     count with index.json and the last member's end with the tar's size."""
     end = max((m[0] + m[1] for _, members in samples for m in members.values()), default=0)
-    if (num_samples is not None and len(samples) != num_samples) or end > tar.stat().st_size:
+    tar_size = Path(tar).stat().st_size if tar_size is None else tar_size
+    if (num_samples is not None and len(samples) != num_samples) or end > tar_size:
         raise DatasetError(
             f"{idx} does not match {tar} ({len(samples)} samples indexed, {num_samples} listed; last member "
-            f"ends at byte {end} of {tar.stat().st_size}): rebuild the index with `wds2idx {tar} {idx}` or "
+            f"ends at byte {end} of {tar_size}): rebuild the index with `wds2idx {tar} {idx}` or "
             f"re-run preprocess"
         )
 
@@ -205,26 +224,41 @@ def check_header(ref: SampleRef, member: Member, data: np.ndarray, at: int) -> N
 class ShardDataset:
     """The samples of one split of a dataset, addressable by position (0 .. len-1)."""
 
-    def __init__(self, index: str | os.PathLike, split: str):
-        self.index_path = Path(index)
+    def __init__(
+        self,
+        index: str | os.PathLike,
+        split: str,
+        cache_dir: str | os.PathLike = DEFAULT_CACHE_DIR,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+    ):
+        """`index` is a path or an fsspec URL; a remote dataset is read through a shard cache in `cache_dir`
+        holding at most `cache_bytes` of shards (pipeline.remote)."""
+        from pipeline import remote
+
+        self.index_path = Path(remote.local_path(index))
         meta = read_index(index)
         if split not in meta["splits"]:
             raise DatasetError(
-                f"{self.index_path} has no split {split!r} (has {sorted(meta['splits'])}): shard one with "
+                f"{index} has no split {split!r} (has {sorted(meta['splits'])}): shard one with "
                 f"`python -m preprocess ... --split {split}=LIST` or choose another split"
             )
         self.classes: list[str] = list(meta["classes"])
         self.codec: str = meta.get("codec", "")
         self.video_ext: str = meta.get("video_ext", "mp4")
-        root = self.index_path.parent
         shards = meta["splits"][split].get("shards", [])
         names = [shard_file(self.index_path, split, s, part) for s in shards for part in ("tar", "index")]
-        check_files(self.index_path, [root / n for n in names])
+        self.cache: remote.ShardCache | None = None
+        self._remote: dict[str, tuple[str, int | None]] = {}  # shard URL -> (name in the store, bytes)
+        if remote.is_remote(index):
+            files = self._open_remote(str(index), shards, names, cache_dir, cache_bytes)
+        else:
+            root = self.index_path.parent
+            check_files(self.index_path, [root / n for n in names])
+            files = [(str(root / s["tar"]), root / s["index"], None) for s in shards]
         self.refs: list[SampleRef] = []
-        for shard in shards:
-            tar, idx = root / shard["tar"], root / shard["index"]
+        for shard, (tar, idx, tar_size) in zip(shards, files):
             samples = parse_idx(idx, names=True)
-            check_index_matches(tar, idx, samples, shard.get("num_samples"))
+            check_index_matches(tar, idx, samples, shard.get("num_samples"), tar_size)
             for key, members in samples:
                 missing = {self.video_ext, "meta", "json"} - members.keys()
                 if missing:
@@ -232,7 +266,7 @@ class ShardDataset:
                 self.refs.append(
                     SampleRef(
                         key=key,
-                        tar=str(tar),
+                        tar=tar,
                         video=Member(*members[self.video_ext]),
                         meta=Member(*members["meta"]),
                         info=Member(*members["json"]),
@@ -245,6 +279,27 @@ class ShardDataset:
 
     def __len__(self) -> int:
         return len(self.refs)
+
+    def _open_remote(
+        self, index: str, shards: list[dict], names: list[str], cache_dir: str | os.PathLike, cache_bytes: int
+    ) -> list[tuple[str, Path, int | None]]:
+        """(tar URL, local .idx, tar bytes) per shard: every listed file must be in the store; the .idx files
+        are fetched now, the tars on first read. A tar's size is the one index.json records (what preprocess
+        wrote), else the store's."""
+        from pipeline import remote
+
+        self.cache = remote.ShardCache(index.rsplit("/", 1)[0], cache_dir, cache_bytes)
+        stored = self.cache.listing()
+        missing = [self.cache.url(n) for n in names if n not in stored]
+        if missing:
+            raise missing_files_error(index, missing)
+        idx_files = self.cache.paths([s["index"] for s in shards], stored)
+        files = []
+        for shard, idx in zip(shards, idx_files):
+            url, size = self.cache.url(shard["tar"]), shard.get("tar_bytes", stored[shard["tar"]])
+            self._remote[url] = (shard["tar"], size)
+            files.append((url, idx, size))
+        return files
 
     def _open_files(self) -> None:
         """Open descriptors are per thread (a reader thread pool shares one dataset) and per process (a forked
@@ -270,7 +325,8 @@ class ShardDataset:
             per_thread = max(1, min(MAX_OPEN_SHARDS, self._budget // len(self._all_fds)))
             while len(fds) >= per_thread:
                 os.close(fds.popitem(last=False)[1])
-            fd = fds[tar] = os.open(tar, os.O_RDONLY)
+            path = tar if self.cache is None else self.cache.path(*self._remote[tar])
+            fd = fds[tar] = os.open(path, os.O_RDONLY)
         else:
             fds.move_to_end(tar)
         return fd

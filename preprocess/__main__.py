@@ -28,6 +28,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
 
+from preprocess import storage
 from preprocess.ffmpeg_args import CODECS, EncodeSettings
 from preprocess.jobs import InputError, RunError
 from preprocess.runner import ShardJob, run
@@ -84,7 +85,12 @@ def add_output_options(
     p: argparse.ArgumentParser, *, name: str, codec: str, short_side: int | None, shard_samples: int
 ) -> None:
     g = p.add_argument_group("output")
-    g.add_argument("--out", default=None, help="output directory (default: data/<name>)")
+    g.add_argument(
+        "--out",
+        default=None,
+        help="output directory, or an fsspec URL (s3://bucket/prefix, gs://...) to publish the shards to "
+        "(default: data/<name>)",
+    )
     g.add_argument("--name", default=name, help=f"dataset name, the shard file prefix (default: {name})")
     g.add_argument(
         "--codec",
@@ -136,6 +142,7 @@ def add_output_options(
     )
     g.add_argument("--seed", type=int, default=0, help="seed of the shard assignment shuffle (default 0)")
     g.add_argument("--workers", type=_workers, default=0, help="parallel processes (default 0: every core)")
+    add_engine_options(g)
     g.add_argument(
         "--part",
         type=_part,
@@ -144,6 +151,65 @@ def add_output_options(
         help="process only part i of N (every N-th shard); then run `merge` (default 0/1)",
     )
     g.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+
+
+def _factor(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 1:
+        raise argparse.ArgumentTypeError(f"--straggler-factor must be a number above 1, got {text!r}")
+    return value
+
+
+def add_engine_options(g) -> None:
+    g.add_argument(
+        "--engine",
+        choices=("local", "ray"),
+        default="local",
+        help="local: a process pool on this machine; ray: one task per shard on a Ray cluster, with retries "
+        "and straggler relaunch (same shards and index) (default local)",
+    )
+    g.add_argument(
+        "--ray-address",
+        default=None,
+        metavar="ADDR",
+        help="with --engine ray: the cluster to join (host:port of `ray start --head`, or auto) (default: "
+        "start Ray on this machine)",
+    )
+    g.add_argument(
+        "--ray-retries",
+        type=int,
+        default=3,
+        help="with --engine ray: runs of a shard's task again when its worker or node dies (default 3)",
+    )
+    g.add_argument(
+        "--straggler-factor",
+        type=_factor,
+        default=3.0,
+        help="with --engine ray: at the tail, a shard running longer than this many median shard times is "
+        "launched again (default 3)",
+    )
+    g.add_argument(
+        "--staging",
+        default=None,
+        help="for an --out URL: the local folder for records and shards being written (default "
+        "~/.cache/gcvideo/staging/<url>)",
+    )
+
+
+def engine_fields(args: argparse.Namespace, default_out: str) -> dict:
+    """The ShardJob fields of --out, --staging and the engine options."""
+    out, remote = storage.output_location(args.out or default_out, args.staging)
+    return {
+        "out": out,
+        "remote": remote,
+        "engine": args.engine,
+        "ray_address": args.ray_address,
+        "ray_retries": args.ray_retries,
+        "straggler_factor": args.straggler_factor,
+    }
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -229,7 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_output_options(p, name="hmdb51", codec="h264", short_side=256, shard_samples=256)
 
     p = sub.add_parser("synthetic", help="generate the embedded demo dataset (8 order-dependent classes)")
-    p.add_argument("--out", default="data/synthetic", help="output directory (default data/synthetic)")
+    p.add_argument(
+        "--out", default="data/synthetic", help="output directory or fsspec URL (default data/synthetic)"
+    )
     p.add_argument("--name", default="synthetic")
     p.add_argument("--train-per-class", type=_positive_int, default=384)
     p.add_argument("--val-per-class", type=_positive_int, default=64)
@@ -241,6 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size", type=_positive_int, default=512, metavar="N", help="videos per shard")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=_workers, default=0, help="parallel processes (default 0: every core)")
+    add_engine_options(p)
     p.add_argument("--part", type=_part, default=(0, 1), metavar="i/N", help="process only part i of N")
     p.add_argument("--no-progress", action="store_true")
 
@@ -272,7 +341,7 @@ def shard_job(args: argparse.Namespace, settings: EncodeSettings) -> ShardJob:
         raise InputError(f"--name {args.name!r} must be letters, digits or _ (it prefixes shard file names)")
     kind, size = args.shard_size
     return ShardJob(
-        out=Path(args.out or f"data/{args.name}"),
+        **engine_fields(args, f"data/{args.name}"),
         name=args.name,
         settings=settings,
         shard_samples=size if kind == "samples" else 1,

@@ -45,7 +45,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from preprocess import FORMAT, __version__
+from preprocess import FORMAT, __version__, storage
 from preprocess.ffmpeg_args import EncodeSettings
 from preprocess.jobs import Failure, InputError, Job, RunError, Sample
 from preprocess.writer import (
@@ -83,6 +83,11 @@ class ShardJob:
     part: tuple[int, int] = (0, 1)
     video_ext: str = "mp4"
     progress: bool = True
+    engine: str = "local"  # local: a process pool on this machine; ray: a task per shard on a Ray cluster
+    ray_address: str | None = None  # None: start a Ray instance on this machine
+    ray_retries: int = 3  # times a shard's task is run again when its worker or node dies
+    straggler_factor: float = 3.0  # at the tail, shards running this many median shard times run again
+    remote: str | None = None  # --out as an fsspec URL (s3://...): `out` is then the local staging folder
 
 
 @dataclass(frozen=True)
@@ -206,8 +211,9 @@ class Feedback:
 
     LINE_EVERY_S = 60.0
 
-    def __init__(self, total: int, enabled: bool, console: Console) -> None:
+    def __init__(self, total: int, shards: int, enabled: bool, console: Console) -> None:
         self.start = self.last_line = time.perf_counter()
+        self.shards_left = shards
         self.seconds = 0.0
         self.failures = 0
         self.total, self.lines = total, enabled and not console.is_terminal
@@ -220,27 +226,40 @@ class Feedback:
             TextColumn("{task.fields[rate]} videos/s"),
             TextColumn("{task.fields[realtime]}x realtime"),
             TextColumn("[red]{task.fields[failures]} failed"),
+            TextColumn("{task.fields[shards]} shards left"),
             TimeElapsedColumn(),
             TextColumn("ETA"),
             TimeRemainingColumn(),
             console=console,
             disable=not enabled,
         )
-        self.task = self.progress.add_task("transcoding", total=total, rate="-", realtime="-", failures=0)
+        self.task = self.progress.add_task(
+            "transcoding", total=total, rate="-", realtime="-", failures=0, shards=shards
+        )
 
     def update(self, result: Sample | Failure) -> None:
         if isinstance(result, Failure):
-            self.failures += 1
+            self._advance(1, 1, 0.0)
         else:
-            self.seconds += result.source_seconds
+            self._advance(1, 0, result.source_seconds)
+
+    def shard_done(self, videos: int = 0, failures: int = 0, seconds: float = 0.0) -> None:
+        """A shard is finished; `videos` of it were processed elsewhere (a Ray task) and are counted now."""
+        self.shards_left -= 1
+        self._advance(videos, failures, seconds)
+
+    def _advance(self, videos: int, failures: int, seconds: float) -> None:
+        self.failures += failures
+        self.seconds += seconds
         elapsed = max(time.perf_counter() - self.start, 1e-9)
-        done = self.progress.tasks[0].completed + 1
+        done = self.progress.tasks[0].completed + videos
         self.progress.update(
             self.task,
-            advance=1,
+            advance=videos,
             rate=f"{done / elapsed:.1f}",
             realtime=f"{self.seconds / elapsed:.1f}",
             failures=self.failures,
+            shards=self.shards_left,
         )
         now = time.perf_counter()
         due = done % self.line_every == 0 or done == self.total or now - self.last_line > self.LINE_EVERY_S
@@ -287,7 +306,11 @@ def _sample_entry(sample: Sample) -> dict[str, Any]:
 
 
 def _write_shard(
-    cfg: ShardJob, work: ShardWork, results: Iterator[Sample | Failure], feedback: Feedback
+    cfg: ShardJob,
+    work: ShardWork,
+    results: Iterator[Sample | Failure],
+    feedback: Feedback | None,
+    old_tar: Path | None = None,
 ) -> dict[str, Any]:
     """Consume the results of `work.todo` (in plan order) and write the shard and its record.
 
@@ -297,7 +320,7 @@ def _write_shard(
     stem = work.plan.stem(cfg.name)
     previous = work.previous or {"samples": []}
     kept = {s["key"]: s for s in previous["samples"]}
-    old = KeptSamples(cfg.out / f"{stem}.tar") if kept else None
+    old = KeptSamples(old_tar or cfg.out / f"{stem}.tar") if kept else None
     todo = {job.key for job in work.todo}
     writer: ShardWriter | None = None
     samples: list[dict[str, Any]] = []
@@ -311,7 +334,8 @@ def _write_shard(
                     writer.add_members(old.members(job.key))  # type: ignore[union-attr]
                 continue
             result = next(results)
-            feedback.update(result)
+            if feedback is not None:
+                feedback.update(result)
             if isinstance(result, Failure):
                 failures.append(result.record())
                 log.debug("failed: %s: %s", result.source, result.reason)
@@ -362,8 +386,9 @@ def _file_sizes(record: dict[str, Any]) -> dict[str, int]:
     return {k: record[k] for k in ("tar_bytes", "idx_bytes") if k in record}
 
 
-def _finished(cfg: ShardJob, plan: ShardPlan) -> dict[str, Any] | None:
-    """The record of a finished shard whose files are the ones it describes, else None (redo the shard)."""
+def _finished(cfg: ShardJob, plan: ShardPlan, stored: dict[str, int] | None = None) -> dict[str, Any] | None:
+    """The record of a finished shard whose files are the ones it describes, else None (redo the shard).
+    `stored`: the sizes of the files in the store, for a remote --out (the records are synced to cfg.out)."""
     record_path = cfg.out / RECORDS / f"{plan.stem(cfg.name)}.json"
     if not record_path.exists():
         return None
@@ -371,17 +396,21 @@ def _finished(cfg: ShardJob, plan: ShardPlan) -> dict[str, Any] | None:
     if not record["num_samples"]:
         return record
     for suffix in ("tar", "idx"):
-        path = cfg.out / f"{plan.stem(cfg.name)}.{suffix}"
-        if not path.exists() or record.get(f"{suffix}_bytes", path.stat().st_size) != path.stat().st_size:
+        name = f"{plan.stem(cfg.name)}.{suffix}"
+        if stored is not None:
+            size = stored.get(name)
+        else:
+            size = (cfg.out / name).stat().st_size if (cfg.out / name).exists() else None
+        if size is None or record.get(f"{suffix}_bytes", size) != size:
             return None
     return record
 
 
-def plan_work(cfg: ShardJob, plans: list[ShardPlan]) -> list[ShardWork]:
+def plan_work(cfg: ShardJob, plans: list[ShardPlan], stored: dict[str, int] | None = None) -> list[ShardWork]:
     """New and unfinished shards in full; the failed rows of finished ones; nothing for complete ones."""
     work = []
     for plan in plans:
-        record = _finished(cfg, plan)
+        record = _finished(cfg, plan, stored)
         if record is None:
             work.append(ShardWork(plan, plan.jobs))
             continue
@@ -487,6 +516,7 @@ def build_index(
                 "tar": f"{record['stem']}.tar",
                 "index": f"{record['stem']}.idx",
                 "num_samples": record["num_samples"],
+                **{k: record[k] for k in ("tar_bytes", "idx_bytes") if k in record},
             }
         )
     return {
@@ -522,35 +552,97 @@ def run(
 
 
 def _run_locked(dataset: Dataset, cfg: ShardJob, process_fn: ProcessFn, console: Console) -> dict[str, Any]:
+    remote = storage.RemoteOutput(cfg.remote) if cfg.remote else None
+    stored = storage.sync_records(remote, cfg.out, RECORDS) if remote else None
     if cfg.shard_bytes:
         cfg = replace(cfg, shard_samples=resolve_shard_samples(cfg, dataset, process_fn))
     plans = plan_shards(dataset, cfg.shard_samples, cfg.seed)
     _check_plan(cfg, dataset, plans)
+    if remote:
+        remote.put(cfg.out / RECORDS / "plan.json", f"{RECORDS}/plan.json")
     mine = part_of(plans, cfg.part)
     _remove_stale(cfg, mine)
-    work = plan_work(cfg, mine)
+    work = plan_work(cfg, mine, stored)
     jobs = [job for w in work for job in w.todo]
     log.info(
-        "%s: %d shards in this part, %d complete, %d videos to process (%d retried) with %d workers",
+        "%s: %d shards in this part, %d complete, %d videos to process (%d retried) on %s",
         cfg.name,
         len(mine),
         len(mine) - len(work),
         len(jobs),
         sum(len(w.todo) for w in work if w.previous),
-        cfg.workers or os.cpu_count(),
+        "a Ray cluster" if cfg.engine == "ray" else f"{cfg.workers or os.cpu_count()} workers",
     )
-    feedback = Feedback(len(jobs), cfg.progress, console)
+    feedback = Feedback(len(jobs), len(work), cfg.progress, console)
     start = time.perf_counter()
-    written: dict[str, dict[str, Any]] = {}
+    engine_stats: dict[str, Any] = {}
     with feedback.progress:
-        results = _results(jobs, process_fn, cfg.settings, cfg.workers or os.cpu_count() or 1)
-        try:
-            for w in work:
-                written[w.plan.stem(cfg.name)] = _write_shard(cfg, w, results, feedback)
-        finally:
-            results.close()  # stops the pool, also when a shard could not be written
+        if cfg.engine == "ray":
+            from preprocess import ray_engine
+
+            written, engine_stats = ray_engine.run_shards(cfg, work, process_fn, feedback, remote)
+        else:
+            written = _run_pool(cfg, work, process_fn, feedback, remote)
     wall = time.perf_counter() - start
-    records = [written.get(p.stem(cfg.name)) or _finished(cfg, p) for p in mine]
+    records = [written.get(p.stem(cfg.name)) or _finished(cfg, p, stored) for p in mine]
+    summary = _write_outputs(cfg, dataset, records, remote)
+    summary.update(
+        videos=len(jobs),
+        wall_s=wall,
+        skipped_shards=len(mine) - len(work),
+        source_seconds=feedback.seconds,
+        **engine_stats,
+    )
+    print_summary(console, cfg, summary)
+    return summary
+
+
+def _run_pool(
+    cfg: ShardJob,
+    work: list[ShardWork],
+    process_fn: ProcessFn,
+    feedback: Feedback,
+    remote: storage.RemoteOutput | None,
+) -> dict[str, dict[str, Any]]:
+    """The local engine: one process pool for every video, shards written in plan order by this process (and
+    uploaded one by one for a remote --out)."""
+    written: dict[str, dict[str, Any]] = {}
+    jobs = [job for w in work for job in w.todo]
+    results = _results(jobs, process_fn, cfg.settings, cfg.workers or os.cpu_count() or 1)
+    try:
+        for w in work:
+            stem = w.plan.stem(cfg.name)
+            old_tar = kept_tar(cfg, w, cfg.out / RECORDS, remote)
+            written[stem] = _write_shard(cfg, w, results, feedback, old_tar)
+            if remote:
+                storage.publish_shard(cfg.out, stem, written[stem], remote, RECORDS)
+                if old_tar is not None:
+                    old_tar.unlink(missing_ok=True)
+            feedback.shard_done()
+    finally:
+        results.close()  # stops the pool, also when a shard could not be written
+    return written
+
+
+def kept_tar(
+    cfg: ShardJob, work: ShardWork, scratch: Path, remote: storage.RemoteOutput | None
+) -> Path | None:
+    """The finished tar whose samples a retried shard keeps: in --out, or downloaded from the store into
+    `scratch`; None for a new shard."""
+    if not (work.previous and work.previous["samples"]):
+        return None
+    stem = work.plan.stem(cfg.name)
+    if remote is None:
+        return cfg.out / f"{stem}.tar"
+    local = scratch / f"{stem}.kept.tar"
+    remote.get(f"{stem}.tar", local)
+    return local
+
+
+def _write_outputs(
+    cfg: ShardJob, dataset: Dataset, records: list[dict[str, Any]], remote: storage.RemoteOutput | None
+) -> dict[str, Any]:
+    """failures.jsonl, then index.json (uploaded in that order for a remote --out: the index comes last)."""
     failures = [f.record() for f in dataset.rejected] if cfg.part[0] == 0 else []
     failures += [f for r in records for f in r["failures"]]
     kept_with_warnings = [{**w, "warning": True} for r in records for w in r.get("warnings", [])]
@@ -561,20 +653,18 @@ def _run_locked(dataset: Dataset, cfg: ShardJob, process_fn: ProcessFn, console:
     index = build_index(cfg, dataset, records, len(failures), tool_versions())
     if cfg.part[1] > 1:
         index["part"] = list(cfg.part)
-    write_json_atomic(cfg.out / f"index{suffix}.json", index)
-    summary = {
-        "videos": len(jobs),
-        "wall_s": wall,
-        "skipped_shards": len(mine) - len(work),
-        "source_seconds": feedback.seconds,
+    index_path = cfg.out / f"index{suffix}.json"
+    write_json_atomic(index_path, index)
+    if remote:
+        remote.put(failures_path, failures_path.name)
+        remote.put(index_path, index_path.name)
+    return {
         "records": records,
         "failures": failures,
-        "failures_path": failures_path,
+        "failures_path": f"{remote.url}/{failures_path.name}" if remote else failures_path,
         "index": index,
         "index_samples": sum(s["num_samples"] for s in index["splits"].values()),
     }
-    print_summary(console, cfg, summary)
-    return summary
 
 
 # What to check for the commonest reasons of a run where every row failed: (start of the reason, hint).
@@ -610,7 +700,7 @@ def all_failed_message(failures: list[dict[str, Any]], failures_path: Path) -> s
 
 
 def print_summary(console: Console, cfg: ShardJob, summary: dict[str, Any]) -> None:
-    table = Table(title=f"{cfg.name}{part_suffix(cfg.part)} -> {cfg.out}")
+    table = Table(title=f"{cfg.name}{part_suffix(cfg.part)} -> {cfg.remote or cfg.out}")
     for column in ("split", "rows", "in shards", "failed", "shards", "hours of video"):
         table.add_column(column, justify="right" if column != "split" else "left")
     by_split: dict[str, Counter] = {}
@@ -635,9 +725,7 @@ def print_summary(console: Console, cfg: ShardJob, summary: dict[str, Any]) -> N
     console.print(table)
     reasons = Counter(f["reason"] for f in summary["failures"])
     if reasons:
-        failed = Table(
-            title=f"failures (details: {cfg.out / ('failures' + part_suffix(cfg.part) + '.jsonl')})"
-        )
+        failed = Table(title=f"failures (details: {summary['failures_path']})")
         failed.add_column("reason")
         failed.add_column("count", justify="right")
         for reason, count in reasons.most_common():
@@ -649,4 +737,9 @@ def print_summary(console: Console, cfg: ShardJob, summary: dict[str, Any]) -> N
             f"{summary['videos'] / summary['wall_s']:.2f} videos/s, "
             f"{summary['source_seconds'] / summary['wall_s']:.1f}x realtime; "
             f"{summary['skipped_shards']} finished shards skipped"
+        )
+    if cfg.engine == "ray":
+        console.print(
+            f"Ray: {summary.get('relaunched', 0)} straggler shard(s) launched again, "
+            f"{summary.get('attempts_lost', 0)} attempt(s) lost (worker or node died, or cancelled)"
         )

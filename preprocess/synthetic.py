@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import io
 import math
-from pathlib import Path
 
 import av
 import numpy as np
@@ -165,8 +164,10 @@ def main(args: argparse.Namespace, console: Console) -> dict:
     if size % 2:
         raise InputError(f"--frame-size must be even (4:2:0 chroma), got {size}")
     settings = EncodeSettings(codec="mjpeg", short_side=None, size=(size, size), mjpeg_quality=args.quality)
+    from preprocess.__main__ import engine_fields
+
     cfg = ShardJob(
-        out=Path(args.out),
+        **engine_fields(args, args.out),
         name=args.name,
         settings=settings,
         shard_samples=args.shard_size,
