@@ -263,7 +263,7 @@ class Feedback:
         )
         now = time.perf_counter()
         due = done % self.line_every == 0 or done == self.total or now - self.last_line > self.LINE_EVERY_S
-        if self.lines and due:
+        if self.lines and due and videos:  # a shard finishing adds no video: no line of its own
             self.last_line = now
             left = round((self.total - done) * elapsed / done)
             log.info(
