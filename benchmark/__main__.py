@@ -33,13 +33,15 @@ from rich.table import Table
 from benchmark.common import OUT_ENV
 
 BENCHMARKS = ("preprocess", "loader", "reader", "dali_cpu", "model", "train")  # what `all` runs
-LONG_BENCHMARKS = ("demo",)  # minutes each: only when named
+LONG_BENCHMARKS = ("demo", "remote")  # minutes each: only when named
 log = logging.getLogger("benchmark")
 
 
 def add_shared_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "what", choices=[*BENCHMARKS, *LONG_BENCHMARKS, "all"], help="benchmark to run ('all': all but demo)"
+        "what",
+        choices=[*BENCHMARKS, *LONG_BENCHMARKS, "all"],
+        help="benchmark to run ('all': all but demo and remote)",
     )
     parser.add_argument(
         "--quick",
