@@ -1,5 +1,6 @@
-"""Checkpoints: the model a config describes, and files that are written atomically and loaded without
-running code.
+"""Checkpoints, the one module that reads and writes weight files: the model a config, a checkpoint or a
+plain state_dict describes (train, evaluate, predict, models.export and models.online all load through
+`load_model`), files written atomically, and the one `torch.load` of the project, with weights_only=True.
 
 A gcvideo checkpoint is a dict of tensors and plain data only (model, optimizer, scheduler, scaler, train
 state, classes, RNG states, resolved config), so `torch.load(..., weights_only=True)` reads it: a file whose
@@ -10,11 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import logging
 import os
 import pickle
 import random
 import shutil
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,39 +32,68 @@ log = logging.getLogger(__name__)
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used (missing, truncated, unsafe, for another model); says what to do."""
+    """A weights file that cannot be used (missing, truncated, unsafe, for another model); says what to do."""
 
 
-def build_model(cfg: C.Config, num_classes: int) -> models.VideoNet:
-    """The plain model `cfg.model` describes, for `num_classes` classes and cfg.data.num_segments frames."""
-    return models.build_model(cfg.model.name, num_classes, cfg.data.num_segments, **cfg.model.build_kwargs())
+# What a plain state_dict (no config inside, e.g. from `python -m models.convert`) is run at when the user
+# gives no geometry: the Kinetics val geometry the released models were tested with (centre crop 224 of
+# frames of short side 256), and ~10 s training clips (Kinetics) for a stream's default window.
+PLAIN_SHORT_SIDE = 256
+PLAIN_CLIP_SECONDS = 10.0
+
+
+def build_model(cfg: C.Config, num_classes: int, *, pretrained: bool = True) -> models.VideoNet:
+    """The plain model `cfg.model` describes, for `num_classes` classes and cfg.data.num_segments frames;
+    pretrained=False skips --model.pretrained (inference: the checkpoint's weights replace them anyway)."""
+    kwargs = cfg.model.build_kwargs()
+    if not pretrained:
+        kwargs["pretrained"] = None
+    return models.build_model(cfg.model.name, num_classes, cfg.data.num_segments, **kwargs)
 
 
 # ------------------------------------------------------------------------------------------------ reading
 
 
 def load(path: str | Path, what: str = "checkpoint") -> Any:
-    """torch.load with weights_only=True and a message for every way the file can be unusable."""
+    """The one torch.load of the project: weights_only=True (a pickle that holds anything but tensors and
+    plain data is refused, not run) and a one-line CheckpointError for every way the file can be unusable."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"{what} {path} not found")
+        raise CheckpointError(f"{what} {path} {'is a directory' if path.is_dir() else 'not found'}")
     if path.stat().st_size == 0:
         raise CheckpointError(f"{what} {path} is empty (0 bytes): it was not written completely")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # a plain pickle gets a warning about its protocol before the error that says what is wrong
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        reason = str(e).strip().splitlines()[0][:200]
+        text = str(e)
+        if "GLOBAL" not in text.upper() and "class" not in text:  # no object refused: not a weights pickle
+            raise CheckpointError(
+                f"{what} {path} is not a weights file that loads with torch.load(weights_only=True): "
+                f"{_reason(e)}"
+            ) from None
         raise CheckpointError(
             f"{what} {path} refused: besides tensors and plain data its pickle holds Python objects, and "
-            f"loading them could run code from the file ({reason}). Checkpoints written by this gcvideo "
+            f"loading them could run code from the file ({_reason(e)}). Checkpoints written by this gcvideo "
             f"load safely; for an older or foreign file you trust, re-save just its tensors with "
             f"torch.save, or convert a released model with `python -m models.convert`"
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError) as e:
         raise CheckpointError(
-            f"{what} {path} cannot be read ({str(e).strip().splitlines()[0][:200]}): it is truncated or "
-            f"not a torch checkpoint"
+            f"{what} {path} cannot be read ({_reason(e)}): it is truncated or not a torch checkpoint"
         ) from None
+
+
+def _reason(err: Exception) -> str:
+    """The informative line of a torch.load error (the weights-only unpickler's is one of ~6 lines)."""
+    text = str(err)
+    _, marker, detail = text.partition("WeightsUnpickler error:")
+    lines = [line.strip() for line in (detail if marker else text).splitlines() if line.strip()]
+    named = [line for line in lines if "GLOBAL" in line]  # the object refused, when one was
+    reason = (named or lines or [type(err).__name__])[0]
+    return reason if len(reason) <= 200 else reason[:197] + "..."
 
 
 def model_state(ckpt: Any, path: str | Path) -> dict[str, torch.Tensor]:
@@ -71,7 +104,10 @@ def model_state(ckpt: Any, path: str | Path) -> dict[str, torch.Tensor]:
         or not state
         or not all(isinstance(v, torch.Tensor) for v in state.values())
     ):
-        raise CheckpointError(f"{path} holds no model weights (a dict of tensors, or one under 'model')")
+        raise CheckpointError(
+            f"{path} is neither a gcvideo checkpoint ('model' + 'config') nor a state_dict of tensors: it "
+            f"holds no model weights"
+        )
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
@@ -94,38 +130,119 @@ def load_for_finetuning(model: torch.nn.Module, path: str) -> list[str]:
     return sorted(classifier)
 
 
+@dataclass
+class Loaded:
+    """A checkpoint's model in eval mode and what inference needs to render its input as in training."""
+
+    model: models.VideoNet
+    cfg: C.Config  # the run's config (a plain state_dict: the named model at the plain geometry)
+    classes: list[str]  # [] when the file holds none
+    plain: bool  # a plain state_dict: no config, no dataset facts inside
+    facts: dict[str, Any]  # inference_facts() saved by training ({} for a plain state_dict or an old file)
+
+
+def load_model(
+    path: str | Path,
+    device: torch.device | str = "cpu",
+    *,
+    name: str | None = None,
+    num_segments: int | None = None,
+    num_classes: int | None = None,
+    plain: C.Config | None = None,
+    hint: str = "--model NAME",
+) -> Loaded:
+    """The model a file describes, in eval mode: a gcvideo checkpoint builds what its config says (name,
+    num_segments, num_classes override it); a plain state_dict (e.g. `python -m models.convert`'s output)
+    needs the model named (`name`, or a whole `plain` config), T defaulting to 8 and the class count read
+    off its classifier. `hint`: how the calling command names a model (said when a plain file has none)."""
+    ckpt = load(path)
+    if isinstance(ckpt, dict) and "config" in ckpt and "model" in ckpt:
+        cfg, classes, facts = C.from_dict(ckpt["config"]), list(ckpt.get("classes") or []), ckpt.get("facts")
+        cfg.model.name = name or cfg.model.name
+        cfg.data.num_segments = num_segments or cfg.data.num_segments
+        is_plain = False
+    elif plain is not None or name:
+        cfg, classes, facts, is_plain = plain or plain_config(name, num_segments or 8), [], None, True
+    else:
+        raise CheckpointError(
+            f"{path} is a plain state_dict (no config inside): name the model it holds, e.g. {hint}"
+        )
+    state = model_state(ckpt, path)
+    if is_plain or not cfg.model.num_classes:
+        fc = state.get("fc.weight")
+        cfg.model.num_classes = int(fc.shape[0]) if fc is not None else cfg.model.num_classes
+    cfg.model.num_classes = num_classes or cfg.model.num_classes
+    if cfg.model.name not in models.list_models():
+        raise C.ConfigError(f"unknown model {cfg.model.name!r}; known: {', '.join(models.list_models())}")
+    if not cfg.model.num_classes:
+        raise CheckpointError(f"{path} has no fc.weight to read the number of classes from")
+    model = build_model(cfg, cfg.model.num_classes, pretrained=False)
+    problems = _mismatches(model.state_dict(), state)
+    if problems:
+        raise CheckpointError(
+            f"{path} does not fit model {cfg.model.name} with {cfg.model.num_classes} classes: {problems}; "
+            f"is that the model it was trained or converted as?"
+        )
+    model.load_state_dict(state)
+    return Loaded(model.to(device).eval(), cfg, classes, is_plain, dict(facts or {}))
+
+
+def plain_config(name: str, num_segments: int) -> C.Config:
+    """The config of a plain state_dict: the named model at the plain geometry (crop 224 of short side
+    256), inference settings only (no ImageNet weights to fetch, no compile)."""
+    cfg = C.Config()
+    cfg.model.name, cfg.model.pretrained, cfg.model.compile = name, "", False
+    cfg.data.num_segments, cfg.data.scale_size, cfg.data.crop_size = num_segments, PLAIN_SHORT_SIDE, 224
+    if name in models.list_models():  # an unknown name is reported where the model is built
+        cfg.data.frames_per_segment = models.parse_name(name).get("frames_per_segment", 1)
+    return cfg
+
+
+def _mismatches(expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor]) -> str:
+    """One line naming missing, unexpected and wrongly shaped keys (load_state_dict's message is many)."""
+    missing = [k for k in expected if k not in given]
+    unexpected = [k for k in given if k not in expected]
+    wrong = [
+        f"{k} {tuple(given[k].shape)} != {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in given and given[k].shape != v.shape
+    ]
+    parts = [
+        f"{label} {len(keys)} (first: {', '.join(keys[:3])})"
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
+        if keys
+    ]
+    return "; ".join(parts)
+
+
 def checkpoint_model(
     path: str | Path, device: torch.device, plain: C.Config | None = None
 ) -> tuple[models.VideoNet, C.Config, list[str]]:
-    """The model of a checkpoint in eval mode, with the config and class names it was trained with.
+    """(model, config, classes) of a checkpoint for `evaluate`: a plain state_dict is built as `plain`
+    describes (--model.name, --data.num_segments ...); without `plain` it is refused, saying so."""
+    loaded = load_model(path, device, plain=plain, hint="--model.name gc_tsm_r50 --data.num_segments 8")
+    return loaded.model, loaded.cfg, loaded.classes
 
-    A gcvideo checkpoint carries its config; a plain state_dict (e.g. from `python -m models.convert`) is
-    built as `plain` describes (--model.name, --data.num_segments ...), its class count read off its
-    classifier; without `plain` it is refused with a message saying so.
-    """
-    ckpt = load(path)
-    if isinstance(ckpt, dict) and "config" in ckpt:
-        cfg, classes = C.from_dict(ckpt["config"]), list(ckpt.get("classes") or [])
-    elif plain is not None:
-        cfg, classes = plain, []
-        fc = model_state(ckpt, path).get("fc.weight")
-        cfg.model.num_classes = int(fc.shape[0]) if fc is not None else cfg.model.num_classes
-    else:
-        raise CheckpointError(
-            f"{path} is not a gcvideo checkpoint (no config inside): for a converted or plain state_dict "
-            f"name the model it holds, e.g. --model.name gc_tsm_r50 --data.num_segments 8, and the data "
-            f"(--data.index, or --classes FILE for predict)"
-        )
-    model = build_model(cfg, cfg.model.num_classes)
+
+def inference_facts(index: str | Path, dataset: Any) -> dict[str, Any]:
+    """What inference needs to know of the training data, saved in every checkpoint so that `predict`
+    renders a video as the shards held it without the dataset at hand: the shards' frame size (index
+    settings short_side / size; None when the index has none) and the median length in frames of (up to
+    16) training videos."""
     try:
-        model.load_state_dict(model_state(ckpt, path))
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()[1:3]
-        raise CheckpointError(
-            f"{path} does not fit --model.name {cfg.model.name} with {cfg.model.num_classes} classes: "
-            f"{' '.join(line.strip() for line in first)[:300]}"
-        ) from None
-    return model.to(device).eval(), cfg, classes
+        settings = json.loads(Path(index).read_text())["settings"]
+        shards = {"short_side": settings.get("short_side"), "size": settings.get("size")}
+    except (OSError, ValueError, KeyError, TypeError):
+        shards = None
+    n = len(dataset) if dataset is not None else 0  # a loader without a dataset (tests' stand-ins)
+    picks = sorted({round(i * (n - 1) / 15) for i in range(16)}) if n else []
+    frames = []
+    for i in picks:
+        try:
+            frames.append(dataset[i].num_frames)
+        except (OSError, ValueError, KeyError):
+            continue
+    return {"shards": shards, "clip_frames": int(np.median(frames)) if frames else None}
 
 
 # ------------------------------------------------------------------------------------------------ writing

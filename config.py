@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import math
 import re
+import textwrap
 import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -24,6 +26,9 @@ from typing import Any, Literal
 
 import models
 from pipeline import LoaderConfig
+from pipeline.loader import option
+
+log = logging.getLogger("config")
 
 
 class ConfigError(ValueError):
@@ -32,19 +37,27 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    name: str = "gc_tsm_mini"  # one of models.list_models()
-    num_classes: int = 0  # 0: take it from the dataset's index.json
-    dropout: float = 0.5
-    shift_div: int = 8  # TSM: 1/shift_div of the channels shift each way
-    shift_place: Literal["blockres", "block"] = "blockres"
-    cdiv: int = 4  # GC: groups of planes/cdiv channels
-    gc_loop: bool = False  # GC: rotate the calibrator-to-group assignment per block
-    ratio: int = 16  # single-calibrator (ecal_*) models: planes/ratio channels are calibrated
-    partial_bn: bool = False
-    pretrained: str = ""  # '' | imagenet | path to an ImageNet state_dict (torchvision names)
-    channels_last: bool = True
-    compile: bool = True  # torch.compile the model (runtime.setup_model)
-    sync_bn: bool = False  # convert BatchNorm to SyncBatchNorm under DDP
+    name: str = option("gc_tsm_mini", "the architecture: one of models.list_models() (python -m models)")
+    num_classes: int = option(0, "classifier outputs; 0: the number of classes of the dataset's index.json")
+    dropout: float = option(0.5, "dropout before the classifier")
+    shift_div: int = option(8, "TSM: 1/shift_div of the channels shift each way in time")
+    shift_place: Literal["blockres", "block"] = option(
+        "blockres", "TSM: shift inside each residual branch (blockres) or before each block (block)"
+    )
+    cdiv: int = option(4, "GC: the channels are calibrated in groups of planes/cdiv")
+    gc_loop: bool = option(False, "GC: rotate the calibrator-to-group assignment per block")
+    ratio: int = option(16, "single-calibrator (ecal_*) models: planes/ratio channels are calibrated")
+    partial_bn: bool = option(
+        False, "TSN's partial BN: every BatchNorm of the backbone but the first stays in eval mode, frozen"
+    )
+    pretrained: str = option(
+        "", "'' (random init) | imagenet | path to an ImageNet state_dict (torchvision names)"
+    )
+    channels_last: bool = option(
+        True, "NHWC memory format (faster on GPUs, slower for the mini models on CPUs)"
+    )
+    compile: bool = option(True, "torch.compile the model (runtime.setup_model)")
+    sync_bn: bool = option(False, "convert BatchNorm to SyncBatchNorm under DDP on GPUs")
 
     def build_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of models.build_model that this config sets."""
@@ -62,56 +75,82 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 0.02  # learning rate for `base_batch` clips per step; scaled to the global batch
-    base_batch: int = 128
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 1e-4
-    epochs: int = 50
-    schedule: Literal["step", "cosine"] = "step"
-    lr_steps: tuple[float, ...] = (20, 40)  # epochs at which `step` multiplies the lr by lr_decay
-    lr_decay: float = 0.1
-    warmup_epochs: float = 0.0  # linear warm-up from warmup_start_factor * lr
-    warmup_start_factor: float = 0.1
-    clip_grad: float = 20.0  # max total gradient norm; 0 turns clipping off
-    gc_lr_mult: float = 1.0  # "GC lr x5" of the GC release scripts
-    fc_lr_mult: float = 5.0  # lr multiplier of the new classifier when fine-tuning (--tune-from only)
-    label_smoothing: float = 0.0
+    lr: float = option(
+        0.02, "learning rate for base_batch clips per step; scaled linearly to the global batch"
+    )
+    base_batch: int = option(128, "the global batch that --optim.lr is given for")
+    momentum: float = option(0.9, "SGD momentum")
+    nesterov: bool = option(False, "Nesterov momentum")
+    weight_decay: float = option(1e-4, "L2 weight decay of conv and linear weights (not of norms and biases)")
+    epochs: int = option(50, "epochs to train (the schedule's length)")
+    schedule: Literal["step", "cosine"] = option("step", "step: x lr_decay at each of lr_steps; cosine: to 0")
+    lr_steps: tuple[float, ...] = option(
+        (20, 40), "epochs at which the step schedule multiplies the lr by lr_decay"
+    )
+    lr_decay: float = option(0.1, "the step schedule's factor")
+    warmup_epochs: float = option(
+        0.0, "linear warm-up from warmup_start_factor x lr over this many epochs (clipped to a short run)"
+    )
+    warmup_start_factor: float = option(0.1, "the warm-up's first lr, as a fraction of the lr")
+    clip_grad: float = option(20.0, "max total gradient norm; 0 turns clipping off")
+    gc_lr_mult: float = option(
+        1.0, 'lr multiplier of the GC parameters ("GC lr x5" of the GC release scripts)'
+    )
+    fc_lr_mult: float = option(5.0, "lr multiplier of the new classifier when fine-tuning (--tune-from only)")
+    label_smoothing: float = option(0.0, "cross-entropy label smoothing")
 
 
 @dataclass
 class RunConfig:
-    out: str = "runs/demo"  # run directory: config.json, last.pt, best.pt, metrics.jsonl, tb/
-    device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on cuda, fp32 on cpu
-    seed: int = 0
-    resume: bool = False  # continue from <out>/last.pt exactly where it stopped
-    overwrite: bool = False  # train into an --run.out that holds an earlier run, replacing it
-    tune_from: str = ""  # checkpoint to fine-tune from: backbone loaded, classifier replaced
-    ckpt_every: int = 0  # also write last.pt every k steps (0: at the end of every epoch only)
-    eval_every: int = 1  # epochs between validations
-    log_every: int = 20  # steps between reads of the on-device metrics (the only host syncs)
-    max_steps: int = 0  # stop (with a checkpoint) after this many steps in total; 0: no limit
-    target_top1: float = 0.0  # end training once a validation reaches this top-1 (0: train every epoch)
-    # end training after the epoch past which another one would overrun this many minutes (0: no limit)
-    time_budget_min: float = 0.0
-    tensorboard: bool = True
-    live: bool = True  # rich live view on rank 0
-    threads: int = 0  # torch intra-op threads on a CPU; 0: the cores the loader's workers leave free
-    dist_backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: nccl on cuda, gloo on cpu
-    final_eval: bool = True  # after training, test best.pt with the --eval.* views and print a summary
+    out: str = option("runs/demo", "run directory: config.json, last.pt, best.pt, metrics.jsonl, tb/")
+    device: str = option("auto", "auto (cuda if available) | cpu | cuda | cuda:N")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = option(
+        "auto", "autocast precision; auto: bf16 on CUDA, fp32 on CPUs (emulated bf16 is ~10x slower)"
+    )
+    seed: int = option(0, "seed of the model's initialisation and random streams (each rank adds its rank)")
+    resume: bool = option(False, "continue from <out>/last.pt exactly where it stopped")
+    overwrite: bool = option(False, "train into an --run.out that holds an earlier run, replacing it")
+    tune_from: str = option("", "checkpoint to fine-tune from: backbone loaded, classifier replaced")
+    ckpt_every: int = option(0, "also write last.pt every k steps (0: at the end of every epoch only)")
+    eval_every: int = option(1, "epochs between validations (the last epoch is always validated)")
+    log_every: int = option(
+        20,
+        "steps between reads of the on-device metrics (the only host syncs): the live bar's update, or a "
+        "log line where there is no terminal",
+    )
+    max_steps: int = option(0, "stop (with a checkpoint) after this many steps in total; 0: no limit")
+    target_top1: float = option(
+        0.0, "end training once a validation reaches this top-1 (0: train every epoch)"
+    )
+    time_budget_min: float = option(
+        0.0,
+        "end training after the epoch past which another one would overrun this many minutes (0: no limit)",
+    )
+    tensorboard: bool = option(True, "TensorBoard scalars in <out>/tb")
+    live: bool = option(
+        True, "progress on rank 0: a rich bar on a terminal, a log line every log_every steps without one"
+    )
+    threads: int = option(0, "torch intra-op threads on a CPU; 0: the cores the loader's workers leave free")
+    dist_backend: Literal["auto", "nccl", "gloo"] = option(
+        "auto", "torch.distributed backend; auto: nccl on CUDA, gloo on CPUs"
+    )
+    final_eval: bool = option(
+        True, "after training, test best.pt with the --eval.* views and print a summary"
+    )
 
 
 @dataclass
 class EvalConfig:
-    split: str = "val"
-    num_clips: int = 1
-    num_crops: Literal[1, 3, 10] = 1  # 1: centre crop
-    sampling: Literal["tsn", "dense"] = "tsn"
-    twice_sample: bool = False
-    full_res: bool = False  # crops of scale_size x scale_size instead of crop_size
-    batch_size: int = 8  # videos per batch (each with num_clips * num_crops views)
-    out: str = ""  # results directory; '' -> <first checkpoint's run>/eval-<split>
+    split: str = option("val", "the index's split to evaluate")
+    num_clips: int = option(1, "clips per video, averaged")
+    num_crops: Literal[1, 3, 10] = option(
+        1, "crops per clip; 1: centre, 3: full short side at start/centre/end, 10: corners, centre, flips"
+    )
+    sampling: Literal["tsn", "dense"] = option("tsn", "frame sampling at test time (see --data.sampling)")
+    twice_sample: bool = option(False, "TSM's twice sampling: the segments' centres and starts, 2 clips")
+    full_res: bool = option(False, "crops of scale_size x scale_size instead of crop_size")
+    batch_size: int = option(8, "videos per batch (each with num_clips x num_crops views)")
+    out: str = option("", "results directory; '' -> <first checkpoint's run>/eval-<split>")
 
 
 @dataclass
@@ -496,29 +535,76 @@ def from_dict(d: dict[str, Any]) -> Config:
     return cfg
 
 
-def help_text(cfg: Config) -> str:
+def cli_value(value: Any) -> str:
+    """A field's value as it is written on the command line."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, tuple):
+        return ",".join(map(str, value)) or "''"
+    return str(value) if value != "" else "''"
+
+
+def help_text(cfg: Config, width: int = 110) -> str:
+    """Every option by section: its value in `cfg`, its allowed values, and its description."""
     lines = []
-    for section, name, annotation in fields(cfg):
-        value = getattr(getattr(cfg, section), name)
-        choices = typing.get_args(annotation) if typing.get_origin(annotation) is Literal else ()
-        allowed = f"  ({' | '.join(map(str, choices))})" if choices else ""
-        lines.append(f"  --{section}.{name:<22} {value!r}{allowed}")
+    for section in dataclasses.fields(cfg):
+        if section.name == "preset":
+            continue
+        obj, types = getattr(cfg, section.name), _field_types(getattr(cfg, section.name))
+        lines.append(f"{section.name}:")
+        for f in dataclasses.fields(obj):
+            choices = typing.get_args(types[f.name]) if typing.get_origin(types[f.name]) is Literal else ()
+            allowed = f"  ({' | '.join(map(str, choices))})" if choices else ""
+            lines.append(f"  --{section.name}.{f.name} {cli_value(getattr(obj, f.name))}{allowed}")
+            lines += textwrap.wrap(
+                f.metadata.get("help", ""), width, initial_indent=" " * 6, subsequent_indent=" " * 6
+            )
     return "\n".join(lines)
 
 
-def parse_train_args(argv: Sequence[str]) -> Config:
-    """`[--preset NAME] [--section.field VALUE ...]` -> the validated config (preset demo by default)."""
+def split_preset(argv: Sequence[str]) -> tuple[str, list[str]]:
+    """(the --preset NAME of argv, demo if none; the other arguments)."""
     argv = list(argv)
-    name = "demo"
     for i, arg in enumerate(argv):
         if arg == "--preset" or arg.startswith("--preset="):
             value = arg.partition("=")[2] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else "")
             if not value or value.startswith("--"):
                 raise ConfigError(f"--preset needs a name: one of {', '.join(PRESETS)}")
-            name = value
             del argv[i : i + (1 if "=" in arg else 2)]
-            break
-    return validate(apply_overrides(preset(name), argv))
+            return value, argv
+    return "demo", argv
+
+
+def parse_train_args(argv: Sequence[str]) -> Config:
+    """`[--preset NAME] [--section.field VALUE ...]` -> the validated config (preset demo by default)."""
+    name, rest = split_preset(argv)
+    cfg = apply_overrides(preset(name), rest)
+    given = {ALIASES.get(a.split("=")[0], a.split("=")[0]) for a in rest if a.startswith("--")}
+    for note in fit_schedule(cfg, given):
+        log.warning("%s", note)
+    return validate(cfg)
+
+
+def fit_schedule(cfg: Config, given: set[str]) -> list[str]:
+    """A run shorter than its preset's schedule (--optim.epochs 1 for a smoke run) gets one that fits: a
+    warm-up no longer than the run warms up for half of it, lr steps past the end are dropped. Returns the
+    notes that say so. A warm-up or steps `given` on the command line are the user's own: validate refuses
+    them if they do not fit."""
+    o, notes = cfg.optim, []
+    if "--optim.warmup_epochs" not in given and o.warmup_epochs >= o.epochs:
+        notes.append(
+            f"--optim.epochs {o.epochs} is not longer than preset {cfg.preset}'s warm-up of "
+            f"{o.warmup_epochs:g} epoch(s): warming up for {o.epochs / 2:g} (--optim.warmup_epochs to choose)"
+        )
+        o.warmup_epochs = o.epochs / 2
+    late = [s for s in o.lr_steps if s >= o.epochs]
+    if "--optim.lr_steps" not in given and late:
+        o.lr_steps = tuple(s for s in o.lr_steps if s < o.epochs)
+        notes.append(
+            f"--optim.epochs {o.epochs} ends before preset {cfg.preset}'s lr steps at epoch(s) "
+            f"{', '.join(f'{s:g}' for s in late)}: they are dropped (--optim.lr_steps to choose)"
+        )
+    return notes
 
 
 # ------------------------------------------------------------------------------------------------ validation

@@ -26,6 +26,7 @@ import torch.distributed as torch_dist
 import torch.nn.functional as F
 
 import config as C
+import progress
 import runtime
 from checkpoints import checkpoint_model
 from pipeline import build_loader
@@ -124,15 +125,18 @@ def class_pairs(index: Mapping[str, Any]) -> list[tuple[int, int]]:
 
 
 @torch.no_grad()
-def score_videos(model: torch.nn.Module, loader, *, autocast) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+def score_videos(
+    model: torch.nn.Module, loader, *, autocast, label: str = ""
+) -> tuple[dict[str, np.ndarray], dict[str, int]]:
     """Scores (softmax averaged over the V views) and labels of every video of a test loader, by key.
 
     `autocast` is a zero-argument callable returning the run's precision context (runtime.autocast).
-    Scores stay on the device until the end: one transfer, not one per batch.
+    Scores stay on the device until the end: one transfer, not one per batch. A `label` shows progress
+    under it (progress.track: a bar on a terminal, log lines elsewhere).
     """
     model.eval()
     batches, all_keys = [], []
-    for x_NVTCHW, labels_N, keys in loader:
+    for x_NVTCHW, labels_N, keys in progress.track(loader, len(loader), label, enabled=bool(label)):
         n, v = x_NVTCHW.shape[:2]
         with autocast():
             logits = model(x_NVTCHW.flatten(0, 1))
@@ -152,39 +156,96 @@ def score_videos(model: torch.nn.Module, loader, *, autocast) -> tuple[dict[str,
 # --------------------------------------------------------------------------------------------------- reports
 
 
+MATRIX_MAX_CLASSES = 30  # above this a confusion matrix is a grid of unreadable cells: show what it hides
+
+
+def most_confused(cm: np.ndarray, k: int) -> list[tuple[int, int, int]]:
+    """The k largest off-diagonal cells as (true, predicted, videos), largest first (ties: lower indices)."""
+    off = cm.copy()
+    np.fill_diagonal(off, 0)
+    order = np.argsort(-off, axis=None, kind="stable")[:k]
+    cells = [(int(i), int(j)) for i, j in zip(*np.unravel_index(order, cm.shape))]
+    return [(i, j, int(off[i, j])) for i, j in cells if off[i, j] > 0]
+
+
+def class_accuracy(cm: np.ndarray) -> np.ndarray:
+    """Top-1 accuracy per class (NaN for a class without videos)."""
+    videos = cm.sum(axis=1)
+    return np.where(videos > 0, np.diag(cm) / np.maximum(videos, 1), np.nan)
+
+
 def plot_confusion(cm: np.ndarray, classes: Sequence[str], path: Path, title: str) -> None:
+    """The confusion matrix up to MATRIX_MAX_CLASSES classes; above, what a reader looks for in one: the most
+    confused pairs, the worst classes, and every class's accuracy sorted."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if len(classes) > MATRIX_MAX_CLASSES:
+        fig = _confusion_summary(plt, cm, classes, title)
+    else:
+        fig = _confusion_matrix(plt, cm, classes, title)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _confusion_matrix(plt, cm: np.ndarray, classes: Sequence[str], title: str):
     k = len(classes)
-    size = min(4 + 0.35 * k, 30)
-    fig, ax = plt.subplots(figsize=(size, size * 0.9), dpi=100)
+    size = 4 + 0.35 * k
+    fig, ax = plt.subplots(figsize=(size, size * 0.9), dpi=100, layout="constrained")
     rates = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
     ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
-    if k <= 40:
-        ax.set_xticks(range(k), classes, rotation=60, ha="right", fontsize="small")
-        ax.set_yticks(range(k), classes, fontsize="small")
-        if k <= 16:
-            for i in range(k):
-                for j in range(k):
-                    if cm[i, j]:
-                        ax.text(
-                            j,
-                            i,
-                            str(cm[i, j]),
-                            ha="center",
-                            va="center",
-                            color="white" if rates[i, j] > 0.5 else "black",
-                            fontsize="small",
-                        )
+    ax.set_xticks(range(k), classes, rotation=60, ha="right", fontsize="small")
+    ax.set_yticks(range(k), classes, fontsize="small")
+    if k <= 16:
+        for i, j in zip(*np.nonzero(cm)):
+            color = "white" if rates[i, j] > 0.5 else "black"
+            ax.text(j, i, str(cm[i, j]), ha="center", va="center", color=color, fontsize="small")
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    return fig
+
+
+def _confusion_summary(plt, cm: np.ndarray, classes: Sequence[str], title: str, rows: int = 25):
+    acc = class_accuracy(cm)
+    fig, (pairs_ax, worst_ax, all_ax) = plt.subplots(
+        1, 3, figsize=(19, 0.3 * rows + 2), dpi=100, layout="constrained", width_ratios=(1.25, 1, 0.8)
+    )
+    pairs = most_confused(cm, rows)
+    labels = [f"{classes[i]} -> {classes[j]}" for i, j, _ in pairs]
+    share = [n / max(cm[i].sum(), 1) for i, _, n in pairs]
+    bars = pairs_ax.barh(range(len(pairs)), [n for *_, n in pairs], color="tab:red")
+    pairs_ax.bar_label(bars, [f"{n} ({p:.0%})" for (*_, n), p in zip(pairs, share)], fontsize="x-small")
+    pairs_ax.set_yticks(range(len(pairs)), labels, fontsize="small")
+    pairs_ax.margins(x=0.1)
+    pairs_ax.set_xlabel("videos of the true class predicted as the other (share of the true class)")
+    pairs_ax.set_title(f"the {len(pairs)} most confused pairs: true -> predicted")
+    present = np.flatnonzero(~np.isnan(acc))
+    worst = present[np.argsort(acc[present], kind="stable")[:rows]]
+    bars = worst_ax.barh(range(len(worst)), acc[worst], color="tab:orange")
+    worst_ax.bar_label(bars, [f"{a:.0%}" for a in acc[worst]], fontsize="x-small")
+    worst_ax.set_yticks(range(len(worst)), [classes[c] for c in worst], fontsize="small")
+    worst_ax.set_xlim(0, 1)
+    worst_ax.set_xlabel("top-1 accuracy")
+    worst_ax.set_title(f"the {len(worst)} least accurate classes")
+    for ax in (pairs_ax, worst_ax):
+        ax.invert_yaxis()
+        ax.grid(True, axis="x", alpha=0.3)
+    ranked = np.sort(acc[present])[::-1]
+    all_ax.plot(np.arange(1, len(ranked) + 1), ranked)
+    all_ax.axhline(ranked.mean(), linestyle="--", color="grey", linewidth=1)
+    all_ax.annotate(
+        f"mean class accuracy {ranked.mean():.1%}", (1, ranked.mean()), va="bottom", fontsize="small"
+    )
+    all_ax.set_ylim(0, 1.02)
+    all_ax.set_xlabel("class, most to least accurate")
+    all_ax.set_ylabel("top-1 accuracy")
+    all_ax.set_title(f"all {len(ranked)} classes with videos, sorted")
+    all_ax.grid(True, alpha=0.3)
+    fig.suptitle(f"{title}, {len(classes)} classes")
+    return fig
 
 
 def write_report(
@@ -268,6 +329,7 @@ def score_checkpoint(path: str, overrides: Sequence[str], dist: runtime.Dist, de
     model, cfg, classes = checkpoint_model(path, device, plain)
     cfg = eval_config(cfg, overrides)
     precision = runtime.resolve_precision(cfg.run.precision, device)
+    runtime.use_cpu_threads(device, cfg.run.threads, cfg.data.workers)  # as training does
     net = runtime.setup_model(model, device=device, channels_last=cfg.model.channels_last, compile=False)
     loader = build_loader(
         cfg.data, split=cfg.eval.split, mode="test", rank=dist.rank, world_size=dist.world_size, device=device
@@ -282,7 +344,12 @@ def score_checkpoint(path: str, overrides: Sequence[str], dist: runtime.Dist, de
             f"differing from class {diff}: evaluate on the dataset it was trained on (--data.index), or "
             f"fine-tune it on this one with --tune-from"
         )
-    scores, labels = score_videos(net, loader, autocast=lambda: runtime.autocast(precision, device.type))
+    scores, labels = score_videos(
+        net,
+        loader,
+        autocast=lambda: runtime.autocast(precision, device.type),
+        label=f"evaluate {path}" if dist.is_main else "",
+    )
     if dist.enabled:  # every rank scored its own videos: gather them on rank 0
         parts: list[Any] = [None] * dist.world_size
         torch_dist.all_gather_object(parts, (scores, labels))

@@ -141,6 +141,12 @@ def cpu_threads(requested: int, loader_workers: int) -> int:
     return max(1, cores - loader_workers)
 
 
+def use_cpu_threads(device: torch.device, requested: int, loader_workers: int) -> None:
+    """The one threads policy of training and evaluation: on a CPU, torch gets cpu_threads(...) threads."""
+    if device.type == "cpu":
+        torch.set_num_threads(cpu_threads(requested, loader_workers))
+
+
 # ---------------------------------------------------------------------------------------------------- models
 
 

@@ -17,6 +17,7 @@ the step from training.py; evaluation and prediction from evaluation.py and pred
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -24,6 +25,7 @@ import random
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,10 +39,12 @@ import checkpoints
 import config as C
 import evaluation
 import predict
+import progress
 import rundir
 import runtime
 import training
 from pipeline import DatasetError, ResourceError, build_loader
+from pipeline.video_file import VideoFileError
 
 log = logging.getLogger("train")
 ROOT = Path(__file__).resolve().parent
@@ -52,7 +56,32 @@ class TrainingError(RuntimeError):
 
 
 class Stopped(TrainingError):
-    """SIGTERM (a scheduler, `docker stop`, torchrun shutting down) asked the run to end."""
+    """SIGTERM (a scheduler, `docker stop`, torchrun shutting down) or SIGINT (Ctrl-C) asked the run to end;
+    the command exits with 128 + the signal's number."""
+
+    def __init__(self, message: str, signum: int = signal.SIGTERM):
+        super().__init__(message)
+        self.signum = signum
+
+
+class StopRequest:
+    """The SIGTERM / SIGINT handler. While the training loop runs (`graceful`), the first signal ends the run
+    at the next step, after a checkpoint; elsewhere (set-up, evaluation), or at a second signal, the command
+    stops at once. Either way it ends in one line, never a traceback."""
+
+    def __init__(self) -> None:
+        self.signum, self.graceful = 0, False
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if self.graceful and not self.signum:
+            self.signum = signum
+            log.warning("%s: the run ends after this step, with a checkpoint (%s again: at once)", name, name)
+            return
+        raise Stopped(f"stopped by {name}", signum)
+
+
+STOP = StopRequest()
 
 
 @dataclass
@@ -63,6 +92,12 @@ class TrainState:
     start_batch: int = 0  # the next batch of `epoch`
     step: int = 0
     best_top1: float = -1.0
+
+    def position(self) -> str:
+        """Where the run stands in words, epochs counted from 1 as the live view and metrics.jsonl count."""
+        if self.start_batch:
+            return f"step {self.step} (batch {self.start_batch} of epoch {self.epoch + 1})"
+        return f"step {self.step} (the end of epoch {self.epoch})" if self.epoch else f"step {self.step}"
 
 
 @dataclass
@@ -77,6 +112,7 @@ class Run:
     net: torch.nn.Module  # the model as trained (DDP / compiled wrappers)
     opt: training.Optimisation
     classes: list[str] = field(default_factory=list)
+    facts: dict[str, Any] = field(default_factory=dict)  # checkpoints.inference_facts of the training data
 
 
 # ------------------------------------------------------------------------------------------------------- data
@@ -142,20 +178,37 @@ class Meter:
         return stats
 
 
+def step_line(step: int, total: int, epoch: int, epochs: int, stats: dict[str, float], eta: str) -> str:
+    """One complete progress line: where the run is, the metrics since the last line, and the ETA."""
+    line = (
+        f"step {step}/{total}  epoch {epoch}/{epochs}  loss {stats['loss']:.3f}  top-1 {stats['top1']:.1%}  "
+        f"lr {stats['lr']:.2e}  {stats['clips_per_s']:.1f} clips/s  data wait {stats['data_wait']:.0%}"
+    )
+    if "gpu_mem_gib" in stats:
+        line += f"  mem {stats['gpu_mem_gib']:.1f} GiB"
+    return f"{line}  ETA {eta}"
+
+
 class Feedback:
-    """Rank 0's view of a run: a rich live line, TensorBoard scalars and <run>/metrics.jsonl; silent
-    elsewhere."""
+    """Rank 0's view of a run: on a terminal a rich live bar, elsewhere (Docker, Slurm, `> log`) a complete
+    log line every --run.log_every steps; TensorBoard scalars and <run>/metrics.jsonl; silent elsewhere.
+    Epochs are counted from 1 everywhere: the bar and the lines show the epoch in progress, the validation
+    line and metrics.jsonl the epoch just finished."""
 
     def __init__(self, cfg: C.Config, out: Path, total_steps: int, start_step: int, enabled: bool):
         self.enabled, self.out = enabled, out
+        self.total, self.epochs = total_steps, cfg.optim.epochs
+        self.start_step, self.started = start_step, time.perf_counter()
         self.progress = self.writer = None
+        self.lines = False
         if not enabled:
             return
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         self.console = Console(stderr=True)
-        if cfg.run.live:
+        self.lines = cfg.run.live and not self.console.is_terminal
+        if cfg.run.live and not self.lines:
             self.progress = Progress(
                 TextColumn("epoch {task.fields[epoch]}"),
                 BarColumn(),
@@ -167,7 +220,7 @@ class Feedback:
                 transient=False,
             )
             self.task = self.progress.add_task(
-                "train", total=total_steps, completed=start_step, epoch=0, stats="starting"
+                "train", total=total_steps, completed=start_step, epoch="", stats="starting"
             )
             self.progress.start()
         if cfg.run.tensorboard:
@@ -176,8 +229,15 @@ class Feedback:
             self.writer = SummaryWriter(log_dir=str(out / "tb"))
 
     def step(self, step: int, epoch: int, stats: dict[str, float]) -> None:
+        """`epoch` is the 0-based epoch in progress (TrainState.epoch)."""
         if not self.enabled:
             return
+        if self.lines:
+            elapsed = time.perf_counter() - self.started
+            eta = progress.clock(
+                progress.eta_s(step - self.start_step, self.total - self.start_step, elapsed)
+            )
+            log.info("%s", step_line(step, self.total, epoch + 1, self.epochs, stats, eta))
         if self.progress is not None:
             text = (
                 f"loss {stats['loss']:.3f}  acc {stats['top1']:.1%}  lr {stats['lr']:.2e}  "
@@ -185,12 +245,13 @@ class Feedback:
             )
             if "gpu_mem_gib" in stats:
                 text += f"  mem {stats['gpu_mem_gib']:.1f} GiB"
-            self.progress.update(self.task, completed=step, epoch=epoch, stats=text)
+            self.progress.update(self.task, completed=step, epoch=f"{epoch + 1}/{self.epochs}", stats=text)
         if self.writer is not None:
             for k, v in stats.items():
                 self.writer.add_scalar(f"train/{k}", v, step)
 
     def evaluation(self, record: dict[str, Any]) -> None:
+        """`record["epoch"]` is the number of epochs done (the epoch just finished, counted from 1)."""
         if not self.enabled:
             return
         with open(self.out / "metrics.jsonl", "a") as f:
@@ -199,10 +260,14 @@ class Feedback:
             for k in ("top1", "top5", "loss"):
                 self.writer.add_scalar(f"val/{k}", record[k], record["step"])
             self.writer.flush()
-        self.console.print(
-            f"epoch {record['epoch']}: val top-1 {record['top1']:.1%}  top-5 {record['top5']:.1%}  "
-            f"loss {record['loss']:.3f}"
+        text = (
+            f"epoch {record['epoch']}/{self.epochs}: val top-1 {record['top1']:.1%}  "
+            f"top-5 {record['top5']:.1%}  loss {record['loss']:.3f}"
         )
+        if self.lines:
+            log.info("%s", text)
+        else:
+            self.console.print(text)
 
     def close(self) -> None:
         if self.progress is not None:
@@ -221,7 +286,7 @@ def check_finite(bad: torch.Tensor, run: Run, state: TrainState) -> None:
         last = run.out / "last.pt"
         good = f"{last} holds the last good state" if last.exists() else "no checkpoint was written yet"
         raise TrainingError(
-            f"the loss or the weights became NaN or infinite by step {state.step} (epoch {state.epoch}); "
+            f"the loss or the weights became NaN or infinite by {state.position()}; "
             f"stopping. {good}: lower --optim.lr, check the data, or try --run.precision fp32, then --resume"
         )
 
@@ -247,6 +312,7 @@ def write_checkpoint(run: Run, state: TrainState, nonfinite: torch.Tensor, *, be
         "classes": run.classes,
         "rng": rngs if run.dist.enabled else [checkpoints.rng_state()],
         "config": C.to_dict(run.cfg),
+        "facts": run.facts,
     }
     if best:  # best.pt first: a last.pt recording a best top-1 must never be ahead of best.pt
         checkpoints.save_atomic(ckpt, run.out / "best.pt")
@@ -286,6 +352,13 @@ def load_resume(cfg: C.Config, out: Path, dist: runtime.Dist) -> dict[str, Any] 
         ) from None
     ranks = (len(ckpt["rng"]), dist.world_size)
     refuse_changes(C.from_dict(ckpt["config"]), cfg, last, ranks)
+    done = finished(cfg, TrainState(**ckpt["state"]))
+    if done:
+        raise TrainingError(
+            f"{out} holds a finished run ({done}): nothing to resume. Evaluate it with python train.py "
+            f"evaluate {out / 'best.pt'}; train on with --resume and a larger --optim.epochs or "
+            f"--run.target_top1; or start a new run from its weights with --tune-from {out / 'best.pt'}"
+        )
     return ckpt
 
 
@@ -323,6 +396,17 @@ def restart_without_checkpoint(cfg: C.Config, out: Path, dist: runtime.Dist) -> 
             out,
             why,
         )
+
+
+def finished(cfg: C.Config, state: TrainState) -> str:
+    """Why a run in `state` has nothing left to train under `cfg` ('' if it has): every epoch is done, or its
+    best validation reached --run.target_top1 (what ended it). A stop by --run.time_budget_min is not an end:
+    --resume continues it in the next job."""
+    if state.epoch >= cfg.optim.epochs:
+        return f"all {cfg.optim.epochs} epochs of --optim.epochs are done"
+    if cfg.run.target_top1 and state.best_top1 >= cfg.run.target_top1:
+        return f"its best val top-1 {state.best_top1:.1%} reached --run.target_top1 {cfg.run.target_top1:g}"
+    return ""
 
 
 def seed_everything(seed: int) -> None:
@@ -386,7 +470,8 @@ def setup_run(cfg: C.Config, train_loader, out: Path) -> tuple[Run, TrainState]:
             global_batch,
             training.scaled_lr(cfg.optim, global_batch),
         )
-    return Run(cfg, out, dist, device, precision, net, opt, classes), state
+    facts = checkpoints.inference_facts(cfg.data.index, getattr(train_loader, "dataset", None))
+    return Run(cfg, out, dist, device, precision, net, opt, classes, facts), state
 
 
 def forget_later_metrics(out: Path, epoch: int) -> None:
@@ -430,9 +515,24 @@ def run_epoch(run: Run, state: TrainState, loader, meter: Meter, feedback: Feedb
         if r.max_steps and state.step >= r.max_steps:
             write_checkpoint(run, state, meter.nonfinite)
             return True
+        signum = stop_requested(run, at_sync=state.step % r.log_every == 0 or b == steps - 1)
+        if signum:
+            write_checkpoint(run, state, meter.nonfinite)
+            raise Stopped(f"stopped by {signal.Signals(signum).name}", signum)
         if r.ckpt_every and state.step % r.ckpt_every == 0 and b < steps - 1:
             write_checkpoint(run, state, meter.nonfinite)
     return False
+
+
+def stop_requested(run: Run, at_sync: bool) -> int:
+    """The signal that asked the run to end, 0 if none. One process checks at every step; under DDP the
+    ranks agree at the log points (where they sync anyway), so that all of them checkpoint the same step."""
+    if not run.dist.enabled:
+        return STOP.signum
+    if not at_sync:
+        return 0
+    flag = torch.tensor([float(bool(STOP.signum))], device=run.device)
+    return (STOP.signum or signal.SIGTERM) if runtime.all_reduce_sum(flag, run.dist).item() else 0
 
 
 def end_epoch(run: Run, state: TrainState, val_loader, meter: Meter, feedback: Feedback) -> dict[str, Any]:
@@ -489,11 +589,15 @@ def train_epochs(run: Run, state: TrainState, train_loader, val_loader) -> tuple
     stopped = False
     run.net.train()
     started, first_epoch = time.monotonic(), state.epoch
+    STOP.signum, STOP.graceful = 0, True
     try:
         while state.epoch < cfg.optim.epochs and not stopped:
             stopped = run_epoch(run, state, train_loader, meter, feedback)
             if not stopped:
                 last_val = end_epoch(run, state, val_loader, meter, feedback) or last_val
+                signum = stop_requested(run, at_sync=True)
+                if signum and state.epoch < cfg.optim.epochs:  # end_epoch wrote the checkpoint
+                    raise Stopped(f"stopped by {signal.Signals(signum).name}", signum)
                 if cfg.run.target_top1 and last_val.get("top1", 0.0) >= cfg.run.target_top1:
                     log.info(
                         "val top-1 %.1f%% reached --run.target_top1: training ends", 100 * last_val["top1"]
@@ -507,8 +611,9 @@ def train_epochs(run: Run, state: TrainState, train_loader, val_loader) -> tuple
         kept = (
             f"{last} holds the last checkpoint: continue with --resume" if last.exists() else "no checkpoint"
         )
-        raise Stopped(f"{e} at step {state.step} (epoch {state.epoch}); {kept}") from None
+        raise Stopped(f"{e} at {state.position()}; {kept}", e.signum) from None
     finally:
+        STOP.graceful = False
         feedback.close()
     return last_val, stopped
 
@@ -527,13 +632,25 @@ def train(cfg: C.Config) -> dict[str, Any]:
     """Build the data (the demo set if missing) and the loaders of `cfg`, then fit."""
     C.validate(cfg)
     dist, device = runtime.init_distributed(cfg.run.device, cfg.run.dist_backend)
-    if device.type == "cpu":
-        torch.set_num_threads(runtime.cpu_threads(cfg.run.threads, cfg.data.workers))
+    runtime.use_cpu_threads(device, cfg.run.threads, cfg.data.workers)
     ensure_dataset(cfg.data.index, dist)
     return fit(cfg, *build_loaders(cfg, dist, device))
 
 
 # --------------------------------------------------------------------------------------------- command line
+
+
+def usage(argv: list[str]) -> str:
+    """--help: the commands, presets and aliases, and every option with its value in the chosen preset."""
+    name, _ = C.split_preset(argv)
+    wrap = functools.partial(textwrap.fill, width=110, subsequent_indent="  ")
+    return USAGE.format(
+        presets=wrap(", ".join(C.PRESETS)),
+        aliases=wrap(", ".join(f"{k}={v}" for k, v in C.ALIASES.items())),
+        preset=name,
+        options=C.help_text(C.preset(name)),
+    )
+
 
 USAGE = """usage:
   python train.py [train] [--preset NAME] [--section.field VALUE ...]   train (default preset: demo)
@@ -541,7 +658,7 @@ USAGE = """usage:
   python train.py predict CKPT VIDEO [--classes FILE] [--top 5] [--device cpu] [--stream ...]   (predict -h)
 presets: {presets}
 aliases: {aliases}
-options (demo defaults):
+options, with their values in preset {preset} (--preset NAME --help shows another's):
 {options}"""
 
 
@@ -612,11 +729,8 @@ USER_ERRORS = (
     checkpoints.CheckpointError,
     runtime.DeviceError,
     predict.PredictError,
+    VideoFileError,
 )
-
-
-def _terminate(signum, frame) -> None:
-    raise Stopped("stopped by SIGTERM")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -628,17 +742,17 @@ def main(argv: list[str] | None = None) -> int:
         datefmt="%H:%M:%S",
     )
     command = argv.pop(0) if argv and argv[0] in ("train", "evaluate", "predict") else "train"
-    if ("-h" in argv or "--help" in argv) and command != "predict":
-        options = C.help_text(C.demo())
-        aliases = ", ".join(f"{k}={v}" for k, v in C.ALIASES.items())
-        sys.stdout.write(USAGE.format(presets=", ".join(C.PRESETS), options=options, aliases=aliases) + "\n")
-        return 0
-    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGTERM, STOP)
+    if command != "predict":  # predict's camera stream ends at Ctrl-C by itself
+        signal.signal(signal.SIGINT, STOP)
     try:
+        if ("-h" in argv or "--help" in argv) and command != "predict":
+            sys.stdout.write(usage(argv) + "\n")
+            return 0
         {"train": run_train, "evaluate": run_evaluate, "predict": predict.main}[command](argv)
     except USER_ERRORS as e:
         log.error("%s", e)
-        return 2 if isinstance(e, C.ConfigError) else 128 + signal.SIGTERM if isinstance(e, Stopped) else 1
+        return 2 if isinstance(e, C.ConfigError) else 128 + e.signum if isinstance(e, Stopped) else 1
     finally:
         if torch_dist.is_initialized():
             torch_dist.destroy_process_group()

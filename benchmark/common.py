@@ -35,6 +35,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import textwrap
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -288,6 +289,53 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+def wide_range(values: Sequence[float], ratio: float = 30.0) -> bool:
+    """Whether positive values span more than `ratio` (~1 and ~80 videos/s): on a linear axis the small
+    ones would be invisible, so the plot takes a log axis."""
+    positive = [v for v in values if v > 0]
+    return len(positive) == len(values) and bool(positive) and max(positive) > ratio * min(positive)
+
+
+def _value_text(v: float) -> str:
+    """A bar's value: 4980, 463, 4.17, 0.602 (never 4.98e+03)."""
+    return f"{v:.0f}" if abs(v) >= 100 else f"{v:.3g}"
+
+
+def _plain_log_axis(axis) -> None:
+    """Log axis ticks as plain numbers at 1, 2, 5 x 10^k, without the overlapping minor-tick labels
+    matplotlib writes when the values span less than a decade or two."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: _value_text(v)))
+    axis.set_minor_formatter(NullFormatter())
+
+
+def _horizontal(categories: Sequence[str]) -> bool:
+    """Short, few labels stand under vertical bars; long or many (loader series, reader variants) read along
+    horizontal bars, where they never overlap."""
+    return len(categories) > 6 or max(map(len, categories)) > 14
+
+
+def _bars(ax, plot: Plot, categories: list[str], series: dict[str, list[dict[str, Any]]]) -> None:
+    """Grouped bars per category of x, each labelled with its value."""
+    horizontal = _horizontal(categories)
+    width = 0.8 / len(series)
+    for i, (label, rs) in enumerate(series.items()):
+        heights = {str(r[plot.x]): r[plot.y] for r in rs}
+        at = [j + (i - (len(series) - 1) / 2) * width for j, c in enumerate(categories) if c in heights]
+        values = [heights[c] for c in categories if c in heights]
+        bars = (ax.barh if horizontal else ax.bar)(at, values, width, label=label)
+        ax.bar_label(bars, fmt=_value_text, fontsize="x-small", padding=2)
+    if horizontal:
+        ax.set_yticks(range(len(categories)), categories, fontsize="small")
+        ax.invert_yaxis()  # the first row on top, as in the table
+        ax.margins(x=0.08)  # room for the value labels
+    else:
+        ax.set_xticks(range(len(categories)), categories)
+        ax.margins(y=0.2)  # room for the value labels and the legend above the bars
+
+
 def draw_plot(plot: Plot, rows: Sequence[dict[str, Any]], path: Path) -> None:
     import matplotlib
 
@@ -300,33 +348,43 @@ def draw_plot(plot: Plot, rows: Sequence[dict[str, Any]], path: Path) -> None:
     series: dict[str, list[dict[str, Any]]] = {}
     for r in points:
         series.setdefault(str(r.get(plot.group)) if plot.group else plot.y, []).append(r)
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
-    if all(_is_number(r[plot.x]) for r in points):
+    numeric_x = all(_is_number(r[plot.x]) for r in points)
+    categories = list(dict.fromkeys(str(r[plot.x]) for r in points))
+    horizontal = not numeric_x and _horizontal(categories)
+    height = max(4.0, 1.5 + 0.3 * len(categories) * max(1, len(series) * 0.6)) if horizontal else 4.0
+    width = max(7.2, 4.5 + 0.075 * max(map(len, categories))) if horizontal else 7.2
+    fig, ax = plt.subplots(figsize=(width, height), dpi=120, layout="constrained")
+    if numeric_x:
         for label, rs in series.items():
             rs = sorted(rs, key=lambda r: r[plot.x])
             ax.plot([r[plot.x] for r in rs], [r[plot.y] for r in rs], marker="o", label=label)
     else:
-        categories = list(dict.fromkeys(str(r[plot.x]) for r in points))
-        width = 0.8 / len(series)
-        for i, (label, rs) in enumerate(series.items()):
-            heights = {str(r[plot.x]): r[plot.y] for r in rs}
-            xs = [j + (i - (len(series) - 1) / 2) * width for j, c in enumerate(categories) if c in heights]
-            ax.bar(xs, [heights[c] for c in categories if c in heights], width=width, label=label)
-        ax.set_xticks(range(len(categories)), categories, rotation=20 if len(categories) > 4 else 0)
+        _bars(ax, plot, categories, series)
+    log_y = plot.logy or wide_range([r[plot.y] for r in points])
     for label, y in plot.references:
-        ax.axhline(y, linestyle="--", linewidth=1, color="grey")
-        ax.annotate(label, (0.01, y), xycoords=("axes fraction", "data"), fontsize="x-small", va="bottom")
+        (ax.axvline if horizontal else ax.axhline)(y, linestyle="--", linewidth=1, color="grey")
+        where = (
+            ((y, 0.01), ("data", "axes fraction")) if horizontal else ((0.01, y), ("axes fraction", "data"))
+        )
+        ax.annotate(label, where[0], xycoords=where[1], fontsize="x-small", va="bottom")
     if plot.logx:
         ax.set_xscale("log")
-    if plot.logy:
-        ax.set_yscale("log")
-    ax.set_xlabel(plot.x)
-    ax.set_ylabel(plot.y)
-    ax.set_title(plot.title or f"{plot.y} vs {plot.x}")
+        xs = sorted({r[plot.x] for r in points})
+        if numeric_x and len(xs) <= 12:  # the measured values themselves (1, 2, 4, ... 250), not 10^k
+            ax.set_xticks(xs, [_value_text(x) for x in xs])
+            ax.minorticks_off()
+    if log_y:
+        (ax.set_xscale if horizontal else ax.set_yscale)("log")
+        _plain_log_axis(ax.xaxis if horizontal else ax.yaxis)
+    value_label = plot.y + (" (log scale)" if log_y else "")
+    ax.set_xlabel(value_label if horizontal else plot.x)
+    ax.set_ylabel(plot.x if horizontal else value_label)
+    ax.set_title("\n".join(textwrap.wrap(plot.title or f"{plot.y} vs {plot.x}", 64)))
     ax.grid(True, alpha=0.3)
-    if plot.group:
+    if plot.group and horizontal:  # below the bars, where it covers none
+        fig.legend(title=plot.group, fontsize="small", loc="outside lower center", ncols=min(len(series), 4))
+    elif plot.group:
         ax.legend(title=plot.group, fontsize="small")
-    fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
 

@@ -95,8 +95,16 @@ def add_arguments(parser: argparse._ArgumentGroup) -> None:
 
 
 def source_videos() -> list[tuple[Path, str]]:
-    """(path, label name) of the five Kinetics clips, in a fixed order."""
-    return [(p, p.stem.split("_")[0]) for p in sorted(VIDEOS.glob("*.m[pk][4v]"))]
+    """(path, label name) of the five Kinetics clips, in a fixed order; without them, a one-line SystemExit
+    saying what the benchmarks that read real video need."""
+    found = sorted(VIDEOS.glob("*.m[pk][4v]"))
+    if not found:
+        raise SystemExit(
+            f"this benchmark reads the real Kinetics clips of ../shared/data/videos/kinetics next to the "
+            f"project ({VIDEOS.resolve()}), and there are none: put the shared data there "
+            f"(python -m benchmark model --quick needs no data)"
+        )
+    return [(p, p.stem.split("_")[0]) for p in found]
 
 
 def build_shards(out: Path, *, codec: str, gop: int, copies: int = 1, short_side: int = SHORT_SIDE) -> Path:
@@ -312,6 +320,7 @@ def main(args: argparse.Namespace) -> int:
         scale_size=SHORT_SIDE,
         seed=getattr(args, "seed", 0),
     )
+    source_videos()  # the data, before anything is built
     data_dir = getattr(args, "data_dir", None)
     tmp = None if data_dir else tempfile.TemporaryDirectory(prefix="gcvideo-bench-loader-")
     root = Path(data_dir or tmp.name)

@@ -185,10 +185,12 @@ def release_state(source: str | Path | Mapping) -> dict[str, torch.Tensor]:
         path = Path(source)
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint {path} not found")
+        import checkpoints  # the one reader of weight files (imported here: it imports this package)
+
         try:
-            source = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:
-            raise ValueError(f"{path} could not be read as a PyTorch checkpoint: {err}") from err
+            source = checkpoints.load(path, "release checkpoint")
+        except checkpoints.CheckpointError as err:
+            raise ValueError(str(err)) from None
     state = source.get("state_dict", source) if isinstance(source, Mapping) else None
     if not isinstance(state, Mapping):
         raise ValueError(

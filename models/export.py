@@ -37,8 +37,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import checkpoints
+import config as C
+
 from . import list_models
-from .checkpoint import CheckpointError, load_model
 from .video import VideoNet
 
 DEFAULT_OPSET = 18
@@ -130,14 +132,19 @@ def main(argv: list[str] | None = None) -> int:
         return fail(f"--opset {args.opset}: torch.onnx's exporter emits opset {DEFAULT_OPSET} or later", 2)
     if args.size < 32 or (args.batch is not None and args.batch < 1):
         return fail("--size must be >= 32 and --batch >= 1", 2)
+    if not Path(args.weights).is_file():
+        return fail(f"{args.weights} not found", 2)
     try:
-        model, name = load_model(
-            args.weights, name=args.model, num_classes=args.num_classes, num_segments=args.num_segments
+        loaded = checkpoints.load_model(
+            args.weights,
+            name=args.model,
+            num_classes=args.num_classes,
+            num_segments=args.num_segments,
+            hint="--model NAME [--num-segments 8]",
         )
-    except FileNotFoundError as err:
-        return fail(str(err), 2)
-    except CheckpointError as err:
+    except (checkpoints.CheckpointError, C.ConfigError) as err:
         return fail(str(err), 1)
+    model, name = loaded.model, loaded.cfg.model.name
     try:
         export_onnx(model, args.out, size=args.size, batch=args.batch, opset=args.opset)
         diff, scale = check_onnx(model, args.out, batches=(args.batch,) if args.batch else (1, 3))

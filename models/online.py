@@ -16,14 +16,16 @@ ecal_* and *_nl models are refused.
 
 Generic over the registry: any VideoNet whose temporal modules are TemporalShift (tsm_* on ResNets, ResNeXt
 and MobileNetV2, the backbone of the TSM online demo; tsn_* have none and run as a plain per-frame 2D
-network). A backbone built from other blocks needs only to use TemporalShift.
+network). A backbone built from other blocks needs only to use TemporalShift. GST (3D convolutions over the
+clip) and TDN (differences of 5 frames a segment) have other temporal modules and are refused too.
 
     online = OnlineTSM(build_model("tsm_r50", 400, 8), window=8)
     for frame_CHW in frames:           # normalised like the training frames
         logits_K = online.step(frame_CHW)   # mean of the last 8 frames' logits
     online.reset()                     # before the next video
 
-`python -m models.online` measures frames/s of the online mode on this machine (see docs/inference.md).
+`python -m models.online` measures frames/s of the online mode on this machine (random weights, see
+docs/inference.md); `python train.py predict CKPT VIDEO --stream` runs it on a real video or camera.
 """
 
 from __future__ import annotations
@@ -85,8 +87,20 @@ class CachedShift(nn.Module):
         return f"shift_div={self.shift_div}"
 
 
+_NOT_SHIFTS = {"gst": "GST's 3D convolutions", "tdn": "TDN's differences of 5 frames a segment"}
+
+
 def check_online(model: nn.Module) -> None:
-    """ValueError when the model has temporal modules that need future frames (GC calibrators, non-local)."""
+    """ValueError when the model has temporal modules online mode cannot run: GST's 3D convolutions and TDN's
+    frame differences (5 frames a segment) are not shifts, GC calibrators and non-local blocks need future
+    frames."""
+    families = sorted({type(m).__module__.rpartition(".")[2] for m in model.modules()} & set(_NOT_SHIFTS))
+    if families:
+        raise ValueError(
+            f"{families[0]}_* models cannot run online: their temporal modules ({_NOT_SHIFTS[families[0]]}) "
+            "are not temporal shifts that a one-frame cache can replace; online mode supports tsm_* and "
+            "tsn_* models"
+        )
     kinds = sorted({type(m).__name__ for m in model.modules() if isinstance(m, Calibrator)})
     if kinds:
         raise ValueError(
@@ -167,10 +181,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-segments", type=int, default=8, help="T of the offline sliding window")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--iters", type=int, default=30)
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's, one per core)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1: one frame's forward is too small to share out; measured on 2 "
+        "cores, tsm_mbv2: 0.5 frames/s with torch's default of a thread per core, 19.6 with 1)",
+    )
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
+    torch.set_num_threads(args.threads)
     try:
         model = build_model(args.model, 400, args.num_segments).eval()
         online = OnlineTSM(model)
@@ -183,8 +204,8 @@ def main(argv: list[str] | None = None) -> int:
         step = _median_seconds(lambda: online.step(frame), args.warmup, args.iters)
         window = _median_seconds(lambda: model(clip), max(1, args.warmup // 2), max(3, args.iters // 4))
     sys.stdout.write(
-        f"{args.model} {args.size}x{args.size}, {torch.get_num_threads()} threads, median seconds per frame "
-        f"after {args.warmup} untimed steps:\n"
+        f"{args.model} {args.size}x{args.size}, {torch.get_num_threads()} thread(s), median seconds per "
+        f"frame after {args.warmup} untimed steps:\n"
         f"  online (one frame per step):            {1 / step:7.1f} frames/s ({step * 1e3:.1f} ms/frame)\n"
         f"  offline on the last {args.num_segments} frames per frame: {1 / window:7.1f} frames/s "
         f"({window * 1e3:.1f} ms/frame)\n"

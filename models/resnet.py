@@ -222,8 +222,10 @@ def load_imagenet(backbone: nn.Module, source: str | Path | Mapping[str, torch.T
                 "state_dict (.pth) or pretrained='imagenet' where torchvision is "
                 "installed"
             )
-        source = torch.load(path, map_location="cpu", weights_only=True)
-        if "state_dict" in source:
+        import checkpoints  # the one reader of weight files (imported here: it imports this package)
+
+        source = checkpoints.load(path, "pretrained weights")
+        if isinstance(source, dict) and "state_dict" in source:
             source = source["state_dict"]
     state = {k.removeprefix("module."): v for k, v in source.items()}
     classifier = backbone.imagenet_classifier

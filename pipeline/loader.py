@@ -6,8 +6,8 @@ from __future__ import annotations
 import errno
 import logging
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import Literal, TypeVar
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import torch
@@ -22,33 +22,53 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def option(default: Any, help: str) -> Any:
+    """A config field with its `python train.py --help` description (config.help_text prints it)."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class LoaderConfig:
-    index: str = "data/synthetic/index.json"  # dataset index.json: a path or an fsspec URL (s3://, gs://)
-    # A remote index's local shard cache: whole shards fetched on first use, least recently used evicted
-    cache_dir: str = DEFAULT_CACHE_DIR
-    cache_gb: float = DEFAULT_CACHE_BYTES / 1e9
-    # auto: dali-gpu for NVDEC codecs on a GPU, else the CPU backend measured fastest for the codec
-    # (pipeline.build.select_backend: dali-cpu for MJPEG, torch otherwise)
-    backend: Literal["auto", "dali-gpu", "dali-cpu", "torch"] = "auto"
-    num_segments: int = 8  # T
-    # consecutive frames per segment around each sampled index (TDN: 5); a clip is num_segments * this
-    frames_per_segment: int = 1
-    sampling: Literal["tsn", "dense"] = "tsn"
-    dense_stride: int = 8
-    num_clips: int = 1  # test-time clips per video
-    twice_sample: bool = False
-    crop_size: int = 224
-    scale_size: int = 256  # eval: resize short side to this
-    num_crops: Literal[1, 3, 10] = 1  # eval crops; 1: centre
-    scales: tuple[float, ...] = (1.0, 0.875, 0.75, 0.66)
-    flip: bool = True
-    batch_size: int = 8  # per rank
-    workers: int = 2  # DALI threads / DataLoader workers
-    # dali-gpu: batches go round-robin to this many DALI pipelines, so several batches decode at once (a
-    # throughput setting to measure per GPU; the CPU backends use one pipeline)
-    dali_pipelines: int = 4
-    seed: int = 0
+    index: str = option(
+        "data/synthetic/index.json",
+        "the dataset's index.json (python -m preprocess writes it): a path or an fsspec URL (s3://, gs://)",
+    )
+    cache_dir: str = option(
+        DEFAULT_CACHE_DIR, "a remote index's local shard cache: whole shards fetched on first use"
+    )
+    cache_gb: float = option(
+        DEFAULT_CACHE_BYTES / 1e9, "the shard cache's bound in GB (least recently used shards evicted)"
+    )
+    backend: Literal["auto", "dali-gpu", "dali-cpu", "torch"] = option(
+        "auto",
+        "auto: dali-gpu for NVDEC codecs on a GPU, else the CPU backend measured fastest for the codec "
+        "(pipeline.build.select_backend: dali-cpu for MJPEG, torch otherwise)",
+    )
+    num_segments: int = option(8, "T: segments (frames the model sees) per clip")
+    frames_per_segment: int = option(
+        1, "consecutive frames per segment around each sampled index (TDN: 5); a clip is T x this"
+    )
+    sampling: Literal["tsn", "dense"] = option(
+        "tsn", "tsn: one frame per equal segment of the video; dense: T frames dense_stride apart"
+    )
+    dense_stride: int = option(8, "dense sampling: frames between two sampled frames")
+    num_clips: int = option(1, "test-time clips per video (evaluate sets it from --eval.num_clips)")
+    twice_sample: bool = option(False, "test: the segments' centres and starts, 2 clips (from --eval)")
+    crop_size: int = option(224, "side of the square crops the model sees, in pixels")
+    scale_size: int = option(256, "evaluation: the short side is resized to this before cropping")
+    num_crops: Literal[1, 3, 10] = option(1, "test-time crops per clip; 1: centre (from --eval.num_crops)")
+    scales: tuple[float, ...] = option(
+        (1.0, 0.875, 0.75, 0.66), "training: multi-scale crop sizes as fractions of the short side"
+    )
+    flip: bool = option(True, "training: random horizontal flips (off where labels name directions)")
+    batch_size: int = option(8, "clips per step on each rank (the global batch is this x ranks)")
+    workers: int = option(2, "DALI threads / DataLoader worker processes (torch backend; 0: in-process)")
+    dali_pipelines: int = option(
+        4,
+        "dali-gpu: batches go round-robin to this many DALI pipelines, so several batches decode at once "
+        "(a throughput setting to measure per GPU; the CPU backends use one pipeline)",
+    )
+    seed: int = option(0, "seed of the epoch order and of the augmentation draws")
 
     @property
     def clip_length(self) -> int:

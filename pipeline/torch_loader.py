@@ -12,8 +12,10 @@ import io
 import logging
 import multiprocessing
 import os
+import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import av
@@ -137,33 +139,62 @@ def _decode_indexed(codec, data: bytes, table: FrameTable, wanted: list[int]) ->
                 codec.flush_buffers()
                 return None
             if i in want:
-                got[i] = _REFORMATTER.reformat(frames[0], format="rgb24").to_ndarray()
+                got[i] = rgb24(frames[0])
     return got
+
+
+def rgb24(frame: av.VideoFrame) -> np.ndarray:
+    """A decoded frame as (H, W, 3) uint8 RGB, through the reused swscale context."""
+    return _REFORMATTER.reformat(frame, format="rgb24").to_ndarray()
+
+
+@dataclass(frozen=True)
+class PacketScan:
+    """One pass over a stream's packets, nothing decoded: how many frames, and to seek by, every frame's
+    timestamp in presentation order and the keyframes' (both [] when a timestamp is missing or repeated)."""
+
+    count: int
+    pts: list[int]
+    key_pts: list[int]
+
+
+def scan_packets(container, stream) -> PacketScan:
+    packets = [(p.pts, p.is_keyframe) for p in container.demux(stream) if p.size]
+    pts = sorted(p for p, _ in packets) if all(p is not None for p, _ in packets) else []
+    if len(set(pts)) != len(pts):
+        pts = []
+    return PacketScan(len(packets), pts, [p for p, k in packets if k] if pts else [])
+
+
+def decode_scanned(
+    container, stream, wanted: list[int], scan: PacketScan, convert: Callable = rgb24
+) -> dict[int, np.ndarray]:
+    """Frames `wanted` (sorted, unique) as convert(frame): by seeking with the scan's timestamps, or decoding
+    forward from the start without usable ones."""
+    if not scan.pts or wanted[-1] >= len(scan.pts):
+        return _decode_forward(container, stream, wanted, convert)
+    return _decode_seeking(container, stream, wanted, scan.pts, scan.key_pts, convert)
 
 
 def _decode_demuxed(container, stream, wanted: list[int]) -> dict[int, np.ndarray]:
     """Map frame numbers to timestamps by scanning the packets (no decoding), then seek; without usable
     timestamps decode forward."""
-    packets = [(p.pts, p.is_keyframe) for p in container.demux(stream) if p.size]
-    pts = sorted(p for p, _ in packets) if all(p is not None for p, _ in packets) else []
-    if len(set(pts)) != len(pts) or not pts or wanted[-1] >= len(pts):
-        return _decode_forward(container, stream, wanted)
-    return _decode_seeking(container, stream, wanted, pts, [p for p, k in packets if k])
+    return decode_scanned(container, stream, wanted, scan_packets(container, stream))
 
 
-def _decode_forward(container, stream, wanted: list[int]) -> dict[int, np.ndarray]:
+def _decode_forward(container, stream, wanted: list[int], convert: Callable = rgb24) -> dict[int, np.ndarray]:
     container.seek(0)
     got, want = {}, set(wanted)
     for i, frame in enumerate(container.decode(stream)):
         if i in want:
-            got[i] = _REFORMATTER.reformat(frame, format="rgb24").to_ndarray()
+            got[i] = convert(frame)
         if i >= wanted[-1]:
             break
     return got
 
 
 def _decode_seeking(
-    container, stream, wanted: list[int], pts: list[int], key_pts: list[int]
+    container, stream, wanted: list[int], pts: list[int], key_pts: list[int], convert: Callable = rgb24
 ) -> dict[int, np.ndarray]:
     index_of = {p: i for i, p in enumerate(pts)}
     want = set(wanted)
@@ -173,14 +204,14 @@ def _decode_seeking(
     for target in wanted:
         if target in got:
             continue
-        key = key_index[max(bisect.bisect_right(key_index, target) - 1, 0)]
+        key = key_index[max(bisect.bisect_right(key_index, target) - 1, 0)] if key_index else 0
         if frames is None or position >= target or key - position > SEEK_GAP:
             container.seek(pts[key], stream=stream, backward=True, any_frame=False)
             frames = container.decode(stream)
         for frame in frames:
             position = index_of.get(frame.pts, -1)
             if position in want and position not in got:
-                got[position] = _REFORMATTER.reformat(frame, format="rgb24").to_ndarray()
+                got[position] = convert(frame)
             if position >= target:
                 break
     return got
@@ -276,7 +307,12 @@ class _Jobs(torch.utils.data.Sampler):
 def _exit_with_parent(parent_pid: int, worker_id: int) -> None:
     """Workers are children of the forkserver, not of the training process, so neither the kernel nor
     torch's own watchdog (which watches the direct parent) ends them when training dies: a killed run would
-    leave them (and the forkserver) behind. Poll the training process instead."""
+    leave them (and the forkserver) behind. Poll the training process instead.
+
+    Ctrl-C and `scancel` signal the whole process group: the training process alone decides when its loader
+    ends (it checkpoints first, reading batches until then), so the workers ignore SIGINT and SIGTERM."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
     def watch() -> None:
         while True:

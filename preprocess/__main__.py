@@ -358,11 +358,17 @@ def main(argv: list[str] | None = None) -> int:
     1 the run failed (every row failed, disk full, another run holds --out), 130 interrupted."""
     args = build_parser().parse_args(argv)
     console = Console(stderr=True)
+    handler: logging.Handler = RichHandler(console=console, show_path=False)
+    if (
+        not console.is_terminal
+    ):  # a log file (Docker, Slurm, `> log`): complete lines, not wrapped at 80 columns
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s", "%H:%M:%S"))
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(message)s",
         datefmt="[%X]",
-        handlers=[RichHandler(console=console, show_path=False)],
+        handlers=[handler],
     )
     try:
         command(args, console)

@@ -205,13 +205,20 @@ def _check_plan(cfg: ShardJob, dataset: Dataset, plans: list[ShardPlan]) -> None
 
 
 class Feedback:
-    """Rich progress bar: videos/s, realtime factor (seconds of video per second), failures, ETA."""
+    """Rich progress bar: videos/s, realtime factor (seconds of video per second), failures, ETA. Without a
+    terminal (Docker, Slurm, `> log`), where a bar would only be drawn at the end, cut to 80 columns, the same
+    as a complete log line every 5% of the videos or every minute, whichever comes first."""
+
+    LINE_EVERY_S = 60.0
 
     def __init__(self, total: int, shards: int, enabled: bool, console: Console) -> None:
-        self.start = time.perf_counter()
+        self.start = self.last_line = time.perf_counter()
         self.shards_left = shards
         self.seconds = 0.0
         self.failures = 0
+        self.total, self.lines = total, enabled and not console.is_terminal
+        self.line_every = max(1, -(-total // 20))
+        enabled = enabled and not self.lines
         self.progress = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
@@ -254,6 +261,24 @@ class Feedback:
             failures=self.failures,
             shards=self.shards_left,
         )
+        now = time.perf_counter()
+        due = done % self.line_every == 0 or done == self.total or now - self.last_line > self.LINE_EVERY_S
+        if self.lines and due and videos:  # a shard finishing adds no video: no line of its own
+            self.last_line = now
+            left = round((self.total - done) * elapsed / done)
+            log.info(
+                "transcoding %d/%d videos (%.0f%%): %.1f videos/s, %.1fx realtime, %d failed, "
+                "ETA %d:%02d:%02d",
+                done,
+                self.total,
+                100 * done / max(self.total, 1),
+                done / elapsed,
+                self.seconds / elapsed,
+                self.failures,
+                left // 3600,
+                left // 60 % 60,
+                left % 60,
+            )
 
 
 def _results(

@@ -36,7 +36,7 @@ class DecodedInfo:
     duration: float
 
 
-def inspect_video(data: bytes) -> DecodedInfo:
+def inspect_video(data: bytes, threads: int = 1) -> DecodedInfo:
     """Decode every frame of an encoded output once: proves it decodes and counts its frames exactly."""
     try:
         with av.open(io.BytesIO(data), mode="r") as container:
@@ -45,7 +45,10 @@ def inspect_video(data: bytes) -> DecodedInfo:
             if len(container.streams.video) != 1 or len(container.streams) != 1:
                 raise ValidationError(f"expected exactly one stream, found {len(container.streams)}")
             stream = container.streams.video[0]
-            stream.codec_context.thread_count = 1
+            # As many threads as the transcode had (EncodeSettings.threads: 1 where the pool fills every core;
+            # more where one process has the machine, e.g. a single video, for the wall time).
+            stream.codec_context.thread_count = threads
+            stream.codec_context.thread_type = "AUTO" if threads > 1 else "NONE"
             num_frames, last_pts, first_pts = 0, None, None
             for frame in container.decode(stream):
                 if frame.format.name not in ("yuv420p", "yuvj420p"):
@@ -208,7 +211,7 @@ def process(job: Job, settings: EncodeSettings) -> Sample | Failure:
             dst = os.path.join(tmp, "out.mp4")
             encode = _encode_frames if job.kind == "frames" else _encode_video
             data, seconds, expected = encode(job, settings, dst)
-        decoded = inspect_video(data)
+        decoded = inspect_video(data, settings.threads)
         short = truncation(expected, decoded)
         if short and not settings.keep_truncated:
             raise ProbeError(TRUNCATED, short)

@@ -3,6 +3,7 @@ tiny synthetic dataset (built once per session by the preprocess CLI, as `make t
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +11,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
+# GCVIDEO_SHARED_DATA: where ../shared/data is when the tests run from a copy of the project elsewhere
+# (`make mutate` runs them from mutants/, one level deeper).
+DATA = Path(os.environ.get("GCVIDEO_SHARED_DATA") or ROOT.parent / "shared" / "data")
 VIDEOS = DATA / "videos"
 KINETICS = VIDEOS / "kinetics"
 EDGE = VIDEOS / "edge"

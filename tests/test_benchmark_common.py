@@ -226,7 +226,8 @@ def test_cli_help_runs_as_a_module():
     )
     assert done.returncode == 0, done.stderr
     assert (
-        "{preprocess,loader,reader,dali_cpu,model,train,demo,all}" in done.stdout and "--quick" in done.stdout
+        "{preprocess,loader,reader,dali_cpu,model,train,demo,remote,all}" in done.stdout
+        and "--quick" in done.stdout
     )
 
 

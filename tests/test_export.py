@@ -12,7 +12,6 @@ from torch import nn
 
 import checkpoints
 from models import build_model
-from models.checkpoint import CheckpointError, load_model
 from models.export import check_onnx, export_onnx, main
 from models.resnet import Arch, ResNet
 from models.video import VideoNet
@@ -126,9 +125,10 @@ def test_cli_exports_a_training_checkpoint(tmp_path, capsys):
 def test_state_dict_needs_a_model_name_and_takes_classes_from_fc(tmp_path):
     model = randomise(build_model("tsm_mini", num_classes=9, num_segments=3))
     torch.save({f"module.{k}": v for k, v in model.state_dict().items()}, tmp_path / "w.pth")
-    with pytest.raises(CheckpointError, match="--model NAME"):
-        load_model(tmp_path / "w.pth")
-    loaded, name = load_model(tmp_path / "w.pth", name="tsm_mini", num_segments=3)
+    with pytest.raises(checkpoints.CheckpointError, match="--model NAME"):
+        checkpoints.load_model(tmp_path / "w.pth")
+    got = checkpoints.load_model(tmp_path / "w.pth", name="tsm_mini", num_segments=3)
+    loaded, name = got.model, got.cfg.model.name
     clips = torch.randn(1, 3, 3, 32, 32)
     assert name == "tsm_mini" and loaded.fc.out_features == 9 and not loaded.training
     torch.testing.assert_close(loaded(clips), model(clips), rtol=0, atol=0)
@@ -140,7 +140,7 @@ def test_state_dict_needs_a_model_name_and_takes_classes_from_fc(tmp_path):
         (["{tmp}/missing.pt", "{tmp}/m.onnx"], 2, "missing.pt not found"),
         (["{tmp}/notes.txt", "{tmp}/m.onnx"], 1, "is not a weights file that loads with"),
         (["{tmp}/w.pth", "{tmp}/m.onnx", "--model", "tsm_r18"], 2, "unknown model 'tsm_r18'"),
-        (["{tmp}/w.pth", "{tmp}/m.onnx", "--model", "gc_tsm_mini"], 1, "does not fit gc_tsm_mini"),
+        (["{tmp}/w.pth", "{tmp}/m.onnx", "--model", "gc_tsm_mini"], 1, "does not fit model gc_tsm_mini"),
         (["{tmp}/w.pth", "{tmp}/m.onnx", "--model", "tsm_mini", "--opset", "17"], 2, "opset 18 or later"),
         (["{tmp}/unpickled.pt", "{tmp}/m.onnx"], 1, "Unsupported global"),
     ],

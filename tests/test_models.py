@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+from conftest import ROOT
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -15,6 +16,7 @@ from models.temporal import GroupContext, TemporalShift
 
 MINI = [n for n in list_models() if n.endswith("_mini")]
 BIG = [n for n in list_models() if not n.endswith("_mini")]
+README = (ROOT / "README.md").read_text()
 
 
 def test_registry_names():
@@ -45,9 +47,29 @@ def test_mini_trains_every_parameter(name):
         assert p.grad.abs().sum() > 0, f"{pname} got an all-zero gradient"
 
 
+def mini_params(classes: int, gc: bool) -> int:
+    """The mini bottleneck ResNet (one block per stage, planes 16-128) written out: stem conv + BN; per block
+    conv1 1x1, conv2 3x3, conv3 1x1 (x4), their BNs, the first block's 1x1 downsample + BN; with GC (cdiv 4,
+    c = planes / 4 each) ECal-L Conv3d (3,1,1) + BN, ECal-T Conv1d 3 + BN, ECal-S 3x3, ECal-G Linear + BN;
+    then the classifier on 512 features."""
+    params, inp = 3 * 16 * 49 + 2 * 16, 16
+    for planes in (16, 32, 64, 128):
+        params += (
+            inp * planes + 9 * planes * planes + planes * 4 * planes + 2 * (planes + planes + 4 * planes)
+        )
+        params += inp * 4 * planes + 2 * 4 * planes
+        c = planes // 4
+        params += gc * ((3 * c * c + 2 * c) + (3 * c * c + 2 * c) + 9 * c * c + (c * c + 2 * c))
+        inp = 4 * planes
+    return params + 512 * classes + classes
+
+
 def test_mini_size():
+    # the README's "0.53 M parameters as gc_tsm_mini" (8 classes: the demo's synthetic set)
     params = sum(p.numel() for p in build_model("gc_tsm_mini", 8).parameters())
-    assert 300_000 <= params <= 1_000_000
+    assert params == mini_params(8, gc=True) == 532_608
+    assert round(params / 1e6, 2) == 0.53 and "(0.53 M parameters as `gc_tsm_mini`)" in README
+    assert sum(p.numel() for p in build_model("tsm_mini", 8).parameters()) == mini_params(8, gc=False)
 
 
 def test_big_models_shapes():

@@ -4,9 +4,12 @@ compile."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import ROOT
 from torch.utils.flop_counter import FlopCounterMode
 
 import runtime
@@ -16,6 +19,7 @@ from models.resnet import ARCHS
 from models.tdn import LearnableShift, LongTermDifference, ShortTermDifference, TDNResNet
 from models.temporal import temporal_shift
 
+README = (ROOT / "README.md").read_text()
 NAMES = ("gst_mini", "gc_gst_mini", "tdn_mini", "gc_tdn_mini")
 
 
@@ -34,18 +38,49 @@ def _counts(name: str, num_classes: int = 400) -> tuple[int, float]:
     return sum(p.numel() for p in model.parameters()), counter.get_total_flops() / 2e9
 
 
+def gc_addition(width: int, side: int, norm: bool, frames: int = 8) -> tuple[int, int]:
+    """Parameters and MACs GC (cdiv 4, c = width / 4 channels a calibrator) adds on `width` channels of
+    side x side frames: ECal-L Conv3d (3,1,1) on every position, ECal-T Conv1d 3 on the pooled frames, ECal-S
+    dilated 3x3 on the temporally pooled map, ECal-G Linear on the clip-pooled vector; with `norm` the
+    BatchNorms of L, T and G (2c parameters each)."""
+    c = width // 4
+    params = 3 * c * c + 3 * c * c + 9 * c * c + c * c + (3 * 2 * c if norm else 0)
+    macs = 3 * c * c * frames * side * side + 3 * c * c * frames + 9 * c * c * side * side + c * c
+    return params, macs
+
+
+# (width, side at 224, blocks) of the calibrated maps. GC-GST: conv2's output as in GC-TSM, without norms.
+# GC-TDN: layer1's bn2 output (56) and the difference path's own layer1 (after a 2x2 pool, a stride-2 conv and
+# a max pool: 28), then bn1's output in layers 2-4, before the stride-2 conv2 in each stage's first block.
+GC_MAPS = {
+    "gst": ([(64, 56, 3), (128, 28, 4), (256, 14, 6), (512, 7, 3)], False),
+    "tdn": (
+        [(64, 56, 3), (64, 28, 3), (128, 56, 1), (128, 28, 3), (256, 28, 1), (256, 14, 5), (512, 14, 1)]
+        + [(512, 7, 2)],
+        True,
+    ),
+}
+
+
 @pytest.mark.parametrize(
-    "name, params, gmacs",
-    [
-        ("gst_r50", 21_498_320, 29.00),
-        ("gc_gst_r50", 22_755_792, 29.43),
-        ("tdn_r50", 24_873_648, 35.64),
-        ("gc_tdn_r50", 26_149_360, 36.33),
-    ],
+    "name, params, gmacs", [("gst_r50", 21_498_320, 29.00), ("tdn_r50", 24_873_648, 35.64)]
 )
 def test_counts_per_8x224_clip(name, params, gmacs):
     got_params, got_gmacs = _counts(name)
     assert got_params == params and got_gmacs == pytest.approx(gmacs, abs=0.005)
+
+
+@pytest.mark.parametrize("family", ["gst", "tdn"])
+def test_gc_adds_what_the_formula_says(family):
+    maps, norm = GC_MAPS[family]
+    params = sum(blocks * gc_addition(w, side, norm)[0] for w, side, blocks in maps)
+    macs = sum(blocks * gc_addition(w, side, norm)[1] for w, side, blocks in maps)
+    (base_params, base_gmacs), (gc_params, gc_gmacs) = _counts(f"{family}_r50"), _counts(f"gc_{family}_r50")
+    assert gc_params - base_params == params
+    assert gc_gmacs - base_gmacs == pytest.approx(macs / 1e9, rel=1e-9)
+    # the README's table rows (gc_gst_r50 22,755,792 / 29.43, gc_tdn_r50 26,149,360 / 36.33)
+    row = re.search(rf"\| `gc_{family}_r50`[^|]* \| ([\d,]+) \| ([\d.]+) \|", README)
+    assert row.groups() == (f"{gc_params:,}", f"{gc_gmacs:.2f}")
 
 
 def test_counts_agree_with_the_papers():

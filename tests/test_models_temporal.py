@@ -6,7 +6,16 @@ import pytest
 import torch
 from torch import nn
 
-from models.temporal import ECalG, ECalL, ECalS, ECalT, temporal_shift
+from models.temporal import (
+    CALIBRATOR_KINDS,
+    ECalG,
+    ECalL,
+    ECalS,
+    ECalT,
+    GroupContext,
+    TemporalShift,
+    temporal_shift,
+)
 
 N, T, C, H, W = 2, 4, 3, 3, 3
 
@@ -141,3 +150,39 @@ def test_calibrator_keeps_channels_last_and_init(cls):
             assert m.weight.eq(1).all() and m.bias.eq(0).all()
     if cls is ECalG:
         assert cal.linear.weight.std().item() < 0.01
+
+
+# --- construction details mutation testing found unpinned ---------------------------------------------------
+
+
+def test_the_shift_divides_by_8_unless_told():
+    x = torch.randn(2 * T, 16, 2, 2)
+    torch.testing.assert_close(temporal_shift(x, T), temporal_shift(x, T, shift_div=8))
+    assert not torch.equal(temporal_shift(x, T), temporal_shift(x, T, shift_div=4))
+    assert TemporalShift(T).shift_div == 8
+    torch.testing.assert_close(TemporalShift(T, 4)(x), temporal_shift(x, T, shift_div=4))
+
+
+@pytest.mark.parametrize("cls", [ECalL, ECalT, ECalS, ECalG])
+def test_calibrators_name_their_width_and_drop_norms_when_asked(cls):
+    assert "channels=6, num_segments=4" in repr(cls(6, 4))
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in cls(6, 4, norm=False).modules())
+
+
+def test_ecal_g_linear_starts_near_zero():
+    torch.manual_seed(0)
+    w = ECalG(64, 4).linear.weight
+    assert abs(w.mean().item()) < 1e-4 and w.std().item() == pytest.approx(0.001, rel=0.05)
+
+
+def test_group_context_without_norms_and_its_limits():
+    gc = GroupContext(16, CALIBRATOR_KINDS, 4, 4, T, norm=False)
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in gc.modules())
+    assert GroupContext(4, ("l",), 1, 4, T).split_sizes == [1, 1, 1, 1]  # one-channel groups are fine
+    for planes, kinds, channels, groups in [
+        (16, ("l",), 0, 4),  # empty groups
+        (16, ("l",), 5, 4),  # 20 channels asked of 16
+        (16, CALIBRATOR_KINDS, 4, 2),  # 4 calibrators, 2 groups
+    ]:
+        with pytest.raises(ValueError, match=f"cannot place {len(kinds)} calibrator"):
+            GroupContext(planes, kinds, channels, groups, T)

@@ -112,6 +112,19 @@ def test_non_local_models_are_refused():
         OnlineTSM(model)
 
 
+@pytest.mark.parametrize("name", ["gst_mini", "tdn_mini", "gc_tdn_mini"])
+def test_gst_and_tdn_are_refused_in_one_line(name, capsys):
+    """GST's 3D convolutions and TDN's 5-frame differences are not shifts: the command crashed in
+    unflatten; it refuses them in one line, exit 2."""
+    with pytest.raises(ValueError, match="cannot run online"):
+        OnlineTSM(build_model(name, num_classes=3, num_segments=4))
+    assert main(["--model", name, "--size", "32"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(
+        f"error: {name.removeprefix('gc_')[:3]}_* models cannot run online"
+    )
+
+
 def test_benchmark_command(capsys):
     assert main(["--model", "tsm_mini", "--size", "32", "--warmup", "1", "--iters", "3"]) == 0
     assert "frames/s" in capsys.readouterr().out

@@ -21,7 +21,8 @@ from conftest import EDGE, K400_CLASSES, KINETICS, ROOT
 
 from preprocess.__main__ import main as cli_main
 from preprocess.ffmpeg_args import EncodeSettings, count_frames_args
-from preprocess.transcode import NO_FRAMES
+from preprocess.probe import ProbeError, ffprobe, probe, probe_in_process
+from preprocess.transcode import NO_FRAMES, inspect_video
 
 EXPECTED_FAILURES = {
     "audio_only.wav": "no video stream",
@@ -389,3 +390,49 @@ def test_shard_size_in_bytes_uses_the_pilot_mean(tmp_path):
     assert index["settings"]["shard_samples"] == per_shard and index["settings"]["shard_bytes"] == 2_000_000
     counts = [s["num_samples"] for s in index["splits"]["val"]["shards"]]
     assert counts[:-1] == [per_shard] * (len(counts) - 1) and sum(counts) == 5
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "rotated_90.mov",
+        "rotated_270.mov",
+        "carphone_176x144_nonsquare.mp4",
+        "two_video_streams.mp4",
+        "ucf101_apply_eye_makeup_mpeg4_mp3.avi",
+        "vfr_1080p.mp4",
+        "av1.mkv",
+        "audio_only.wav",
+    ],
+)
+def test_in_process_probe_reads_what_ffprobe_reads(name):
+    """The per-video probe runs in-process (PyAV) and must see the same stream, size, pixel aspect, rotation
+    and declared length as ffprobe (or the same 'no video stream' verdict)."""
+    path = str(EDGE / name)
+
+    def read(fn):
+        try:
+            return fn(path)
+        except ProbeError as err:
+            return err.reason
+
+    assert read(probe_in_process) == read(ffprobe)
+
+
+def test_probe_starts_no_process_for_a_readable_file_and_leaves_unreadable_ones_to_ffprobe(monkeypatch):
+    def no_process(*args, **kwargs):
+        raise AssertionError(f"a process was started: {args}")
+
+    with monkeypatch.context() as m:
+        m.setattr(subprocess, "run", no_process)
+        stream = probe(str(KINETICS / "flipping_pancake.mkv"))
+    assert (stream.width, stream.height, stream.fps) == (426, 240, 30.0)
+    assert probe_in_process(str(EDGE / "truncated.mkv")) is None
+    with pytest.raises(ProbeError, match="unreadable: ffprobe cannot open it"):
+        probe(str(EDGE / "truncated.mkv"))
+
+
+def test_validating_decode_with_threads_counts_the_same_frames():
+    data = (EDGE / "short_32_frames.mp4").read_bytes()
+    assert inspect_video(data, threads=2) == inspect_video(data, threads=1)
+    assert inspect_video(data).num_frames == 32

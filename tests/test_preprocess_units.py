@@ -114,6 +114,9 @@ def test_transcode_args(settings, start, end, expect, absent):
     assert args.index("-ss" if start else "-i") <= args.index("-i")  # input seek before -i
     assert ("-xerror" in args) != settings.tolerate_decode_errors
     assert args.index("-y") < args.index("-i")  # global options first
+    # the source decoder runs on the encoder's threads (not ffmpeg's one per core): an input option
+    assert args.index("-threads") < args.index("-i") and _opt(args, "-threads") == str(settings.threads)
+    assert args.count("-threads") == 2
 
 
 def test_frames_args_and_probe_args():
@@ -131,6 +134,7 @@ def test_frames_args_and_probe_args():
         and _opt(args, "-f") == "image2"
     )
     assert _opt(args, "-i") == "file:/d/img_%05d.jpg"
+    assert args.index("-threads") < args.index("-i") and _opt(args, "-threads") == "1"
     assert count_frames_args("a b.mp4")[-1] == "file:a b.mp4"
 
 

@@ -229,3 +229,158 @@ def test_eval_crop_table(w, h, scale, crop, n, boxes, flips, out):
         w, h, scale_size=scale, crop_size=crop, num_crops=n
     )
     assert got_boxes.tolist() == boxes and got_flips.tolist() == flips and got_out == out
+
+
+class ScriptedRNG:
+    """Answers integers(n) from a script and records each n: which choice was drawn, and among how many."""
+
+    def __init__(self, *answers: int):
+        self.answers, self.bounds = list(answers), []
+
+    def integers(self, n: int) -> int:
+        self.bounds.append(n)
+        return self.answers.pop(0)
+
+
+# 340x256, crop 224: pair 3 is (224, 224); its 13 fixed offsets (test_fixed_offsets_match_tsm), in order
+OFFSETS_224 = [
+    (0, 0),
+    (116, 0),
+    (0, 32),
+    (116, 32),
+    (58, 16),
+    (0, 16),
+    (116, 16),
+    (58, 32),
+    (58, 0),
+    (29, 8),
+    (87, 8),
+    (29, 24),
+    (87, 24),
+]
+
+
+@pytest.mark.parametrize("choice, offset", list(enumerate(OFFSETS_224)))
+def test_multiscale_crop_box_picks_each_fixed_offset(choice, offset):
+    rng = ScriptedRNG(3, choice)
+    box = sampling.multiscale_crop_box(rng, 340, 256, 224)
+    assert rng.bounds == [10, 13]  # one of the 10 pairs, then one of all 13 offsets
+    assert box == (offset[0], offset[1], offset[0] + 224, offset[1] + 224)
+
+
+@pytest.mark.parametrize(
+    "pair, size, offsets",
+    [
+        # (256, 256) on 340x256: w_step 21, h_step 0
+        (0, (256, 256), [(0, 0), (84, 0), (0, 0), (84, 0), (42, 0), (0, 0), (84, 0), (42, 0), (42, 0)]),
+        # (168, 192): w_step 43, h_step 16
+        (7, (168, 192), [(0, 0), (172, 0), (0, 64), (172, 64), (86, 32), (0, 32), (172, 32), (86, 64)]),
+    ],
+)
+def test_multiscale_crop_box_offsets_per_pair(pair, size, offsets):
+    for choice, (x, y) in enumerate(offsets):
+        rng = ScriptedRNG(pair, choice)
+        assert sampling.multiscale_crop_box(rng, 340, 256, 224) == (x, y, x + size[0], y + size[1])
+    last = sampling.tsm_fixed_offsets(340, 256, *size)[12]
+    rng = ScriptedRNG(pair, 12)
+    assert sampling.multiscale_crop_box(rng, 340, 256, 224)[:2] == last
+
+
+def test_random_crops_reach_every_pair_and_every_offset():
+    rng = np.random.default_rng(0)
+    seen: dict[tuple[int, int], set] = {}
+    for _ in range(4000):
+        x0, y0, x1, y1 = sampling.multiscale_crop_box(rng, 340, 256, 224)
+        seen.setdefault((x1 - x0, y1 - y0), set()).add((x0, y0))
+    assert set(seen) == set(sampling.multiscale_crop_pairs(340, 256, 224))
+    for (w, h), positions in seen.items():
+        assert positions == set(sampling.tsm_fixed_offsets(340, 256, w, h)), (w, h)
+
+
+# ----- the corners of the rules (what mutation testing found unpinned)
+
+TOP = float(np.nextafter(np.float32(1), np.float32(0)))  # the largest float32 draw below 1
+
+
+def test_defaults_one_test_clip_dense_stride_8_val_ignores_clip_options():
+    assert sampling.frame_draws(None, mode="test", sampling="tsn", num_segments=4).tolist() == [[0.5] * 4]
+    # val is one centred clip whatever the test options say
+    for kw in ({"num_clips": 3}, {"twice_sample": True}):
+        assert sampling.frame_draws(None, mode="val", sampling="tsn", num_segments=2, **kw).tolist() == [
+            [0.5, 0.5]
+        ]
+    u = sampling.frame_draws(None, mode="val", sampling="dense", num_segments=4)
+    assert sampling.frame_indices(100, u, sampling="dense").tolist() == [[34, 42, 50, 58]]  # stride 8
+
+
+def test_train_draws_are_the_rngs_float32_stream():
+    # float32 draws (what the DALI graph computes with), one per segment: the same numbers from the same RNG
+    u = sampling.frame_draws(np.random.default_rng(7), mode="train", sampling="tsn", num_segments=8)
+    expected = np.random.default_rng(7).random((1, 8), dtype=np.float32)
+    assert u.dtype == np.float32 and np.array_equal(u, expected)
+
+
+@pytest.mark.parametrize(
+    "num_frames, T, u, expected",
+    [
+        # k + u rounds up to k + 1 in float32 for k >= 1 (as in the DALI graph): floor((k + 1) * 2 / 8),
+        # the last clamped to frame 1
+        (2, 8, TOP, [0, 0, 0, 1, 1, 1, 1, 1]),
+        # a one-frame video: (7 + u) * 1 / 8 rounds to 1.0, clamped to frame 0
+        (1, 8, TOP, [0] * 8),
+        # float64 draws are computed as float32: 1 - 1e-9 is 1.0, so (0 + 1) * 10 / 2 = 5, then 9 (clamped)
+        (10, 2, 1 - 1e-9, [5, 9]),
+    ],
+)
+def test_tsn_arithmetic_is_float32_and_clamped(num_frames, T, u, expected):
+    got = sampling.frame_indices(num_frames, np.full((1, T), u), sampling="tsn")
+    assert got.dtype == np.int64 and got.tolist() == [expected]
+
+
+@pytest.mark.parametrize("num_frames", [1, 2, 3, 5, 7, 8, 9, 16, 301, 1000])
+def test_draws_at_the_top_of_the_range_stay_inside_the_video(num_frames):
+    for rule in sampling.SAMPLINGS:
+        idx = sampling.frame_indices(num_frames, np.full((1, 8), TOP, np.float32), sampling=rule)
+        assert 0 <= idx.min() and idx.max() <= num_frames - 1, (rule, idx)
+
+
+def test_two_frames_per_segment_are_the_centre_and_the_one_before():
+    u = sampling.frame_draws(None, mode="val", sampling="tsn", num_segments=2)
+    got = sampling.frame_indices(8, u, sampling="tsn", frames_per_segment=2)
+    assert got.tolist() == [[1, 2, 5, 6]]  # centres 2 and 6, offsets -1, 0
+
+
+def test_unknown_rule_is_named_by_frame_indices_too():
+    with pytest.raises(ValueError, match="sampling must be one of .*'uniform'"):
+        sampling.frame_indices(10, np.zeros((1, 4), np.float32), sampling="uniform")
+
+
+@pytest.mark.parametrize(
+    "short, expected",
+    [
+        # 258 * 0.875 = 225.75 -> 225, within 3 pixels of the crop: snapped to 224
+        (258, [258, 224, 193, 170]),
+        # 260 * 0.875 = 227.5 -> 227: 3 pixels off, kept
+        (260, [260, 227, 195, 171]),
+        # 254 * 0.875 = 222.25 -> 222: 2 pixels below, snapped
+        (254, [254, 224, 190, 167]),
+    ],
+)
+def test_multiscale_sizes_snap_to_the_crop_within_3_pixels(short, expected):
+    pairs = sampling.multiscale_crop_pairs(400, short, 224, max_distort=0)
+    assert [w for w, _ in pairs] == expected
+
+
+def test_multiscale_crop_box_passes_max_distort_and_more_fix_crop_on():
+    rng = ScriptedRNG(3, 4)
+    box = sampling.multiscale_crop_box(rng, 340, 256, 224, max_distort=0, more_fix_crop=False)
+    assert rng.bounds == [4, 5]  # 4 square pairs; corners and centre only
+    assert box == (86, 44, 254, 212)  # pair 3 = (168, 168), offset 4 = the centre (2 * 43, 2 * 22)
+
+
+def test_ten_crops_scale_the_crop_to_the_stored_frame():
+    # 128x96 stored, short side thought of as 64 (s = 2/3): a 56 crop is 84 pixels here
+    boxes, flips, out = sampling.eval_crop_boxes(128, 96, scale_size=64, crop_size=56, num_crops=10)
+    five = [[0, 0, 84, 84], [44, 0, 128, 84], [0, 12, 84, 96], [44, 12, 128, 96], [22, 6, 106, 90]]
+    assert boxes.tolist() == five * 2
+    assert flips.tolist() == [False] * 5 + [True] * 5 and out == 56

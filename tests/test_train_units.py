@@ -34,6 +34,13 @@ def test_step_schedule_with_linear_warmup():
     assert training.lr_factor(80, spe, o) == pytest.approx(0.01)  # epoch 8
 
 
+def test_a_two_epoch_warmup_and_the_cosine_after_its_end():
+    o = optim(schedule="cosine", lr_steps=(), warmup_epochs=2, warmup_start_factor=0.2)
+    assert training.lr_factor(10, 10, o) == pytest.approx(0.6)  # half-way through the 2 warm-up epochs
+    assert training.lr_factor(15, 10, o) == pytest.approx(0.8)
+    assert training.lr_factor(120, 10, o) == pytest.approx(0.0, abs=1e-12)  # past the last epoch: stays at 0
+
+
 def test_cosine_schedule_after_warmup():
     o = optim(schedule="cosine", lr_steps=(), warmup_epochs=2)
     spe = 5
