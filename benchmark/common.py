@@ -31,6 +31,7 @@ import math
 import os
 import platform
 import re
+import resource
 import shutil
 import statistics
 import subprocess
@@ -166,14 +167,66 @@ def hardware_tag() -> str:
     return "-".join(p for p in (f"cpu-{cpu_count()}c", slug(cpu_model()) or "unknown", cpu_isa()) if p)
 
 
-def _run(cmd: list[str]) -> str | None:
+def command_output(cmd: list[str], timeout_s: float = 20.0) -> str | None:
+    """What `cmd` prints (stripped), or None where the tool is missing, fails or hangs: environment facts
+    (git, ffmpeg, nvidia-smi) are recorded when they can be had and never stop a benchmark. Standard library
+    only: benchmark/gpu uses it on a bare host."""
     if shutil.which(cmd[0]) is None:
         return None
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=20, check=True)
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, check=True)
     except (subprocess.SubprocessError, OSError):
         return None
     return done.stdout.strip()
+
+
+def rusage_cpu_s() -> float:
+    """CPU seconds (user + system) of this process and of every child it has reaped so far, with theirs:
+    a subprocess.run'ed ffmpeg counts once it has exited."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    reaped = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + reaped.ru_utime + reaped.ru_stime
+
+
+def process_tree_cpu_s(root: int, *, include_root: bool = True, with_reaped: bool = False) -> float:
+    """CPU seconds used so far by the live processes below `root` (and `root` itself unless include_root is
+    False), from /proc. with_reaped adds what each of them counts for its own exited children (cutime,
+    cstime): a Ray raylet's finished workers, a DataLoader worker's ffmpeg. Processes that exit meanwhile
+    are skipped; what they used shows in their parent's reaped time once waited for."""
+    children: dict[int, list[int]] = {}
+    ticks: dict[int, int] = {}
+    last_field = 15 if with_reaped else 13  # after the ')': utime stime [cutime cstime] are fields 11..14
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # exited meanwhile
+            continue
+        children.setdefault(int(fields[1]), []).append(int(entry))
+        ticks[int(entry)] = sum(int(x) for x in fields[11:last_field])
+    total, todo = 0, [root] if include_root else list(children.get(root, []))
+    while todo:
+        pid = todo.pop()
+        total += ticks.get(pid, 0)
+        todo += children.get(pid, [])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def load_note() -> str:
+    """The 1/5/15-minute load averages now: other jobs on a shared CPU show here, next to the figures."""
+    return "/".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def cpu_facts() -> dict[str, str]:
+    """lscpu's model name and flags (which SIMD the encoders and decoders can use), for the results' meta."""
+    text = command_output(["lscpu"]) or ""
+    facts = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    return {
+        k.strip().lower().replace(" ", "_"): v.strip()
+        for k, v in facts.items()
+        if k in ("Model name", "Flags")
+    }
 
 
 def _version(dist: str) -> str | None:
@@ -193,7 +246,9 @@ def _dali_version() -> str | None:
 
 
 def _gpus() -> list[dict[str, str]]:
-    out = _run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"])
+    out = command_output(
+        ["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"]
+    )
     gpus = []
     for line in (out or "").splitlines():
         parts = [p.strip() for p in line.split(",")]
@@ -223,9 +278,9 @@ def environment() -> dict[str, Any]:
     except ImportError:
         torch_info = {"torch": None}
     repo = Path(__file__).resolve().parent.parent
-    commit = _run(["git", "-C", str(repo), "rev-parse", "HEAD"])
-    dirty = _run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"])
-    ffmpeg = _run(["ffmpeg", "-hide_banner", "-version"])
+    commit = command_output(["git", "-C", str(repo), "rev-parse", "HEAD"])
+    dirty = command_output(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"])
+    ffmpeg = command_output(["ffmpeg", "-hide_banner", "-version"])
     return {
         "python": platform.python_version(),
         **torch_info,

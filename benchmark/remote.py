@@ -15,18 +15,16 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import resource
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from benchmark.common import Plot, median, write_results
+from benchmark.common import Plot, median, process_tree_cpu_s, rusage_cpu_s, write_results
 from benchmark.preprocess import _kinetics_dataset
 
 log = logging.getLogger("benchmark.remote")
-TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def add_arguments(group: argparse._ArgumentGroup) -> None:
@@ -36,32 +34,9 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--epochs", type=int, default=3, help="reader epochs over the S3 dataset (default 3)")
 
 
-def _tree_cpu_seconds(root: int) -> float:
-    """CPU time of every live process below `root` (with what their reaped children used)."""
-    children: dict[int, list[int]] = {}
-    times: dict[int, float] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(entry))
-        times[int(entry)] = sum(int(x) for x in fields[11:15]) / TICKS  # utime stime cutime cstime
-    total, todo = 0.0, list(children.get(root, []))
-    while todo:
-        pid = todo.pop()
-        total += times.get(pid, 0.0)
-        todo += children.get(pid, [])
-    return total
-
-
 def _cpu_seconds() -> float:
-    own = resource.getrusage(resource.RUSAGE_SELF)
-    reaped = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + reaped.ru_utime + reaped.ru_stime + _tree_cpu_seconds(os.getpid())
+    """This process, the children it reaped, and every live process under it (Ray's raylet and workers)."""
+    return rusage_cpu_s() + process_tree_cpu_s(os.getpid(), include_root=False, with_reaped=True)
 
 
 def engine_rows(repeat: int, iters: int) -> list[dict]:

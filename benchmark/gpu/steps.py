@@ -146,10 +146,10 @@ def default_gop(indexes: dict[int, Path]) -> int:
 
 
 def step_env(args, res: Result) -> None:
-    from benchmark.common import environment
+    from benchmark.common import command_output, environment
 
     env = environment()
-    smi = _run(["nvidia-smi", "-q"])
+    smi = command_output(["nvidia-smi", "-q"], timeout_s=30)
     wanted = ("Product Name", "Driver Version", "CUDA Version", "Total", "Persistence Mode", "Performance")
     summary = [ln.strip() for ln in (smi or "").splitlines() if ln.strip().startswith(wanted)][:40]
     info = {"environment": env, "nvidia_smi_q": summary or None, "cuda": _cuda_facts()}
@@ -182,13 +182,6 @@ def _import_path(name: str) -> str | None:
         return getattr(importlib.import_module(name), "__file__", None)
     except Exception as err:  # noqa: BLE001 (the point is to record why it does not import)
         return f"not importable: {type(err).__name__}: {err}"
-
-
-def _run(cmd: list[str]) -> str | None:
-    try:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def step_decode(args, res: Result) -> None:
