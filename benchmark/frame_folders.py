@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from benchmark.quality import scale_filter
 from pipeline import LoaderConfig
 from pipeline.loader import IMAGENET_MEAN, IMAGENET_STD, make_views, view_frame_indices
 from pipeline.torch_loader import render_views
@@ -43,24 +44,33 @@ class FrameFolder:
 
 def extract_args(src: str, folder: str, size: tuple[int, int]) -> list[str]:
     """ffmpeg argument list (no shell) writing every decoded frame of `src` as folder/img_%05d.jpg."""
-    scale = f"scale={size[0]}:{size[1]}:flags=bicubic,setsar=1"
     return [
         "ffmpeg",
         *("-nostdin", "-hide_banner", "-v", "error", "-y", "-i", file_url(src)),
-        *("-map", "0:v:0", "-vf", scale, "-fps_mode", "passthrough", "-q:v", str(JPEG_QUALITY)),
+        *("-map", "0:v:0", "-vf", scale_filter(size), "-fps_mode", "passthrough", "-q:v", str(JPEG_QUALITY)),
         str(Path(folder) / "img_%05d.jpg"),
     ]
 
 
-def extract(src: Path, folder: Path, label: int, short_side: int = 256) -> FrameFolder:
-    """Extract one video's frames (reused when the folder already holds them)."""
-    stream = probe(str(src))
-    size = output_size(
+def frame_size(src: str, short_side: int = 256) -> tuple[int, int]:
+    """The (width, height) preprocess gives `src` at `short_side`: the frame folders' geometry too."""
+    stream = probe(src)
+    return output_size(
         stream.width, stream.height, stream.sar, stream.rotation, EncodeSettings(short_side=short_side)
     )
+
+
+def extract_frames(src: str, folder: Path, size: tuple[int, int]) -> None:
+    """Run the extraction of one video into `folder` (created), as the TSN scripts do: one ffmpeg each."""
+    folder.mkdir(parents=True, exist_ok=True)
+    subprocess.run(extract_args(src, str(folder), size), check=True, capture_output=True)
+
+
+def extract(src: Path, folder: Path, label: int, short_side: int = 256) -> FrameFolder:
+    """Extract one video's frames (reused when the folder already holds them)."""
+    size = frame_size(str(src), short_side)
     if not any(folder.glob("img_*.jpg")):
-        folder.mkdir(parents=True, exist_ok=True)
-        subprocess.run(extract_args(str(src), str(folder), size), check=True, capture_output=True)
+        extract_frames(str(src), folder, size)
     return FrameFolder(
         key=src.stem,
         folder=str(folder),

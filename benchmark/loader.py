@@ -7,7 +7,8 @@ short side 256, T=8 TSN segments, multi-scale crop to 224 + flip + normalise, ba
   quality 2, opened with PIL in a DataLoader. The reference every ratio is taken against.
 - `naive pyav`: a DataLoader whose workers decode every frame up to the last sampled one (what a first video
   loader does).
-- `torch`: gcvideo's fallback (pipeline.torch_loader) on H.264 shards per keyframe interval and on MJPEG.
+- `torch`: gcvideo's fallback (pipeline.torch_loader) on H.264 shards per keyframe interval (and per `--crfs`
+  quality at the default interval) and on MJPEG.
 - `dali-cpu`: gcvideo's DALI CPU loader on MJPEG; on a GPU also `dali-gpu` (NVDEC) across keyframe intervals.
 
 Shards are built once per codec and GOP with the preprocess CLI from the five clips; the repeat lists them
@@ -15,7 +16,8 @@ Shards are built once per codec and GOP with the preprocess CLI from the five cl
 cache holds every path's files alike. Measuring: every loader is built and warmed up first, then rounds
 alternate between them; a round waits until no process of the benchmark uses the CPU (so no loader refills
 its prefetch queue while another is timed), drains the prefetched batches untimed, then times `--iters`
-consecutive batches. clips/s = median over rounds.
+consecutive batches. clips/s = median over rounds. `psnr_db`: what each path stores against the source
+frames at its geometry (benchmark.quality).
 """
 
 from __future__ import annotations
@@ -39,8 +41,17 @@ import numpy as np
 import torch
 from rich.progress import Progress
 
-from benchmark.common import Plot, device_sync, median, write_results
-from benchmark.frame_folders import FrameFolder, FrameFolderDataset, extract, folder_bytes
+from benchmark import quality
+from benchmark.common import (
+    Plot,
+    cpu_facts,
+    device_sync,
+    load_note,
+    median,
+    process_tree_cpu_s,
+    write_results,
+)
+from benchmark.frame_folders import FrameFolder, FrameFolderDataset, extract, folder_bytes, frame_size
 from pipeline import LoaderConfig, build_loader, sampling
 from pipeline.loader import make_views
 from pipeline.shards import ShardDataset
@@ -69,6 +80,17 @@ def gop_list(text: str) -> tuple[int, ...]:
     return gops
 
 
+def crf_list(text: str) -> tuple[int, ...]:
+    """`--crfs 19,21` -> (19, 21); anything else is a usage error."""
+    try:
+        crfs = tuple(int(c) for c in text.split(","))
+    except ValueError:
+        crfs = ()
+    if not crfs or not all(0 <= c <= 51 for c in crfs):
+        raise argparse.ArgumentTypeError(f"expected H.264 CRFs in 0..51 separated by commas, got {text!r}")
+    return crfs
+
+
 def add_arguments(parser: argparse._ArgumentGroup) -> None:
     parser.add_argument("--batch", type=int, default=8, help="clips per batch (default 8)")
     parser.add_argument("--frames", type=int, default=8, help="frames per clip (TSN segments, default 8)")
@@ -87,6 +109,13 @@ def add_arguments(parser: argparse._ArgumentGroup) -> None:
         default=None,
         help=f"H.264 keyframe intervals (default {','.join(map(str, GOPS_CPU))} on a CPU, "
         f"{','.join(map(str, GOPS_GPU))} on a GPU; the preprocess default is always added)",
+    )
+    parser.add_argument(
+        "--crfs",
+        type=crf_list,
+        default=(),
+        help="H.264 CRFs to add at the default keyframe interval (e.g. 19,21; default: the preprocess "
+        "default only)",
     )
     parser.add_argument("--data-dir", default=None, help="keep the built datasets here (default: a temp dir)")
 
@@ -107,11 +136,20 @@ def source_videos() -> list[tuple[Path, str]]:
     return [(p, p.stem.split("_")[0]) for p in found]
 
 
-def build_shards(out: Path, *, codec: str, gop: int, copies: int = 1, short_side: int = SHORT_SIDE) -> Path:
+def build_shards(
+    out: Path,
+    *,
+    codec: str,
+    gop: int,
+    copies: int = 1,
+    short_side: int = SHORT_SIDE,
+    crf: int | None = None,
+) -> Path:
     """The five clips sharded by the preprocess CLI at Kinetics geometry; returns index.json (reused if
     present). copies > 1 shards that many distinct copies (symlinks, one sample each), for reads that one
     file's page cache must not serve (the reader benchmark's cold reads); repeated_index lists the same files
-    again instead."""
+    again instead. The H.264 preset and CRF (unless given) are EncodeSettings' defaults, passed explicitly:
+    the shards are what preprocess's defaults make."""
     index = out / "index.json"
     if index.is_file():
         return index
@@ -129,7 +167,16 @@ def build_shards(out: Path, *, codec: str, gop: int, copies: int = 1, short_side
     lst.write_text("path,label\n" + "".join(f"{name},{label}\n" for name, label in rows))
     cmd = [sys.executable, "-m", "preprocess", "list", "--split", f"train={lst}", "--root", str(root)]
     cmd += ["--out", str(out), "--name", "bench", "--codec", codec, "--short-side", str(short_side)]
-    cmd += ["--gop", str(gop), "--workers", "2", "--no-progress"]
+    defaults = EncodeSettings()
+    cmd += [
+        "--gop",
+        str(gop),
+        "--crf",
+        str(defaults.crf if crf is None else crf),
+        "--preset",
+        defaults.preset,
+    ]
+    cmd += ["--workers", "2", "--no-progress"]
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
     return index
 
@@ -157,6 +204,21 @@ def shard_bytes_per_video(index: Path) -> float:
 def build_frame_folders(out: Path) -> list[FrameFolder]:
     classes = sorted({label for _, label in source_videos()})
     return [extract(p, out / p.stem, classes.index(label), SHORT_SIDE) for p, label in source_videos()]
+
+
+@functools.cache
+def shards_psnr(index: Path) -> float:
+    """PSNR of a shard set's videos against their sources at preprocess's geometry for them."""
+    videos = quality.shard_videos(index)
+    return quality.videos_psnr(videos, {src: frame_size(src, SHORT_SIDE) for src, _ in videos})
+
+
+def frame_folders_psnr(folders: list[FrameFolder]) -> float:
+    sources = [str(p) for p, _ in source_videos()]
+    assert [Path(s).stem for s in sources] == [f.key for f in folders]
+    return quality.folders_psnr(
+        zip(sources, (f.folder for f in folders)), {s: frame_size(s, SHORT_SIDE) for s in sources}
+    )
 
 
 # ----------------------------------------------------------------------------------------------- baselines
@@ -212,36 +274,15 @@ def endless(loader, set_epoch: bool) -> Iterator:
         epoch += 1
 
 
-def _descendants_cpu_s(root: int) -> float:
-    """CPU seconds used so far by `root` and every process below it (DataLoader workers are children of the
-    forkserver, which is a child of this process)."""
-    children: dict[int, list[int]] = {}
-    ticks: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:  # exited meanwhile
-            continue
-        children.setdefault(int(fields[1]), []).append(int(entry))
-        ticks[int(entry)] = int(fields[11]) + int(fields[12])
-    total, todo = 0, [root]
-    while todo:
-        pid = todo.pop()
-        total += ticks.get(pid, 0)
-        todo += children.get(pid, [])
-    return total / os.sysconf("SC_CLK_TCK")
-
-
 def wait_until_idle(window_s: float = 0.25, busy_s: float = 0.02, timeout_s: float = 120.0) -> None:
-    """Until this benchmark's processes use under `busy_s` CPU seconds in `window_s`: every loader has
-    refilled its prefetch queue and stopped."""
+    """Until this benchmark's processes (DataLoader workers are children of the forkserver, a child of this
+    process) use under `busy_s` CPU seconds in `window_s`: every loader has refilled its prefetch queue and
+    stopped."""
     deadline = time.monotonic() + timeout_s
-    last = _descendants_cpu_s(os.getpid())
+    last = process_tree_cpu_s(os.getpid())
     while time.monotonic() < deadline:
         time.sleep(window_s)
-        now = _descendants_cpu_s(os.getpid())
+        now = process_tree_cpu_s(os.getpid())
         if now - last < busy_s:
             return
         last = now
@@ -291,83 +332,142 @@ def decoded_frames_per_clip(cfg: LoaderConfig, path: str) -> float | None:
     return float(np.mean(counts))
 
 
-def plan(gops: tuple[int, ...], gpu: bool) -> list[tuple[str, str, int]]:
-    """(path, codec, gop) per row; the frame folders first."""
-    rows = [("frame folders", "jpeg", 0), ("frame folders, gcvideo render", "jpeg", 0)]
-    rows.append(("naive pyav", "h264", EncodeSettings().gop))
-    rows += [("torch", "h264", g) for g in gops]
-    rows += [("torch", "mjpeg", 1), ("dali-cpu", "mjpeg", 1)]
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One row's data path and what it reads: frame folders (codec jpeg) or shards of a codec, GOP, CRF."""
+
+    path: str
+    codec: str
+    gop: int = 0
+    crf: int | None = None  # H.264 only; None: the preprocess default
+
+    @property
+    def series(self) -> str:
+        name = self.path + (f" {self.codec}" if self.codec != "jpeg" else "")
+        name += f" gop {self.gop}" if self.codec == "h264" else ""
+        return name + (f" crf {self.crf}" if self.crf is not None else "")
+
+    @property
+    def folder(self) -> str:
+        return f"{self.codec}-g{self.gop}" + (f"-crf{self.crf}" if self.crf is not None else "")
+
+
+def plan(gops: tuple[int, ...], gpu: bool, crfs: tuple[int, ...] = ()) -> list[Variant]:
+    """The rows, the frame folders first."""
+    default = EncodeSettings()
+    rows = [Variant("frame folders", "jpeg"), Variant("frame folders, gcvideo render", "jpeg")]
+    rows.append(Variant("naive pyav", "h264", default.gop))
+    rows += [Variant("torch", "h264", g) for g in gops]
+    rows += [Variant("torch", "h264", default.gop, c) for c in crfs if c != default.crf]
+    rows += [Variant("torch", "mjpeg", 1), Variant("dali-cpu", "mjpeg", 1)]
     if gpu:
-        rows += [("dali-gpu", "h264", g) for g in gops]
+        rows += [Variant("dali-gpu", "h264", g) for g in gops]
     return rows
 
 
-def main(args: argparse.Namespace) -> int:
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    """What one run measures, from the command line."""
+
+    device: torch.device
+    quick: bool
+    variants: list[Variant]
+    rounds: int
+    warmup: int
+    iters: int
+    repeat: int
+    base: LoaderConfig
+
+
+def run_spec(args: argparse.Namespace) -> RunSpec:
     device = torch.device(getattr(args, "device", "cpu"))
     gpu = device.type == "cuda"
     quick = getattr(args, "quick", not gpu)
     gops = getattr(args, "gops", None) or (GOPS_GPU if gpu else GOPS_CPU)
     gops = tuple(sorted(set(gops) | {EncodeSettings().gop}))
-    rounds = getattr(args, "rounds", None) or (3 if quick else 5)
-    warmup = args.warmup if getattr(args, "warmup", None) is not None else 3
-    iters = args.iters if getattr(args, "iters", None) is not None else (8 if quick else 12)
-    repeat = getattr(args, "repeat", 20)
-    base = LoaderConfig(
-        num_segments=getattr(args, "frames", 8),
-        batch_size=getattr(args, "batch", 8),
-        workers=getattr(args, "workers", 2),
-        crop_size=CROP,
-        scale_size=SHORT_SIDE,
-        seed=getattr(args, "seed", 0),
+    return RunSpec(
+        device=device,
+        quick=quick,
+        variants=plan(gops, gpu, getattr(args, "crfs", ())),
+        rounds=getattr(args, "rounds", None) or (3 if quick else 5),
+        warmup=args.warmup if getattr(args, "warmup", None) is not None else 3,
+        iters=args.iters if getattr(args, "iters", None) is not None else (8 if quick else 12),
+        repeat=getattr(args, "repeat", 20),
+        base=LoaderConfig(
+            num_segments=getattr(args, "frames", 8),
+            batch_size=getattr(args, "batch", 8),
+            workers=getattr(args, "workers", 2),
+            crop_size=CROP,
+            scale_size=SHORT_SIDE,
+            seed=getattr(args, "seed", 0),
+        ),
     )
-    source_videos()  # the data, before anything is built
-    data_dir = getattr(args, "data_dir", None)
-    tmp = None if data_dir else tempfile.TemporaryDirectory(prefix="gcvideo-bench-loader-")
-    root = Path(data_dir or tmp.name)
+
+
+def measure(spec: RunSpec, root: Path) -> list[dict]:
+    """Build and warm up every row, then time alternating rounds; the summarised rows."""
     rows: list[Row] = []
-    load_before = os.getloadavg()[0]
     try:
         with Progress(transient=True) as progress:
-            task = progress.add_task("loader benchmark", total=len(plan(gops, gpu)) * (1 + rounds))
-            for path, codec, gop in plan(gops, gpu):
-                progress.update(task, description=f"building {path} {codec} gop {gop}")
-                rows.append(build_row(path, codec, gop, base, root, repeat, device, warmup))
+            task = progress.add_task("loader benchmark", total=len(spec.variants) * (1 + spec.rounds))
+            for variant in spec.variants:
+                progress.update(task, description=f"building {variant.series}")
+                rows.append(build_row(variant, spec, root))
                 progress.advance(task)
-            for r in range(rounds):
+            for r in range(spec.rounds):
                 for row in rows:
-                    progress.update(task, description=f"round {r + 1}/{rounds}: {row.info['path']}")
+                    progress.update(task, description=f"round {r + 1}/{spec.rounds}: {row.info['series']}")
                     wait_until_idle()
-                    row.round(iters)
-                    log.info("round %d %-26s %.2f s", r + 1, row.info["series"], row.rounds_s[-1])
+                    row.round(spec.iters)
+                    log.info("round %d %-32s %.2f s", r + 1, row.info["series"], row.rounds_s[-1])
                     progress.advance(task)
-        results = summarise(rows, base.batch_size * iters)
+        return summarise(rows, spec.base.batch_size * spec.iters)
     finally:
         for row in rows:
             row.batches.close()
-        if tmp is not None:
-            tmp.cleanup()
-    meta = {
-        "device": str(device),
-        "quick": quick,
+
+
+def run_meta(spec: RunSpec, load_before: str) -> dict:
+    base = spec.base
+    return {
+        "device": str(spec.device),
+        "quick": spec.quick,
         "geometry": f"short side {SHORT_SIDE}, {base.num_segments} TSN segments, multi-scale crop to {CROP}, "
         "flip, normalise, float32",
         "batch": base.batch_size,
         "workers": base.workers,
-        "videos": f"the 5 Kinetics clips of ../shared/data/videos/kinetics, each listed {repeat} times",
-        "warmup_batches": warmup,
-        "batches_per_round": iters,
-        "rounds": rounds,
+        "videos": f"the 5 Kinetics clips of ../shared/data/videos/kinetics, each listed {spec.repeat} times",
+        "shards": f"preprocess's defaults ({EncodeSettings()}) but for the row's codec, GOP and CRF",
+        "warmup_batches": spec.warmup,
+        "batches_per_round": spec.iters,
+        "rounds": spec.rounds,
         "measure": "alternating rounds in one process; each waits for the benchmark's processes to go idle, "
         "drains the prefetch queue untimed, then times consecutive batches; clips/s = median over rounds",
         "reference": "frame folders: ffmpeg JPEG q 2 img_%05d.jpg + PIL in a DataLoader (TSN/TSM data path)",
+        "psnr": "benchmark.quality: RGB, every frame, against the source frames at the stored geometry",
         # other jobs on the CPU show here (this benchmark alone keeps it near the number of workers)
-        "load_average_1min": f"{load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end",
+        "load_average_1_5_15min": f"{load_before} at the start, {load_note()} at the end",
+        **cpu_facts(),
     }
+
+
+def main(args: argparse.Namespace) -> int:
+    spec = run_spec(args)
+    source_videos()  # the data, before anything is built
+    data_dir = getattr(args, "data_dir", None)
+    tmp = None if data_dir else tempfile.TemporaryDirectory(prefix="gcvideo-bench-loader-")
+    load_before = load_note()
+    try:
+        results = measure(spec, Path(data_dir or tmp.name))
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
     reference = next(r["clips_per_s"] for r in results if r["path"] == "frame folders")
+    base = spec.base
     write_results(
         "loader",
         results,
-        meta=meta,
+        meta=run_meta(spec, load_before),
         plots=[
             Plot(
                 x="series",
@@ -382,44 +482,39 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_row(
-    path: str,
-    codec: str,
-    gop: int,
-    base: LoaderConfig,
-    root: Path,
-    repeat: int,
-    device: torch.device,
-    warmup: int,
-) -> Row:
-    info = {"path": path, "codec": codec, "gop": gop if codec == "h264" else None}
-    info["series"] = (
-        path + (f" {codec}" if codec != "jpeg" else "") + (f" gop {gop}" if codec == "h264" else "")
-    )
+def build_row(variant: Variant, spec: RunSpec, root: Path) -> Row:
+    base = spec.base
+    info = {
+        "path": variant.path,
+        "codec": variant.codec,
+        "gop": variant.gop if variant.codec == "h264" else None,
+        "crf": (variant.crf or EncodeSettings().crf) if variant.codec == "h264" else None,
+        "series": variant.series,
+    }
     drain = PREFETCH * base.workers
-    if codec == "jpeg":
+    sync = None
+    if variant.codec == "jpeg":
         folders = build_frame_folders(root / "frames")
         info["bytes_per_video"] = float(np.mean([folder_bytes(f) for f in folders]))
         info["decoded_frames_per_clip"] = float(base.num_segments)
-        render = "gcvideo" if path.endswith("gcvideo render") else "pil"
-        dataset = FrameFolderDataset(base, folders * repeat, render=render)
+        info["psnr_db"] = frame_folders_psnr(folders)
+        render = "gcvideo" if variant.path.endswith("gcvideo render") else "pil"
+        dataset = FrameFolderDataset(base, folders * spec.repeat, render=render)
         batches = endless(dataloader(dataset, base), set_epoch=False)
-        sync = None
     else:
-        index = build_shards(root / f"{codec}-g{gop}", codec=codec, gop=gop)
-        cfg = dataclasses.replace(
-            base, index=str(repeated_index(index, repeat)), backend="torch" if path == "naive pyav" else path
-        )
+        index = build_shards(root / variant.folder, codec=variant.codec, gop=variant.gop, crf=variant.crf)
+        backend = "torch" if variant.path == "naive pyav" else variant.path
+        cfg = dataclasses.replace(base, index=str(repeated_index(index, spec.repeat)), backend=backend)
         info["bytes_per_video"] = shard_bytes_per_video(index)
-        info["decoded_frames_per_clip"] = decoded_frames_per_clip(cfg, path)
-        if path == "naive pyav":
+        info["decoded_frames_per_clip"] = decoded_frames_per_clip(cfg, variant.path)
+        info["psnr_db"] = shards_psnr(index)
+        if variant.path == "naive pyav":
             batches = endless(dataloader(NaivePyAVDataset(cfg), cfg), set_epoch=False)
-            sync = None
         else:
-            on = device if path == "dali-gpu" else torch.device("cpu")
+            on = spec.device if variant.path == "dali-gpu" else torch.device("cpu")
             loader = build_loader(cfg, "train", "train", device=on, dtype=torch.float32)
             batches, sync = endless(loader, set_epoch=True), device_sync(on)
-    for _ in range(warmup + drain):
+    for _ in range(spec.warmup + drain):
         next(batches)
     return Row(info=info, batches=batches, drain=drain, sync=sync)
 
@@ -436,17 +531,20 @@ def summarise(rows: list[Row], clips_per_round: int) -> list[dict]:
                 "round_max_s": max(row.rounds_s),
             }
         )
-    speed, size = out[0]["clips_per_s"], out[0]["bytes_per_video"]
+    speed, size, psnr = out[0]["clips_per_s"], out[0]["bytes_per_video"], out[0]["psnr_db"]
     for r in out:
         r["speed_vs_frame_folders"] = r["clips_per_s"] / speed
         r["storage_vs_frame_folders"] = r["bytes_per_video"] / size
+        r["psnr_vs_frame_folders_db"] = r["psnr_db"] - psnr
         r["mb_per_video"] = r.pop("bytes_per_video") / 1e6
         log.info(
-            "%-26s %6.1f clips/s (%.2fx)  %5.2f MB per video (%.2fx)",
+            "%-32s %6.1f clips/s (%.2fx)  %5.2f MB per video (%.2fx)  %.2f dB (%+.2f)",
             r["series"],
             r["clips_per_s"],
             r["speed_vs_frame_folders"],
             r["mb_per_video"],
             r["storage_vs_frame_folders"],
+            r["psnr_db"],
+            r["psnr_vs_frame_folders_db"],
         )
     return out
