@@ -163,6 +163,29 @@ class Config:
     preset: str = "demo"
 
 
+# Loader fields that are not options: the config sets them from other settings (resolve, and
+# evaluation.eval_loader_config for the test views), so each setting has one home and one option.
+DERIVED = {
+    "--data.frames_per_segment": "follows from --model.name (TDN models take 5 frames a segment, others 1)",
+    "--data.num_clips": "is the test views' setting: use --eval.num_clips",
+    "--data.num_crops": "is the test views' setting: use --eval.num_crops",
+    "--data.twice_sample": "is the test views' setting: use --eval.twice_sample",
+}
+
+
+def frames_per_segment(model_name: str) -> int:
+    """Consecutive frames per segment the model takes (models.parse_name: TDN 5, the others 1)."""
+    return models.parse_name(model_name).get("frames_per_segment", 1)
+
+
+def resolve(cfg: Config) -> Config:
+    """Set the fields that follow from others: the loader's frames per segment from the model. preset,
+    from_dict and validate call it, so a config is resolved wherever it is made or checked."""
+    if cfg.model.name in models.list_models():  # an unknown name is reported by validate
+        cfg.data.frames_per_segment = frames_per_segment(cfg.model.name)
+    return cfg
+
+
 # --------------------------------------------------------------------------------------------------- presets
 
 
@@ -304,7 +327,6 @@ def gc_tdn_r50_sthv1_8f() -> Config:
     calibrators at lr x5 (ops_tdn/models_gc.py's ef groups), 5 frames per segment; tested as the GC README's
     8 x 1 x 1 (one clip, centre crop at 224 after short side 256). Flip as gc_gst_r50_sthv1_8f."""
     cfg = _something("gc_tdn_r50_sthv1_8f", "gc_tdn_r50", 8, "sthv1")
-    cfg.data.frames_per_segment = 5
     cfg.data.batch_size = 4  # per rank: 8 x 40 frames of 224 px is too much for many GPUs with autograd
     cfg.optim.weight_decay, cfg.optim.epochs, cfg.optim.lr_steps = 5e-4, 60, (30, 45, 55)
     cfg.eval = EvalConfig(num_clips=1, num_crops=1, batch_size=4)
@@ -405,7 +427,7 @@ def preset(name: str) -> Config:
         raise ConfigError(
             f"unknown preset {name!r}{_did_you_mean(name, PRESETS)}; presets: {', '.join(PRESETS)}"
         )
-    return PRESETS[name]()
+    return resolve(PRESETS[name]())
 
 
 # ------------------------------------------------------------------------------- CLI overrides, (de)serialise
@@ -488,6 +510,8 @@ def apply_overrides(cfg: Config, args: Sequence[str]) -> Config:
         if negate:
             name = "--" + name[5:]
         name = ALIASES.get(name, name)
+        if name in DERIVED:
+            raise ConfigError(f"{name} is not an option: it {DERIVED[name]}")
         section_name, _, field_name = name[2:].partition(".")
         section = getattr(cfg, section_name, None) if section_name != "preset" else None
         if (
@@ -532,7 +556,7 @@ def from_dict(d: dict[str, Any]) -> Config:
         for key, value in d[section.name].items():
             if key in types:
                 setattr(obj, key, tuple(value) if typing.get_origin(types[key]) is tuple else value)
-    return cfg
+    return resolve(cfg)
 
 
 def cli_value(value: Any) -> str:
@@ -553,6 +577,8 @@ def help_text(cfg: Config, width: int = 110) -> str:
         obj, types = getattr(cfg, section.name), _field_types(getattr(cfg, section.name))
         lines.append(f"{section.name}:")
         for f in dataclasses.fields(obj):
+            if f"--{section.name}.{f.name}" in DERIVED:
+                continue
             choices = typing.get_args(types[f.name]) if typing.get_origin(types[f.name]) is Literal else ()
             allowed = f"  ({' | '.join(map(str, choices))})" if choices else ""
             lines.append(f"  --{section.name}.{f.name} {cli_value(getattr(obj, f.name))}{allowed}")
@@ -590,18 +616,19 @@ def fit_schedule(cfg: Config, given: set[str]) -> list[str]:
     warm-up no longer than the run warms up for half of it, lr steps past the end are dropped. Returns the
     notes that say so. A warm-up or steps `given` on the command line are the user's own: validate refuses
     them if they do not fit."""
-    o, notes = cfg.optim, []
-    if "--optim.warmup_epochs" not in given and o.warmup_epochs >= o.epochs:
+    optim, notes = cfg.optim, []
+    if "--optim.warmup_epochs" not in given and optim.warmup_epochs >= optim.epochs:
         notes.append(
-            f"--optim.epochs {o.epochs} is not longer than preset {cfg.preset}'s warm-up of "
-            f"{o.warmup_epochs:g} epoch(s): warming up for {o.epochs / 2:g} (--optim.warmup_epochs to choose)"
+            f"--optim.epochs {optim.epochs} is not longer than preset {cfg.preset}'s warm-up of "
+            f"{optim.warmup_epochs:g} epoch(s): warming up for {optim.epochs / 2:g} "
+            f"(--optim.warmup_epochs to choose)"
         )
-        o.warmup_epochs = o.epochs / 2
-    late = [s for s in o.lr_steps if s >= o.epochs]
+        optim.warmup_epochs = optim.epochs / 2
+    late = [s for s in optim.lr_steps if s >= optim.epochs]
     if "--optim.lr_steps" not in given and late:
-        o.lr_steps = tuple(s for s in o.lr_steps if s < o.epochs)
+        optim.lr_steps = tuple(s for s in optim.lr_steps if s < optim.epochs)
         notes.append(
-            f"--optim.epochs {o.epochs} ends before preset {cfg.preset}'s lr steps at epoch(s) "
+            f"--optim.epochs {optim.epochs} ends before preset {cfg.preset}'s lr steps at epoch(s) "
             f"{', '.join(f'{s:g}' for s in late)}: they are dropped (--optim.lr_steps to choose)"
         )
     return notes
@@ -617,6 +644,7 @@ def fields(cfg: Config) -> list[tuple[str, str, Any]]:
         for section in dataclasses.fields(cfg)
         if section.name != "preset"
         for name, annotation in _field_types(getattr(cfg, section.name)).items()
+        if f"--{section.name}.{name}" not in DERIVED
     ]
 
 
@@ -639,70 +667,97 @@ def _check_types(cfg: Config) -> None:
 
 
 def validate(cfg: Config) -> Config:
-    """Reject values that cannot work, naming the option and the allowed range."""
+    """Reject values that cannot work, naming the option and the allowed range; resolve the fields that
+    follow from others (resolve)."""
     _check_types(cfg)
-    m, d, o, r, e = cfg.model, cfg.data, cfg.optim, cfg.run, cfg.eval
+    _check_model(cfg.model)
+    resolve(cfg)
+    _check_data(cfg.data)
+    _check_optim(cfg.optim)
+    _check_run(cfg.run)
+    _check_eval(cfg.eval)
+    return cfg
+
+
+def _check_model(model: ModelConfig) -> None:
     known = models.list_models()
     _check(
-        m.name in known,
-        f"unknown --model.name {m.name!r}{_did_you_mean(m.name, known)}; known: {', '.join(known)}",
+        model.name in known,
+        f"unknown --model.name {model.name!r}{_did_you_mean(model.name, known)}; known: {', '.join(known)}",
     )
-    _check(d.cache_gb > 0, f"--data.cache_gb must be > 0 (a remote index's shard cache), got {d.cache_gb}")
-    _check(0.0 <= m.dropout < 1.0, f"--model.dropout must be in [0, 1), got {m.dropout}")
+    _check(0.0 <= model.dropout < 1.0, f"--model.dropout must be in [0, 1), got {model.dropout}")
     _check(
-        min(m.shift_div, m.cdiv, m.ratio) >= 1,
+        min(model.shift_div, model.cdiv, model.ratio) >= 1,
         "--model.shift_div, --model.cdiv and --model.ratio must be >= 1",
     )
+
+
+def _check_data(data: LoaderConfig) -> None:
     _check(
-        min(d.num_segments, d.batch_size, d.dali_pipelines) >= 1,
+        data.cache_gb > 0, f"--data.cache_gb must be > 0 (a remote index's shard cache), got {data.cache_gb}"
+    )
+    _check(
+        min(data.num_segments, data.batch_size, data.dali_pipelines) >= 1,
         "--data.num_segments, --data.batch_size and --data.dali_pipelines must be >= 1",
     )
-    per_segment = models.parse_name(m.name).get("frames_per_segment", 1)
     _check(
-        d.frames_per_segment == per_segment,
-        f"--model.name {m.name} takes {per_segment} frame(s) per segment: set --data.frames_per_segment "
-        f"{per_segment} (got {d.frames_per_segment})",
+        0 < data.crop_size <= data.scale_size,
+        f"--data.crop_size must be in (0, --data.scale_size={data.scale_size}], got {data.crop_size}",
     )
     _check(
-        0 < d.crop_size <= d.scale_size,
-        f"--data.crop_size must be in (0, --data.scale_size={d.scale_size}], got {d.crop_size}",
+        len(data.scales) > 0 and all(0 < s <= 1 for s in data.scales),
+        f"--data.scales must be comma-separated numbers in (0, 1], got {data.scales}",
+    )
+
+
+def _check_optim(optim: OptimConfig) -> None:
+    epochs = optim.epochs
+    _check(optim.lr > 0, f"--optim.lr must be > 0, got {optim.lr}")
+    _check(min(optim.base_batch, epochs) >= 1, "--optim.base_batch and --optim.epochs must be >= 1")
+    _check(0 <= optim.momentum < 1, f"--optim.momentum must be in [0, 1), got {optim.momentum}")
+    _check(optim.weight_decay >= 0, f"--optim.weight_decay must be >= 0, got {optim.weight_decay}")
+    _check(
+        list(optim.lr_steps) == sorted(optim.lr_steps) and all(0 < s < epochs for s in optim.lr_steps),
+        f"--optim.lr_steps must be increasing epochs inside (0, --optim.epochs={epochs}), "
+        f"got {optim.lr_steps}",
+    )
+    _check(0 < optim.lr_decay <= 1, f"--optim.lr_decay must be in (0, 1], got {optim.lr_decay}")
+    _check(
+        0 <= optim.warmup_epochs < epochs,
+        f"--optim.warmup_epochs must be in [0, --optim.epochs={epochs}), got {optim.warmup_epochs}",
+    )
+    _check(0 < optim.warmup_start_factor <= 1, "--optim.warmup_start_factor must be in (0, 1]")
+    _check(optim.clip_grad >= 0, f"--optim.clip_grad must be >= 0 (0: off), got {optim.clip_grad}")
+    _check(
+        optim.gc_lr_mult > 0 and optim.fc_lr_mult > 0, "--optim.gc_lr_mult and --optim.fc_lr_mult must be > 0"
     )
     _check(
-        len(d.scales) > 0 and all(0 < s <= 1 for s in d.scales),
-        f"--data.scales must be comma-separated numbers in (0, 1], got {d.scales}",
+        0 <= optim.label_smoothing < 1,
+        f"--optim.label_smoothing must be in [0, 1), got {optim.label_smoothing}",
     )
-    _check(o.lr > 0, f"--optim.lr must be > 0, got {o.lr}")
-    _check(min(o.base_batch, o.epochs) >= 1, "--optim.base_batch and --optim.epochs must be >= 1")
-    _check(0 <= o.momentum < 1, f"--optim.momentum must be in [0, 1), got {o.momentum}")
-    _check(o.weight_decay >= 0, f"--optim.weight_decay must be >= 0, got {o.weight_decay}")
+
+
+def _check_run(run: RunConfig) -> None:
     _check(
-        list(o.lr_steps) == sorted(o.lr_steps) and all(0 < s < o.epochs for s in o.lr_steps),
-        f"--optim.lr_steps must be increasing epochs inside (0, --optim.epochs={o.epochs}), got {o.lr_steps}",
+        run.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", run.device) is not None,
+        f"--run.device must be auto, cpu, cuda or cuda:N, got {run.device!r}",
     )
-    _check(0 < o.lr_decay <= 1, f"--optim.lr_decay must be in (0, 1], got {o.lr_decay}")
+    _check(min(run.eval_every, run.log_every) >= 1, "--run.eval_every and --run.log_every must be >= 1")
+    _check(bool(run.out), "--run.out must name a run directory")
     _check(
-        0 <= o.warmup_epochs < o.epochs,
-        f"--optim.warmup_epochs must be in [0, --optim.epochs={o.epochs}), got {o.warmup_epochs}",
-    )
-    _check(0 < o.warmup_start_factor <= 1, "--optim.warmup_start_factor must be in (0, 1]")
-    _check(o.clip_grad >= 0, f"--optim.clip_grad must be >= 0 (0: off), got {o.clip_grad}")
-    _check(o.gc_lr_mult > 0 and o.fc_lr_mult > 0, "--optim.gc_lr_mult and --optim.fc_lr_mult must be > 0")
-    _check(0 <= o.label_smoothing < 1, f"--optim.label_smoothing must be in [0, 1), got {o.label_smoothing}")
-    _check(
-        r.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", r.device) is not None,
-        f"--run.device must be auto, cpu, cuda or cuda:N, got {r.device!r}",
-    )
-    _check(min(r.eval_every, r.log_every) >= 1, "--run.eval_every and --run.log_every must be >= 1")
-    _check(bool(r.out), "--run.out must name a run directory")
-    _check(
-        not (r.resume and r.tune_from),
+        not (run.resume and run.tune_from),
         "--resume continues a run and --tune-from starts a new one from another run's weights: give one",
     )
-    _check(0 <= r.target_top1 <= 1, f"--run.target_top1 must be in [0, 1] (0: off), got {r.target_top1}")
+    _check(0 <= run.target_top1 <= 1, f"--run.target_top1 must be in [0, 1] (0: off), got {run.target_top1}")
     _check(
-        math.isfinite(r.time_budget_min) and r.time_budget_min >= 0,
-        f"--run.time_budget_min must be >= 0 minutes (0: no limit), got {r.time_budget_min}",
+        math.isfinite(run.time_budget_min) and run.time_budget_min >= 0,
+        f"--run.time_budget_min must be >= 0 minutes (0: no limit), got {run.time_budget_min}",
     )
-    _check(min(e.num_clips, e.batch_size) >= 1, "--eval.num_clips and --eval.batch_size must be >= 1")
-    _check(not (e.twice_sample and e.sampling == "dense"), "--eval.twice_sample applies to tsn sampling only")
-    return cfg
+
+
+def _check_eval(views: EvalConfig) -> None:
+    _check(min(views.num_clips, views.batch_size) >= 1, "--eval.num_clips and --eval.batch_size must be >= 1")
+    _check(
+        not (views.twice_sample and views.sampling == "dense"),
+        "--eval.twice_sample applies to tsn sampling only",
+    )

@@ -46,10 +46,31 @@ def test_gst_tdn_presets_follow_the_gc_scripts():
     tdn = C.preset("gc_tdn_r50_sthv1_8f")
     assert (tdn.data.frames_per_segment, tdn.data.clip_length, tdn.optim.lr_steps) == (5, 40, (30, 45, 55))
     assert (tdn.optim.weight_decay, tdn.optim.epochs, tdn.optim.gc_lr_mult) == (5e-4, 60, 5.0)
-    with pytest.raises(C.ConfigError, match="set --data.frames_per_segment 5"):
-        C.validate(C.apply_overrides(tdn, ["--data.frames_per_segment", "1"]))
-    with pytest.raises(C.ConfigError, match="gst_r50 takes 1 frame"):
-        C.validate(C.apply_overrides(gst, ["--data.frames_per_segment", "5"]))
+
+
+SWITCHES = [("gc_gst_r50_sthv1_8f", "tdn_r50"), ("gc_tdn_r50_sthv1_8f", "tsm_r50")]
+
+
+def test_frames_per_segment_follows_from_the_model_and_is_not_an_option():
+    tdn, gst = C.preset("gc_tdn_r50_sthv1_8f"), C.preset("gc_gst_r50_sthv1_8f")
+    assert (tdn.data.frames_per_segment, gst.data.frames_per_segment) == (5, 1)
+    switched = [C.validate(C.apply_overrides(C.preset(p), ["--model.name", m])) for p, m in SWITCHES]
+    assert [cfg.data.frames_per_segment for cfg in switched] == [5, 1]
+    with pytest.raises(C.ConfigError, match="--data.frames_per_segment is not an option: it follows from"):
+        C.apply_overrides(tdn, ["--data.frames_per_segment", "1"])
+    assert "frames_per_segment" not in C.help_text(tdn) and "--eval.num_clips" in C.help_text(tdn)
+    # a saved config (run/config.json, a checkpoint's) holds the field: it loads, and the model decides
+    saved = C.to_dict(tdn)
+    assert saved["data"]["frames_per_segment"] == 5 and C.from_dict(saved).data.frames_per_segment == 5
+    saved["data"]["frames_per_segment"] = 1  # written by hand, or by a version that let it be set
+    assert C.from_dict(saved).data.frames_per_segment == 5
+
+
+@pytest.mark.parametrize("view", ["num_clips", "num_crops", "twice_sample"])
+def test_each_test_view_has_one_option_under_eval(view):
+    with pytest.raises(C.ConfigError, match=f"--data.{view} is not an option: .* use --eval.{view}"):
+        C.apply_overrides(C.demo(), [f"--data.{view}", "1"])
+    assert f"--data.{view}" not in C.all_options(C.demo()) and f"--eval.{view}" in C.all_options(C.demo())
 
 
 @pytest.mark.parametrize(
