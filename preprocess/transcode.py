@@ -49,6 +49,9 @@ def inspect_video(data: bytes, threads: int = 1) -> DecodedInfo:
             # more where one process has the machine, e.g. a single video, for the wall time).
             stream.codec_context.thread_count = threads
             stream.codec_context.thread_type = "AUTO" if threads > 1 else "NONE"
+            # The deblocking filter only smooths pixels this check throws away: skipping it still parses the
+            # bitstream and reconstructs every frame (a broken stream still fails, the count stays exact).
+            stream.codec_context.options = {"skip_loop_filter": "all"}
             num_frames, last_pts, first_pts = 0, None, None
             for frame in container.decode(stream):
                 if frame.format.name not in ("yuv420p", "yuvj420p"):
