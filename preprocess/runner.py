@@ -483,7 +483,7 @@ def output_lock(out: Path, part: tuple[int, int]) -> Iterator[None]:
                 raise _busy(out, other)
         yield
     finally:
-        dirlock.release(fd)  # the file stays (removing it would race with a run opening it)
+        dirlock.release(fd)  # the file stays: the next run of this part locks it again
 
 
 def build_index(
