@@ -47,24 +47,24 @@ def lock(out: Path) -> None:
     except OSError as e:
         raise _unwritable(out, e) from None
     if fd is None:
-        raise _in_use(out, path, dirlock.read_record(path))
+        raise _in_use(out, path, dirlock.read_record(path), held=True)
     holder = _holder(path) if left_behind else {}
     if holder != {}:  # a record left behind: its owner let the flock go, or never held one
         stale = _stale_reason(holder, me["host"])
         if stale is None:
             dirlock.release(fd)
-            raise _in_use(out, path, holder)
+            raise _in_use(out, path, holder, held=False)
         log.warning("%s: taking over a stale lock (%s)", path, stale)
     try:
         dirlock.write_record(fd, me)
     except OSError as e:
         dirlock.release(fd, path)
         raise _unwritable(out, e) from None
-    _held[path.absolute()] = fd
+    _held_locks[path.absolute()] = fd
 
 
 # The lock files this process holds -> their descriptors (closing one releases its flock).
-_held: dict[Path, int] = {}
+_held_locks: dict[Path, int] = {}
 
 
 def _unwritable(out: Path, e: OSError) -> RunDirError:
@@ -76,15 +76,14 @@ def _unwritable(out: Path, e: OSError) -> RunDirError:
     return RunDirError(f"cannot write the lock of {out} ({e.strerror}): free some space or fix the folder")
 
 
-def _in_use(out: Path, path: Path, holder: dict | None) -> RunDirError:
+def _in_use(out: Path, path: Path, holder: dict | None, *, held: bool) -> RunDirError:
+    """`held`: a live process holds the flock (deleting the file would not stop it, only unlock `out`)."""
     if not holder:  # held, its record not written yet (or unreadable)
         who = "another process"
     else:
         who = f"pid {holder.get('pid')} on {holder.get('host')} ({holder.get('command', '?')})"
-    return RunDirError(
-        f"{out} is in use by {who}: wait for it or choose another --run.out; if that process is gone, "
-        f"delete {path}"
-    )
+    advice = "" if held else f"; if that process is gone, delete {path}"
+    return RunDirError(f"{out} is in use by {who}: wait for it or choose another --run.out{advice}")
 
 
 def _holder(lock: Path) -> dict | None:
@@ -115,7 +114,7 @@ def _stale_reason(holder: dict | None, host: str) -> str | None:
 
 def unlock(out: Path) -> None:
     path = out / ".lock"
-    fd = _held.pop(path.absolute(), None)
+    fd = _held_locks.pop(path.absolute(), None)
     if fd is not None:
         dirlock.release(fd, path)
         return

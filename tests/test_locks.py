@@ -81,8 +81,9 @@ def test_a_running_trainer_holds_its_run_directory_until_it_is_killed(tmp_path, 
     out = tmp_path / "run"
     trainer = hold(f"import rundir; rundir.claim({str(out)!r}, resume=False, overwrite=False)")
     try:
-        with pytest.raises(rundir.RunDirError, match=f"in use by pid {trainer.pid} on "):
+        with pytest.raises(rundir.RunDirError, match=f"in use by pid {trainer.pid} on ") as refused:
             rundir.claim(out, resume=False, overwrite=False)
+        assert "delete" not in str(refused.value)  # it holds the flock: deleting the file would not stop it
         assert json.loads((out / ".lock").read_text())["pid"] == trainer.pid  # its record is untouched
     finally:
         kill(trainer)
@@ -116,7 +117,7 @@ def test_a_record_of_another_host_is_never_taken_over(tmp_path):
     out.mkdir()
     record = {"pid": 1, "host": "elsewhere", "command": "train.py", "flock": True}
     (out / ".lock").write_text(json.dumps(record))
-    with pytest.raises(rundir.RunDirError, match=r"in use by pid 1 on elsewhere \(train.py\)"):
+    with pytest.raises(rundir.RunDirError, match=r"in use by pid 1 on elsewhere \(train.py\).*delete"):
         rundir.claim(out, resume=False, overwrite=False)
     assert json.loads((out / ".lock").read_text()) == record
     assert not dirlock.is_held(out / ".lock")  # the refused claim let its flock go
