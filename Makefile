@@ -41,7 +41,7 @@ lint: lint-python
 	$(VENV)/bin/hadolint docker/Dockerfile
 
 # Mutation testing of the core modules ([tool.mutmut] in pyproject.toml); not part of `make test`: a full run
-# takes over an hour on 2 cores (docs/mutation.md has the measured times). MUTANTS="training* models.temporal*"
+# takes over an hour on 2 cores (docs/mutation.md has the measured times). MUTANTS="optimisation* models.temporal*"
 # limits it to some modules; the score table and the survivors go to mutants/report.md.
 MUTANTS ?=
 mutate: setup

@@ -193,9 +193,7 @@ def plain_config(name: str, num_segments: int) -> C.Config:
     cfg = C.Config()
     cfg.model.name, cfg.model.pretrained, cfg.model.compile = name, "", False
     cfg.data.num_segments, cfg.data.scale_size, cfg.data.crop_size = num_segments, PLAIN_SHORT_SIDE, 224
-    if name in models.list_models():  # an unknown name is reported where the model is built
-        cfg.data.frames_per_segment = models.parse_name(name).get("frames_per_segment", 1)
-    return cfg
+    return C.resolve(cfg)  # frames per segment from the model; an unknown name is reported where it is built
 
 
 def _mismatches(expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor]) -> str:

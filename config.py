@@ -18,6 +18,7 @@ import difflib
 import logging
 import math
 import re
+import sys
 import textwrap
 import typing
 from collections.abc import Callable, Sequence
@@ -154,23 +155,70 @@ class EvalConfig:
 
 
 @dataclass
+class RecipeConfig:
+    """Where a preset's numbers come from, saved in config.json with the rest (docs/models.md lists them)."""
+
+    source: str = option("", "the release script (or page) whose numbers the run follows")
+    deviations: tuple[str, ...] = option((), "where the run departs from its source, and why")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: LoaderConfig = field(default_factory=LoaderConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    recipe: RecipeConfig = field(default_factory=RecipeConfig)
     preset: str = "demo"
 
 
+# Loader fields that are not options: the config sets them from other settings (resolve, and
+# evaluation.eval_loader_config for the test views), so each setting has one home and one option.
+DERIVED = {
+    "--data.frames_per_segment": "follows from --model.name (TDN models take 5 frames a segment, others 1)",
+    "--data.num_clips": "is the test views' setting: use --eval.num_clips",
+    "--data.num_crops": "is the test views' setting: use --eval.num_crops",
+    "--data.twice_sample": "is the test views' setting: use --eval.twice_sample",
+}
+
+
+def frames_per_segment(model_name: str) -> int:
+    """Consecutive frames per segment the model takes (models.parse_name: TDN 5, the others 1)."""
+    return models.parse_name(model_name).get("frames_per_segment", 1)
+
+
+def resolve(cfg: Config) -> Config:
+    """Set the fields that follow from others: the loader's frames per segment from the model. preset,
+    from_dict and validate call it, so a config is resolved wherever it is made or checked."""
+    if cfg.model.name in models.list_models():  # an unknown name is reported by validate
+        cfg.data.frames_per_segment = frames_per_segment(cfg.model.name)
+    return cfg
+
+
 # --------------------------------------------------------------------------------------------------- presets
+# Each preset names its source (RecipeConfig.source) and lists where it departs from it (.deviations);
+# docs/models.md holds the table of them that `python -m config --presets-table` prints.
+
+GC_REPO = (
+    "https://github.com/haoyanbin918/Group-Contextualization/blob/b99be50a8f6188ebc54f952699410cbe45398826"
+)
+TSM_REPO = (
+    "https://github.com/mit-han-lab/temporal-shift-module/blob/1f6a834b02120441d99fa706b7a13ccc5293c6fa"
+)
+# "GC <path>" and "TSM <path>" sources name a file of these releases (presets_table links them).
+SOURCE_REPOS = {"GC": GC_REPO, "TSM": TSM_REPO}
+NO_LABEL_SWAP_FLIP = (
+    "no flip: the release flips Something-Something with its 3 direction label pairs swapped "
+    "(target_transforms); this loader has no label-swapping flip"
+)
 
 
 def demo() -> Config:
     """The embedded demo: gc_tsm_mini on the synthetic temporal dataset, a few minutes on a 2-core CPU."""
     cfg = Config(preset="demo")
-    # On CPU cores channels_last and compilation make this tiny model slower (measured on 2 cores: a step of
-    # gc_tsm_mini / tsn_mini is about 1.8x / 4x faster without channels_last); the GPU presets keep both on.
+    # On CPU cores channels_last and compilation make this tiny model slower (python -m benchmark model
+    # --quick; docs/benchmark.md); the GPU presets keep both on.
     cfg.model = ModelConfig(name="gc_tsm_mini", dropout=0.0, channels_last=False, compile=False)
     cfg.data = LoaderConfig(
         index="data/synthetic/index.json",
@@ -180,9 +228,9 @@ def demo() -> Config:
         scales=(1.0, 0.875),
         flip=False,
         batch_size=16,
-        workers=1,  # one DALI thread feeds ~1,000 clips/s of 64x64 MJPEG; torch takes the other cores
+        workers=1,  # one DALI thread keeps up with 64x64 MJPEG; torch takes the other cores
     )
-    # Measured: the loss sits at chance (ln 8) for ~4 epochs while the model finds the motion cue, then drops.
+    # The loss sits at chance (ln 8) for a few epochs while the model finds the motion cue, then drops.
     # Batch 16 (more updates per epoch) without dropout gets there; batch 32 with dropout 0.2 was still at
     # chance after 8 epochs.
     cfg.optim = OptimConfig(
@@ -195,12 +243,14 @@ def demo() -> Config:
         warmup_epochs=1.0,
         clip_grad=20.0,
     )
-    # The schedule is 16 epochs, but training ends at the first validation >= 92% (epoch 7-8 measured; 95%
-    # takes 10): the demo must fit the slowest 2-core CPUs, ~3x slower than the fastest.
-    # The time budget bounds the worst case (the target never reached) on the slowest CPUs: training stops
-    # after the epoch past which another would overrun 6 minutes (an epoch took ~37 s on a 2-core AVX2 CPU).
+    # The schedule is 16 epochs, but training ends at the first validation >= 92%: the demo must fit the
+    # slowest 2-core CPUs. The time budget bounds the worst case (the target never reached): training stops
+    # after the epoch past which another would overrun 6 minutes (`python -m benchmark demo` measures it).
     cfg.run = RunConfig(out="runs/demo", log_every=10, target_top1=0.92, time_budget_min=6.0)
     cfg.eval = EvalConfig(batch_size=32)
+    cfg.recipe = RecipeConfig(
+        source="gcvideo: tuned on the synthetic set (python -m benchmark demo times it)"
+    )
     return cfg
 
 
@@ -212,11 +262,16 @@ def demo_tsn() -> Config:
     cfg.run.out = "runs/demo_tsn"
     cfg.run.target_top1 = 0.0  # the control never gets there: train the whole schedule
     cfg.run.time_budget_min = 0.0
+    cfg.recipe = RecipeConfig(
+        source="gcvideo: the demo preset with tsn_mini",
+        deviations=("the whole 16-epoch schedule: no target top-1 and no time budget",),
+    )
     return cfg
 
 
 def _kinetics(name: str, model: str, frames: int) -> Config:
-    """The TSM/GC Kinetics-400 recipe: ImageNet init, lr 0.02 per 128 clips, step x0.1 at 20 and 40 of 50."""
+    """The TSM release's Kinetics-400 recipe (scripts/train_tsm_kinetics_rgb_8f.sh / _16f.sh): ImageNet init,
+    lr 0.02 per 128 clips, step x0.1 at 20 and 40 of 50, dropout 0.5, clip 20, no partial BN (--npb)."""
     cfg = Config(preset=name)
     cfg.model = ModelConfig(name=model, dropout=0.5, pretrained="imagenet")
     cfg.data = LoaderConfig(
@@ -233,19 +288,39 @@ def _kinetics(name: str, model: str, frames: int) -> Config:
     )
     cfg.run = RunConfig(out=f"runs/{name}", log_every=50, ckpt_every=1000)
     cfg.eval = EvalConfig(num_clips=10, num_crops=1, batch_size=2)
+    cfg.recipe = RecipeConfig(source=f"TSM scripts/train_tsm_kinetics_rgb_{16 if frames == 16 else 8}f.sh")
     return cfg
 
 
+# The GC repository publishes no Kinetics script: its Kinetics rows are trained with the TSM release's recipe.
+GC_ON_TSM_KINETICS = (
+    "GC on the TSM recipe: the GC repository has no Kinetics script",
+    "GC parameters at the base lr: the GC scripts' --ef_lr5 (x5) is given for Something-Something V1 only",
+)
+
+
 def gc_tsm_r50_k400_8f() -> Config:
-    return _kinetics("gc_tsm_r50_k400_8f", "gc_tsm_r50", 8)
+    cfg = _kinetics("gc_tsm_r50_k400_8f", "gc_tsm_r50", 8)
+    cfg.recipe.deviations = GC_ON_TSM_KINETICS
+    return cfg
 
 
 def gc_tsm_r50_k400_16f() -> Config:
-    return _kinetics("gc_tsm_r50_k400_16f", "gc_tsm_r50", 16)
+    cfg = _kinetics("gc_tsm_r50_k400_16f", "gc_tsm_r50", 16)
+    cfg.recipe.deviations = GC_ON_TSM_KINETICS
+    return cfg
 
 
 def gc_tsn_r50_k400_8f() -> Config:
-    return _kinetics("gc_tsn_r50_k400_8f", "gc_tsn_r50", 8)
+    cfg = _kinetics("gc_tsn_r50_k400_8f", "gc_tsn_r50", 8)
+    cfg.recipe = RecipeConfig(
+        source="TSM scripts/train_tsn_kinetics_rgb_5f.sh",
+        deviations=(
+            "8 segments, not 5: the GC README's GC-TSN Kinetics row is 8 x 1 x 10",
+            *GC_ON_TSM_KINETICS,
+        ),
+    )
+    return cfg
 
 
 def tsm_r50_k400_8f() -> Config:
@@ -253,16 +328,24 @@ def tsm_r50_k400_8f() -> Config:
 
 
 def _something(name: str, model: str, frames: int, dataset: str) -> Config:
-    """Something-Something (and other datasets whose labels name directions) as the TSM/GC scripts train it:
-    ImageNet init, lr 0.01 per 64 clips, step x0.1 at 20 and 40 of 50, GC lr x5 (the GC scripts' --ef_lr5),
-    no horizontal flip ("left to right" would become its own opposite), 2 clips x 1 centre crop at test
-    (TSM's twice_sample)."""
+    """Something-Something V1 (and datasets trained like it) as the GC repository's train_tsm.sh trains it:
+    ImageNet init, lr 0.01 for a batch of 32 (DataParallel, no scaling in its code), wd 1e-4, step x0.1 at
+    20 and 40 of 50, dropout 0.5, clip 20, GC lr x5 (--ef_lr5), no partial BN (--npb); 2 clips x 1 centre
+    crop at test (--twice_sample), the 224 x 224 the GC README reports Something-Something at."""
     cfg = _kinetics(name, model, frames)
     cfg.data.index = f"data/{dataset}/index.json"
     cfg.data.flip = False
-    cfg.optim.lr, cfg.optim.base_batch = 0.01, 64
+    cfg.optim.lr, cfg.optim.base_batch = 0.01, 32
     cfg.optim.gc_lr_mult = 5.0 if "gc_" in model or "ecal_" in model else 1.0
     cfg.eval = EvalConfig(num_clips=2, num_crops=1, twice_sample=True, batch_size=4)
+    cfg.recipe = RecipeConfig(
+        source="GC train_tsm.sh",
+        deviations=(
+            NO_LABEL_SWAP_FLIP,
+            "tested at 224 (the GC README's Something-Something setting); bash_test_tsntsmgst_gc.sh adds "
+            "--full_res",
+        ),
+    )
     return cfg
 
 
@@ -271,84 +354,121 @@ def gc_tsm_r50_sthv1_8f() -> Config:
 
 
 def gc_tsm_r50_sthv2_8f() -> Config:
-    return _something("gc_tsm_r50_sthv2_8f", "gc_tsm_r50", 8, "sthv2")
+    cfg = _something("gc_tsm_r50_sthv2_8f", "gc_tsm_r50", 8, "sthv2")
+    cfg.recipe.deviations += ("Something-Something V2: the script trains V1",)
+    return cfg
 
 
 def gc_tsm_r50_sthv2_16f() -> Config:
-    return _something("gc_tsm_r50_sthv2_16f", "gc_tsm_r50", 16, "sthv2")
+    cfg = _something("gc_tsm_r50_sthv2_16f", "gc_tsm_r50", 16, "sthv2")
+    cfg.recipe.deviations += ("Something-Something V2 at 16 segments: the script trains V1 at 8",)
+    return cfg
 
 
 def ecal_t_tsm_r50_sthv1_8f() -> Config:
     """The single-calibrator row of the GC tables: ECal-T on 1/16 of each block's channels (ratio 16)."""
     cfg = _something("ecal_t_tsm_r50_sthv1_8f", "ecal_t_tsm_r50", 8, "sthv1")
     cfg.model.ratio = 16
+    cfg.recipe.deviations += (
+        "one ECal-T on 1/16 of the channels: the release has no script for it (its models_tsm.py imports "
+        "nets.ECal_TSM_S, which it does not ship)",
+    )
     return cfg
 
 
 def gc_gst_r50_sthv1_8f() -> Config:
     """GC-GST on Something-Something V1, the GC repository's train_gst.sh: --net M4 --cdiv 4 --loop --ef_lr5,
     lr 0.01 for batch 32, wd 1e-4, steps 20 / 40 of 50, dropout 0.5, clip 20, no partial BN (--npb); its
-    bash_test_tsntsmgst_gc.sh tests 2 clips (--twice_sample) x 1 full-resolution crop (--full_res). The
-    release flips Something-Something with its 3 direction label pairs swapped; this loader has no
-    label-swapping flip, so flip stays off as for the other Something-Something presets."""
+    bash_test_tsntsmgst_gc.sh tests 2 clips (--twice_sample) x 1 full-resolution crop (--full_res)."""
     cfg = _something("gc_gst_r50_sthv1_8f", "gc_gst_r50", 8, "sthv1")
     cfg.model.cdiv, cfg.model.gc_loop = 4, True
-    cfg.optim.lr, cfg.optim.base_batch = 0.01, 32
     cfg.eval.full_res = True
+    cfg.recipe = RecipeConfig(source="GC train_gst.sh", deviations=(NO_LABEL_SWAP_FLIP,))
     return cfg
 
 
 def gc_tdn_r50_sthv1_8f() -> Config:
-    """GC-TDN on Something-Something V1, the GC repository's train_tdn.sh: 8 GPUs x 8 clips, lr 0.01 (for 64),
-    wd 5e-4, steps 30 / 45 / 55 of 60, dropout 0.5, clip 20, no partial BN, no warm-up (opts_tdn default 0),
-    calibrators at lr x5 (ops_tdn/models_gc.py's ef groups), 5 frames per segment; tested as the GC README's
-    8 x 1 x 1 (one clip, centre crop at 224 after short side 256). Flip as gc_gst_r50_sthv1_8f."""
+    """GC-TDN on Something-Something V1, the GC repository's train_tdn.sh: 8 GPUs x 8 clips (DDP), lr 0.01
+    (for 64), wd 5e-4, steps 30 / 45 / 55 of 60, dropout 0.5, clip 20, no partial BN, no warm-up (opts_tdn
+    default 0), calibrators at lr x5 (ops_tdn/models_gc.py's ef groups), 5 frames per segment; tested as the
+    GC README's 8 x 1 x 1 (one clip, centre crop at 224 after short side 256)."""
     cfg = _something("gc_tdn_r50_sthv1_8f", "gc_tdn_r50", 8, "sthv1")
-    cfg.data.frames_per_segment = 5
     cfg.data.batch_size = 4  # per rank: 8 x 40 frames of 224 px is too much for many GPUs with autograd
+    cfg.optim.base_batch = 64
     cfg.optim.weight_decay, cfg.optim.epochs, cfg.optim.lr_steps = 5e-4, 60, (30, 45, 55)
     cfg.eval = EvalConfig(num_clips=1, num_crops=1, batch_size=4)
+    cfg.recipe = RecipeConfig(
+        source="GC train_tdn.sh",
+        deviations=(
+            "4 clips a GPU, not 8: 40 frames of 224 px a clip; the lr follows the global batch",
+            NO_LABEL_SWAP_FLIP,
+        ),
+    )
     return cfg
 
 
 def gc_tsm_r50_jester_8f() -> Config:
     """Jester: hand gestures whose labels name directions (swiping left/right): trained like
     Something-Something, no flip."""
-    return _something("gc_tsm_r50_jester_8f", "gc_tsm_r50", 8, "jester")
+    cfg = _something("gc_tsm_r50_jester_8f", "gc_tsm_r50", 8, "jester")
+    cfg.recipe.deviations = (
+        "Jester, which the GC tables do not report: trained as the script trains Something-Something V1",
+        "no flip: the labels name directions (swiping left / right)",
+    )
+    return cfg
 
 
 def gc_tsm_r50_diving48_16f() -> Config:
     """Diving48 at 16 frames (the GC table's setting), trained like Something-Something. Flip stays on: the
-    labels (take-off, somersaults, twists, flight position) do not change under a left-right mirror. One
-    clip x 1 crop at test, as the GC table reports."""
+    labels (take-off, somersaults, twists, flight position) do not change under a left-right mirror."""
     cfg = _something("gc_tsm_r50_diving48_16f", "gc_tsm_r50", 16, "diving48")
     cfg.data.flip = True
     cfg.eval = EvalConfig(num_clips=1, num_crops=1, batch_size=4)
+    cfg.recipe.deviations = (
+        "Diving48 at 16 segments, tested 1 clip x 1 crop (the GC README's row); the script trains "
+        "Something-Something V1 at 8",
+    )
     return cfg
 
 
-def _dense_k400(name: str, model: str) -> Config:
+def _dense_k400(name: str, model: str, checkpoint: str) -> Config:
     """Kinetics-400 with dense sampling (8 frames, stride 8) and the non-local test protocol (10 clips x 3
-    full-resolution crops), as the TSM release's `..._e100_dense` files: 100 epochs; the release does not
-    publish their lr steps, so the 50-epoch steps (20, 40) are scaled to (40, 80)."""
+    full-resolution crops), as the TSM release's `..._e100_dense` files: 100 epochs."""
     cfg = _kinetics(name, model, 8)
     cfg.data.sampling, cfg.data.dense_stride = "dense", 8
     cfg.optim.epochs, cfg.optim.lr_steps = 100, (40, 80)
     cfg.eval = EvalConfig(num_clips=10, num_crops=3, sampling="dense", full_res=True, batch_size=1)
+    cfg.recipe = RecipeConfig(
+        source=f"TSM README.md (model zoo: {checkpoint}, tested --dense_sample --full_res)",
+        deviations=(
+            "no script published: train_tsm_kinetics_rgb_8f.sh's settings, dense, 100 epochs, the lr "
+            "steps 20 / 40 of 50 scaled to 40 / 80",
+        ),
+    )
     return cfg
 
 
 def tsm_r50_k400_8f_dense() -> Config:
-    return _dense_k400("tsm_r50_k400_8f_dense", "tsm_r50")
+    return _dense_k400(
+        "tsm_r50_k400_8f_dense",
+        "tsm_r50",
+        "TSM_kinetics_RGB_resnet50_shift8_blockres_avg_segment8_e100_dense",
+    )
 
 
 def tsm_r50_nl_k400_8f_dense() -> Config:
-    return _dense_k400("tsm_r50_nl_k400_8f_dense", "tsm_r50_nl")
+    return _dense_k400(
+        "tsm_r50_nl_k400_8f_dense",
+        "tsm_r50_nl",
+        "TSM_kinetics_RGB_resnet50_shift8_blockres_avg_segment8_e100_dense_nl",
+    )
 
 
 def tsm_mbv2_k400_8f() -> Config:
     """TSM MobileNetV2 on Kinetics-400 (the release's mobilenetv2 `_e100_dense` file: dense, 100 epochs)."""
-    cfg = _dense_k400("tsm_mbv2_k400_8f", "tsm_mbv2")
+    cfg = _dense_k400(
+        "tsm_mbv2_k400_8f", "tsm_mbv2", "TSM_kinetics_RGB_mobilenetv2_shift8_blockres_avg_segment8_e100_dense"
+    )
     cfg.data.batch_size = 16
     return cfg
 
@@ -363,6 +483,10 @@ def _finetune(name: str, dataset: str) -> Config:
     cfg.optim = OptimConfig(
         lr=0.001, base_batch=64, epochs=25, schedule="step", lr_steps=(10, 20), fc_lr_mult=5.0, clip_grad=20.0
     )
+    cfg.recipe = RecipeConfig(
+        source="TSM scripts/finetune_tsm_ucf101_rgb_8f.sh",
+        deviations=("GC-TSM fine-tuned from a GC-TSM Kinetics run: the script fine-tunes TSM",),
+    )
     return cfg
 
 
@@ -371,7 +495,9 @@ def gc_tsm_r50_ucf101_ft() -> Config:
 
 
 def gc_tsm_r50_hmdb51_ft() -> Config:
-    return _finetune("gc_tsm_r50_hmdb51_ft", "hmdb51")
+    cfg = _finetune("gc_tsm_r50_hmdb51_ft", "hmdb51")
+    cfg.recipe.deviations += ("HMDB51 fine-tuned as the script fine-tunes UCF101",)
+    return cfg
 
 
 PRESETS: dict[str, Callable[[], Config]] = {
@@ -405,7 +531,64 @@ def preset(name: str) -> Config:
         raise ConfigError(
             f"unknown preset {name!r}{_did_you_mean(name, PRESETS)}; presets: {', '.join(PRESETS)}"
         )
-    return PRESETS[name]()
+    return resolve(PRESETS[name]())
+
+
+PRESETS_TABLE_COLUMNS = (
+    "preset",
+    "model",
+    "dataset",
+    "frames",
+    "lr",
+    "batch per GPU",
+    "epochs",
+    "schedule",
+    "source",
+    "deviations",
+)
+
+
+def _source_cell(source: str) -> str:
+    """A "GC <path>" / "TSM <path>" source as a link to that file of the release; anything else as is."""
+    repo, _, rest = source.partition(" ")
+    path, _, note = rest.partition(" ")
+    if repo in SOURCE_REPOS and path:
+        return f"[{repo} {path}]({SOURCE_REPOS[repo]}/{path})" + (f" {note}" if note else "")
+    return source
+
+
+def _schedule_cell(o: OptimConfig) -> str:
+    shape = (
+        f"step x{o.lr_decay:g} at {', '.join(f'{s:g}' for s in o.lr_steps)}"
+        if o.schedule == "step"
+        else o.schedule
+    )
+    return shape + (f", warm-up {o.warmup_epochs:g}" if o.warmup_epochs else "")
+
+
+def presets_table() -> str:
+    """Every preset's model, data, optimisation and source as a markdown table (docs/models.md holds it)."""
+    rows = [PRESETS_TABLE_COLUMNS, ("---",) * len(PRESETS_TABLE_COLUMNS)]
+    for name in PRESETS:
+        cfg = preset(name)
+        d, o = cfg.data, cfg.optim
+        per_segment = frames_per_segment(cfg.model.name)  # TDN: 5
+        frames = f"{d.num_segments}" + (f" x {per_segment}" if per_segment > 1 else "")
+        rows.append(
+            (
+                f"`{name}`",
+                f"`{cfg.model.name}`",
+                d.index.split("/")[-2] if "/" in d.index else d.index,
+                frames + (f" dense /{d.dense_stride}" if d.sampling == "dense" else ""),
+                f"{o.lr:g} per {o.base_batch}",
+                str(d.batch_size),
+                str(o.epochs),
+                _schedule_cell(o),
+                _source_cell(cfg.recipe.source),
+                "; ".join(cfg.recipe.deviations) or "none",
+            )
+        )
+    return "\n".join("| " + " | ".join(row) + " |" for row in rows) + "\n"
 
 
 # ------------------------------------------------------------------------------- CLI overrides, (de)serialise
@@ -463,7 +646,7 @@ def parse_value(option: str, text: str, annotation: Any) -> Any:
             raise ValueError
         if origin is tuple:
             item = typing.get_args(annotation)[0]
-            parts = [p for p in text.replace(" ", "").split(",") if p]
+            parts = [p.strip() for p in text.split(",") if p.strip()]  # text items keep inner spaces
             return tuple(item(p) for p in parts)
         if annotation in (int, float, str):
             return annotation(text)
@@ -488,6 +671,8 @@ def apply_overrides(cfg: Config, args: Sequence[str]) -> Config:
         if negate:
             name = "--" + name[5:]
         name = ALIASES.get(name, name)
+        if name in DERIVED:
+            raise ConfigError(f"{name} is not an option: it {DERIVED[name]}")
         section_name, _, field_name = name[2:].partition(".")
         section = getattr(cfg, section_name, None) if section_name != "preset" else None
         if (
@@ -532,7 +717,7 @@ def from_dict(d: dict[str, Any]) -> Config:
         for key, value in d[section.name].items():
             if key in types:
                 setattr(obj, key, tuple(value) if typing.get_origin(types[key]) is tuple else value)
-    return cfg
+    return resolve(cfg)
 
 
 def cli_value(value: Any) -> str:
@@ -553,9 +738,12 @@ def help_text(cfg: Config, width: int = 110) -> str:
         obj, types = getattr(cfg, section.name), _field_types(getattr(cfg, section.name))
         lines.append(f"{section.name}:")
         for f in dataclasses.fields(obj):
+            if f"--{section.name}.{f.name}" in DERIVED:
+                continue
             choices = typing.get_args(types[f.name]) if typing.get_origin(types[f.name]) is Literal else ()
             allowed = f"  ({' | '.join(map(str, choices))})" if choices else ""
-            lines.append(f"  --{section.name}.{f.name} {cli_value(getattr(obj, f.name))}{allowed}")
+            head = f"  --{section.name}.{f.name} {cli_value(getattr(obj, f.name))}{allowed}"
+            lines += textwrap.wrap(head, width, subsequent_indent=" " * 8) if len(head) > width else [head]
             lines += textwrap.wrap(
                 f.metadata.get("help", ""), width, initial_indent=" " * 6, subsequent_indent=" " * 6
             )
@@ -590,18 +778,19 @@ def fit_schedule(cfg: Config, given: set[str]) -> list[str]:
     warm-up no longer than the run warms up for half of it, lr steps past the end are dropped. Returns the
     notes that say so. A warm-up or steps `given` on the command line are the user's own: validate refuses
     them if they do not fit."""
-    o, notes = cfg.optim, []
-    if "--optim.warmup_epochs" not in given and o.warmup_epochs >= o.epochs:
+    optim, notes = cfg.optim, []
+    if "--optim.warmup_epochs" not in given and optim.warmup_epochs >= optim.epochs:
         notes.append(
-            f"--optim.epochs {o.epochs} is not longer than preset {cfg.preset}'s warm-up of "
-            f"{o.warmup_epochs:g} epoch(s): warming up for {o.epochs / 2:g} (--optim.warmup_epochs to choose)"
+            f"--optim.epochs {optim.epochs} is not longer than preset {cfg.preset}'s warm-up of "
+            f"{optim.warmup_epochs:g} epoch(s): warming up for {optim.epochs / 2:g} "
+            f"(--optim.warmup_epochs to choose)"
         )
-        o.warmup_epochs = o.epochs / 2
-    late = [s for s in o.lr_steps if s >= o.epochs]
+        optim.warmup_epochs = optim.epochs / 2
+    late = [s for s in optim.lr_steps if s >= optim.epochs]
     if "--optim.lr_steps" not in given and late:
-        o.lr_steps = tuple(s for s in o.lr_steps if s < o.epochs)
+        optim.lr_steps = tuple(s for s in optim.lr_steps if s < optim.epochs)
         notes.append(
-            f"--optim.epochs {o.epochs} ends before preset {cfg.preset}'s lr steps at epoch(s) "
+            f"--optim.epochs {optim.epochs} ends before preset {cfg.preset}'s lr steps at epoch(s) "
             f"{', '.join(f'{s:g}' for s in late)}: they are dropped (--optim.lr_steps to choose)"
         )
     return notes
@@ -617,6 +806,7 @@ def fields(cfg: Config) -> list[tuple[str, str, Any]]:
         for section in dataclasses.fields(cfg)
         if section.name != "preset"
         for name, annotation in _field_types(getattr(cfg, section.name)).items()
+        if f"--{section.name}.{name}" not in DERIVED
     ]
 
 
@@ -639,70 +829,110 @@ def _check_types(cfg: Config) -> None:
 
 
 def validate(cfg: Config) -> Config:
-    """Reject values that cannot work, naming the option and the allowed range."""
+    """Reject values that cannot work, naming the option and the allowed range; resolve the fields that
+    follow from others (resolve)."""
     _check_types(cfg)
-    m, d, o, r, e = cfg.model, cfg.data, cfg.optim, cfg.run, cfg.eval
+    _check_model(cfg.model)
+    resolve(cfg)
+    _check_data(cfg.data)
+    _check_optim(cfg.optim)
+    _check_run(cfg.run)
+    _check_eval(cfg.eval)
+    return cfg
+
+
+def _check_model(model: ModelConfig) -> None:
     known = models.list_models()
     _check(
-        m.name in known,
-        f"unknown --model.name {m.name!r}{_did_you_mean(m.name, known)}; known: {', '.join(known)}",
+        model.name in known,
+        f"unknown --model.name {model.name!r}{_did_you_mean(model.name, known)}; known: {', '.join(known)}",
     )
-    _check(d.cache_gb > 0, f"--data.cache_gb must be > 0 (a remote index's shard cache), got {d.cache_gb}")
-    _check(0.0 <= m.dropout < 1.0, f"--model.dropout must be in [0, 1), got {m.dropout}")
+    _check(0.0 <= model.dropout < 1.0, f"--model.dropout must be in [0, 1), got {model.dropout}")
     _check(
-        min(m.shift_div, m.cdiv, m.ratio) >= 1,
+        min(model.shift_div, model.cdiv, model.ratio) >= 1,
         "--model.shift_div, --model.cdiv and --model.ratio must be >= 1",
     )
+
+
+def _check_data(data: LoaderConfig) -> None:
     _check(
-        min(d.num_segments, d.batch_size, d.dali_pipelines) >= 1,
+        data.cache_gb > 0, f"--data.cache_gb must be > 0 (a remote index's shard cache), got {data.cache_gb}"
+    )
+    _check(
+        min(data.num_segments, data.batch_size, data.dali_pipelines) >= 1,
         "--data.num_segments, --data.batch_size and --data.dali_pipelines must be >= 1",
     )
-    per_segment = models.parse_name(m.name).get("frames_per_segment", 1)
     _check(
-        d.frames_per_segment == per_segment,
-        f"--model.name {m.name} takes {per_segment} frame(s) per segment: set --data.frames_per_segment "
-        f"{per_segment} (got {d.frames_per_segment})",
+        0 < data.crop_size <= data.scale_size,
+        f"--data.crop_size must be in (0, --data.scale_size={data.scale_size}], got {data.crop_size}",
     )
     _check(
-        0 < d.crop_size <= d.scale_size,
-        f"--data.crop_size must be in (0, --data.scale_size={d.scale_size}], got {d.crop_size}",
+        len(data.scales) > 0 and all(0 < s <= 1 for s in data.scales),
+        f"--data.scales must be comma-separated numbers in (0, 1], got {data.scales}",
+    )
+
+
+def _check_optim(optim: OptimConfig) -> None:
+    epochs = optim.epochs
+    _check(optim.lr > 0, f"--optim.lr must be > 0, got {optim.lr}")
+    _check(min(optim.base_batch, epochs) >= 1, "--optim.base_batch and --optim.epochs must be >= 1")
+    _check(0 <= optim.momentum < 1, f"--optim.momentum must be in [0, 1), got {optim.momentum}")
+    _check(optim.weight_decay >= 0, f"--optim.weight_decay must be >= 0, got {optim.weight_decay}")
+    _check(
+        list(optim.lr_steps) == sorted(optim.lr_steps) and all(0 < s < epochs for s in optim.lr_steps),
+        f"--optim.lr_steps must be increasing epochs inside (0, --optim.epochs={epochs}), "
+        f"got {optim.lr_steps}",
+    )
+    _check(0 < optim.lr_decay <= 1, f"--optim.lr_decay must be in (0, 1], got {optim.lr_decay}")
+    _check(
+        0 <= optim.warmup_epochs < epochs,
+        f"--optim.warmup_epochs must be in [0, --optim.epochs={epochs}), got {optim.warmup_epochs}",
+    )
+    _check(0 < optim.warmup_start_factor <= 1, "--optim.warmup_start_factor must be in (0, 1]")
+    _check(optim.clip_grad >= 0, f"--optim.clip_grad must be >= 0 (0: off), got {optim.clip_grad}")
+    _check(
+        optim.gc_lr_mult > 0 and optim.fc_lr_mult > 0, "--optim.gc_lr_mult and --optim.fc_lr_mult must be > 0"
     )
     _check(
-        len(d.scales) > 0 and all(0 < s <= 1 for s in d.scales),
-        f"--data.scales must be comma-separated numbers in (0, 1], got {d.scales}",
+        0 <= optim.label_smoothing < 1,
+        f"--optim.label_smoothing must be in [0, 1), got {optim.label_smoothing}",
     )
-    _check(o.lr > 0, f"--optim.lr must be > 0, got {o.lr}")
-    _check(min(o.base_batch, o.epochs) >= 1, "--optim.base_batch and --optim.epochs must be >= 1")
-    _check(0 <= o.momentum < 1, f"--optim.momentum must be in [0, 1), got {o.momentum}")
-    _check(o.weight_decay >= 0, f"--optim.weight_decay must be >= 0, got {o.weight_decay}")
+
+
+def _check_run(run: RunConfig) -> None:
     _check(
-        list(o.lr_steps) == sorted(o.lr_steps) and all(0 < s < o.epochs for s in o.lr_steps),
-        f"--optim.lr_steps must be increasing epochs inside (0, --optim.epochs={o.epochs}), got {o.lr_steps}",
+        run.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", run.device) is not None,
+        f"--run.device must be auto, cpu, cuda or cuda:N, got {run.device!r}",
     )
-    _check(0 < o.lr_decay <= 1, f"--optim.lr_decay must be in (0, 1], got {o.lr_decay}")
+    _check(min(run.eval_every, run.log_every) >= 1, "--run.eval_every and --run.log_every must be >= 1")
+    _check(bool(run.out), "--run.out must name a run directory")
     _check(
-        0 <= o.warmup_epochs < o.epochs,
-        f"--optim.warmup_epochs must be in [0, --optim.epochs={o.epochs}), got {o.warmup_epochs}",
-    )
-    _check(0 < o.warmup_start_factor <= 1, "--optim.warmup_start_factor must be in (0, 1]")
-    _check(o.clip_grad >= 0, f"--optim.clip_grad must be >= 0 (0: off), got {o.clip_grad}")
-    _check(o.gc_lr_mult > 0 and o.fc_lr_mult > 0, "--optim.gc_lr_mult and --optim.fc_lr_mult must be > 0")
-    _check(0 <= o.label_smoothing < 1, f"--optim.label_smoothing must be in [0, 1), got {o.label_smoothing}")
-    _check(
-        r.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", r.device) is not None,
-        f"--run.device must be auto, cpu, cuda or cuda:N, got {r.device!r}",
-    )
-    _check(min(r.eval_every, r.log_every) >= 1, "--run.eval_every and --run.log_every must be >= 1")
-    _check(bool(r.out), "--run.out must name a run directory")
-    _check(
-        not (r.resume and r.tune_from),
+        not (run.resume and run.tune_from),
         "--resume continues a run and --tune-from starts a new one from another run's weights: give one",
     )
-    _check(0 <= r.target_top1 <= 1, f"--run.target_top1 must be in [0, 1] (0: off), got {r.target_top1}")
+    _check(0 <= run.target_top1 <= 1, f"--run.target_top1 must be in [0, 1] (0: off), got {run.target_top1}")
     _check(
-        math.isfinite(r.time_budget_min) and r.time_budget_min >= 0,
-        f"--run.time_budget_min must be >= 0 minutes (0: no limit), got {r.time_budget_min}",
+        math.isfinite(run.time_budget_min) and run.time_budget_min >= 0,
+        f"--run.time_budget_min must be >= 0 minutes (0: no limit), got {run.time_budget_min}",
     )
-    _check(min(e.num_clips, e.batch_size) >= 1, "--eval.num_clips and --eval.batch_size must be >= 1")
-    _check(not (e.twice_sample and e.sampling == "dense"), "--eval.twice_sample applies to tsn sampling only")
-    return cfg
+
+
+def _check_eval(views: EvalConfig) -> None:
+    _check(min(views.num_clips, views.batch_size) >= 1, "--eval.num_clips and --eval.batch_size must be >= 1")
+    _check(
+        not (views.twice_sample and views.sampling == "dense"),
+        "--eval.twice_sample applies to tsn sampling only",
+    )
+
+
+def main(argv: Sequence[str]) -> int:
+    """`python -m config --presets-table`: the table of docs/models.md, from the presets' own fields."""
+    if list(argv) != ["--presets-table"]:
+        sys.stderr.write("usage: python -m config --presets-table\n")
+        return 2
+    sys.stdout.write(presets_table())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -14,6 +14,7 @@ The arithmetic is pure numpy (tested against hand-computed values):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Mapping, Sequence
@@ -25,11 +26,11 @@ import torch
 import torch.distributed as torch_dist
 import torch.nn.functional as F
 
-import config as C
+import config
 import progress
 import runtime
 from checkpoints import checkpoint_model
-from pipeline import build_loader
+from pipeline import LoaderConfig, build_loader
 from pipeline.shards import read_index
 
 log = logging.getLogger(__name__)
@@ -306,26 +307,32 @@ def validate(net, loader, dist: runtime.Dist, device: torch.device, precision: s
     return {"loss": loss / max(n, 1), "top1": top1 / max(n, 1), "top5": top5 / max(n, 1), "videos": int(n)}
 
 
-def eval_config(cfg: C.Config, overrides: Sequence[str]) -> C.Config:
-    """A checkpoint's config with the --eval.* views (and any other override) applied to its loader."""
-    cfg = C.validate(C.apply_overrides(cfg, overrides))
-    e, d = cfg.eval, cfg.data
-    d.num_clips, d.num_crops, d.twice_sample, d.sampling, d.batch_size = (
-        e.num_clips,
-        e.num_crops,
-        e.twice_sample,
-        e.sampling,
-        e.batch_size,
+def eval_loader_config(cfg: config.Config) -> LoaderConfig:
+    """The loader settings of a test: the run's data settings with the --eval.* views. The views' one home
+    is EvalConfig; the loader's fields for them are not options (config.DERIVED)."""
+    views, data = cfg.eval, cfg.data
+    return dataclasses.replace(
+        data,
+        num_clips=views.num_clips,
+        num_crops=views.num_crops,
+        twice_sample=views.twice_sample,
+        sampling=views.sampling,
+        batch_size=views.batch_size,
+        crop_size=data.scale_size if views.full_res else data.crop_size,
     )
-    if e.full_res:
-        d.crop_size = d.scale_size
+
+
+def eval_config(cfg: config.Config, overrides: Sequence[str] = ()) -> config.Config:
+    """A checkpoint's config with any override applied and validated, its loader set up for a test."""
+    cfg = config.validate(config.apply_overrides(cfg, overrides))
+    cfg.data = eval_loader_config(cfg)
     return cfg
 
 
 def score_checkpoint(path: str, overrides: Sequence[str], dist: runtime.Dist, device: torch.device):
     """(scores, labels, classes, cfg) of one checkpoint over its eval split, gathered from every rank."""
     named = any(o.split("=")[0] in ("--model.name", "--model") for o in overrides)
-    plain = C.validate(C.apply_overrides(C.Config(), overrides)) if named else None
+    plain = config.validate(config.apply_overrides(config.Config(), overrides)) if named else None
     model, cfg, classes = checkpoint_model(path, device, plain)
     cfg = eval_config(cfg, overrides)
     precision = runtime.resolve_precision(cfg.run.precision, device)
@@ -339,7 +346,7 @@ def score_checkpoint(path: str, overrides: Sequence[str], dist: runtime.Dist, de
             (i for i, (a, b) in enumerate(zip(classes, loader.classes)) if a != b),
             min(len(classes), len(loader.classes)),
         )
-        raise C.ConfigError(
+        raise config.ConfigError(
             f"{path} was trained on {len(classes)} classes and {cfg.data.index} has {len(loader.classes)}, "
             f"differing from class {diff}: evaluate on the dataset it was trained on (--data.index), or "
             f"fine-tune it on this one with --tune-from"
@@ -358,19 +365,29 @@ def score_checkpoint(path: str, overrides: Sequence[str], dist: runtime.Dist, de
     return scores, labels, classes or list(loader.classes), cfg
 
 
-def evaluate(checkpoints: Sequence[str], overrides: Sequence[str]) -> dict[str, Any]:
+def evaluate(
+    checkpoints: Sequence[str],
+    overrides: Sequence[str] = (),
+    *,
+    dist: runtime.Dist | None = None,
+    device: torch.device | None = None,
+) -> dict[str, Any]:
     """Test every checkpoint with the --eval.* views, ensemble their scores by video key, write the report.
 
-    `overrides` apply to each checkpoint's own config (so an 8- and a 16-frame model keep their frame counts).
-    Under torchrun every rank scores its share; rank 0 writes the report, the others return {}.
+    `overrides` (the command line's `--section.field VALUE`s) apply to each checkpoint's own config, so an
+    8- and a 16-frame model keep their frame counts. `dist` and `device` are the process's, as training
+    resolved them; without them (`python train.py evaluate`) they are resolved here, from --run.device and
+    --run.dist_backend. Under torchrun every rank scores its share; rank 0 writes the report, the others
+    return {}.
     """
     if not checkpoints:
-        raise C.ConfigError(
+        raise config.ConfigError(
             "evaluate needs at least one checkpoint: python train.py evaluate RUN/best.pt [...]"
         )
-    run = C.apply_overrides(C.Config(), overrides).run  # the device and backend to evaluate on
-    dist, device = runtime.init_distributed(run.device, run.dist_backend)
-    first: C.Config | None = None
+    if dist is None or device is None:
+        run = config.apply_overrides(config.Config(), overrides).run  # the device and backend to evaluate on
+        dist, device = runtime.init_distributed(run.device, run.dist_backend)
+    first: config.Config | None = None
     score_sets, labels, per_checkpoint, classes = [], {}, {}, []
     for path in checkpoints:
         scores, labels_here, classes, cfg = score_checkpoint(str(path), overrides, dist, device)
@@ -395,7 +412,7 @@ def evaluate(checkpoints: Sequence[str], overrides: Sequence[str]) -> dict[str, 
     meta = {
         "checkpoints": [str(p) for p in checkpoints],
         "per_checkpoint": per_checkpoint,
-        "eval": C.to_dict(first)["eval"],
+        "eval": config.to_dict(first)["eval"],
         "index": first.data.index,
     }
     result = write_report(out, ensemble(score_sets), labels, classes, pairs=class_pairs(index), meta=meta)

@@ -73,19 +73,6 @@ def read_classes(path: str) -> list[str]:
     return classes
 
 
-def resolve_device(name: str) -> torch.device:
-    """auto: the first GPU when torch sees one, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise PredictError(f"--device {name!r} is not a torch device (auto, cpu, cuda, cuda:N)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise PredictError(f"--device {name} asks for a GPU but torch sees none; use --device cpu or auto")
-    return device
-
-
 def shard_geometry(loaded: checkpoints.Loaded, short_side: int | None) -> ShardGeometry:
     """--short-side if given; a plain state_dict: the plain default; a checkpoint: its training shards'
     size as saved by training, or for an older checkpoint its dataset's index when readable, else its
@@ -181,7 +168,7 @@ def predict_video(p: Predictor, video: str | Path, top: int = 5) -> dict:
 
 def predict(checkpoint: str, video: str, *, top: int = 5, device: str = "cpu", **options) -> list:
     """The `top` most likely classes of one video file, with their scores (options: load_predictor's)."""
-    p = load_predictor(checkpoint, resolve_device(device), **options)
+    p = load_predictor(checkpoint, runtime.resolve_device(device, option="--device"), **options)
     return predict_video(p, video, top)["top"]
 
 
@@ -409,7 +396,7 @@ def parse_args(argv: list[str]):
 def main(argv: list[str]) -> None:
     args = parse_args(argv)
     videos = expand_inputs(args.videos, args.stream)
-    device = resolve_device(args.device)
+    device = runtime.resolve_device(args.device, option="--device")
     if args.threads:
         torch.set_num_threads(args.threads)
     p = load_predictor(

@@ -46,14 +46,22 @@ class Dist:
         return self.world_size > 1
 
 
-def resolve_device(requested: str, local_rank: int = 0) -> torch.device:
-    """auto = cuda if available; a plain `cuda` means this process's GPU (torchrun's LOCAL_RANK)."""
+def resolve_device(requested: str, local_rank: int = 0, option: str = "--run.device") -> torch.device:
+    """The one device rule of training, evaluation and prediction: auto = cuda if available; a plain `cuda`
+    means this process's GPU (torchrun's LOCAL_RANK); any other torch device name as given. `option` is the
+    command-line option the name came from, for the error message."""
     want = requested
     if want == "auto":
         want = "cuda" if torch.cuda.is_available() else "cpu"
-    if want.startswith("cuda") and not torch.cuda.is_available():
-        raise DeviceError(f"device {requested} asks for a GPU but torch sees none; use --run.device cpu")
-    return torch.device(f"cuda:{local_rank}" if want == "cuda" else want)
+    try:
+        device = torch.device(f"cuda:{local_rank}" if want == "cuda" else want)
+    except RuntimeError:
+        raise DeviceError(f"{option} {requested!r} is not a torch device (auto, cpu, cuda, cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DeviceError(
+            f"{option} {requested} asks for a GPU but torch sees none; use {option} cpu or auto"
+        )
+    return device
 
 
 def init_distributed(device: str = "auto", backend: str = "auto") -> tuple[Dist, torch.device]:

@@ -71,7 +71,9 @@ def load_benchmark(what: str) -> ModuleType:
         ) from err
 
 
-def resolve_device(args: argparse.Namespace) -> None:
+def choose_quick_or_gpu(args: argparse.Namespace) -> None:
+    """--quick (on the CPU) when asked or when there is no GPU, else the full GPU benchmarks: sets args.quick
+    and args.device."""
     import torch
 
     if not args.quick and not torch.cuda.is_available():
@@ -133,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         module.add_arguments(parser.add_argument_group(f"{what} options"))
     args = parser.parse_args(argv)
 
-    resolve_device(args)
+    choose_quick_or_gpu(args)
     if args.out is not None:
         os.environ[OUT_ENV] = os.path.abspath(args.out)
     if module is None:

@@ -9,8 +9,8 @@ Two parts, on MJPEG shards (short side 256) of the five Kinetics clips of ../sha
 - "loader" rows: clips/s of the training loader (crop 224, T=8, batch 8) for the video graph the loader
   used before (``fn.decoders.video``), the JPEG-frames graph (sampled frames' JPEGs, ROI-decoded) with 1 and
   2 DALI threads, and the torch fallback on the same shards, measured in alternating rounds in one process
-  (medians), so load from other jobs on the machine hits every row alike. These figures are what
-  pipeline.build.MEASURED_CPU_CLIPS_PER_S records for `auto`.
+  (medians), so load from other jobs on the machine hits every row alike. Their order is what
+  pipeline.build.CPU_BACKENDS_FASTEST_FIRST records for `auto`.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ batch 8) with gc_tsm_mini, on H.264 shards (preprocess's default GOP) of the fiv
 (auto on a CPU) with --workers DataLoader workers. On a CPU torch gets the cores the loader's workers leave
 free (runtime.cpu_threads, as train.py does): oversubscribed cores make both sides wait.
 
-For every model the step (training.train_step: forward, loss, backward, clipping, SGD, schedule) is timed with
+For every model the step (optimisation.train_step: forward, loss, backward, clip, SGD, schedule) is timed with
 a device synchronisation before each clock read, warm-up calls excluded (compilation happens there), medians
 reported. "shards" rows pull each batch from the real loader (pipeline.build_loader) and report the share of
 the step time spent waiting for it; "synthetic" rows reuse one batch on the device, the ceiling the loader is
@@ -34,8 +34,8 @@ import torch
 
 import checkpoints
 import config as C
+import optimisation
 import runtime
-import training
 from benchmark.common import Plot, median, nvidia_smi_id, timeit, write_results
 from pipeline import build_loader
 from pipeline.loader import explicit_device
@@ -204,7 +204,7 @@ def run_one(cfg: C.Config, data: str, args: argparse.Namespace, warmup: int, ite
 
     def step() -> None:
         x, y = next_batch()
-        training.train_step(net, x, y, opt, precision, device.type)
+        optimisation.train_step(net, x, y, opt, precision, device.type)
 
     sync = torch.cuda.synchronize if device.type == "cuda" else None
     timeit(step, warmup=warmup, iters=1, sync=sync)  # compilation and loader start-up
@@ -241,7 +241,7 @@ def model_and_optimiser(cfg: C.Config, num_classes: int, device: torch.device, p
     net = runtime.setup_model(
         model, device=device, channels_last=cfg.model.channels_last, compile=cfg.model.compile
     )
-    opt = training.Optimisation.build(
+    opt = optimisation.Optimisation.build(
         model,
         cfg,
         steps_per_epoch=1000,
@@ -323,8 +323,8 @@ def run_all(args: argparse.Namespace, quick: bool, warmup: int, iters: int) -> i
         "index": args.index,
         "kinetics_geometry": bool(getattr(args, "kinetics", False)),
         "device": args.device,
-        "what": "clips/s of training.train_step (median over timed steps, synchronised), data_wait = share "
-        "of step time spent in next(loader)",
+        "what": "clips/s of optimisation.train_step (median over timed steps, synchronised), data_wait = "
+        "share of step time spent in next(loader)",
     }
     path = write_results(
         "train_kinetics" if meta["kinetics_geometry"] else "train",

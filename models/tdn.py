@@ -1,11 +1,11 @@
 """TDN ResNets (Wang et al., CVPR 2021: temporal difference networks) and GC-TDN.
 
 Input contract: every one of the num_segments segments is frames_per_segment = 5 consecutive frames, so the
-model takes x_NTCHW with T = 5 * num_segments (the loader's --data.frames_per_segment 5: the 5 frames around
-each sampled index); the backbone sees them as N*T frames, segment-major, and returns one feature map per
-segment. (The TDN release's loader draws each segment's first frame over the first L - 4 frames instead and
-takes the 4 after it; centring on the TSN index keeps one sampling rule for every model.) Definitions follow
-the TDN release (MCG-NJU/TDN ops/tdn_net.py, ops/base_module.py) and its GC variant
+model takes x_NTCHW with T = 5 * num_segments (the loader takes 5 for a TDN name, config.frames_per_segment:
+the 5 frames around each sampled index); the backbone sees them as N*T frames, segment-major, and returns one
+feature map per segment. (The TDN release's loader draws each segment's first frame over the first L - 4
+frames instead and takes the 4 after it; centring on the TSN index keeps one sampling rule for every model.)
+Definitions follow the TDN release (MCG-NJU/TDN ops/tdn_net.py, ops/base_module.py) and its GC variant
 (haoyanbin918/Group-Contextualization ops_tdn/tdn_net_gc.py, base_module_gc.py):
 
 - Short-term difference module, on the input: the centre frame of each segment goes through the ResNet stem

@@ -14,35 +14,31 @@ log = logging.getLogger(__name__)
 BACKENDS = ("auto", "dali-gpu", "dali-cpu", "torch")
 # Codecs DALI's CPU decoder handles (MJPEG through the JPEG-frames graph, VP8/VP9 through fn.decoders.video).
 DALI_CPU_CODECS = ("mjpeg", "vp9", "vp8")
-# Clips/s of the backends that decode on the CPU, per codec, at Kinetics geometry (short side 256, crop 224,
-# T=8, batch 8, 2 threads/workers), measured side by side in alternating rounds by `python -m benchmark
-# dali_cpu` (benchmark/results/dali_cpu_cpu-2c-amd-epyc-avx2_2026-12-01.md, a quiet moment; busier runs
-# gave the same ~2x ratio, which is what counts). `auto` reads this table instead of probing both backends
-# at start-up: a probe costs seconds of pipeline and worker start-up per run, and on a shared machine its
-# noise could pick a different backend from one run to the next. Decoding on the CPU is what is measured,
-# so the table serves CUDA machines too (MJPEG batches decoded on the CPU, moved to the GPU). A codec absent
-# here goes to the torch fallback, which seeks to keyframes (DALI's CPU video decoder decodes every frame up
-# to the last one asked for).
-MEASURED_CPU_CLIPS_PER_S: dict[str, dict[str, float]] = {
-    "mjpeg": {"dali-cpu": 100.8, "torch": 54.5},
+# The backends that decode on the CPU, per codec, fastest first, as `python -m benchmark dali_cpu` ranked
+# them at Kinetics geometry side by side in alternating rounds (the figures: docs/benchmark.md, "dali_cpu",
+# and its results file). `auto` reads this order instead of probing both backends at start-up: a probe costs
+# seconds of pipeline and worker start-up per run, and on a shared machine its noise could pick a different
+# backend from one run to the next. Decoding on the CPU is what is ranked, so the order serves CUDA machines
+# too (MJPEG batches decoded on the CPU, moved to the GPU). A codec absent here goes to the torch fallback,
+# which seeks to keyframes (DALI's CPU video decoder decodes every frame up to the last one asked for).
+CPU_BACKENDS_FASTEST_FIRST: dict[str, tuple[str, ...]] = {
+    "mjpeg": ("dali-cpu", "torch"),
 }
 # What DALI 2.4's `mixed` (NVDEC) video decoder accepts: MJPEG is not among them (every sample would fail
 # "Failed to create video decoder"), although the operator's docstring lists it.
 NVDEC_CODECS = ("h264", "hevc", "h265", "vp8", "vp9", "av1", "mpeg4")
 
 
-def fastest_cpu_backend(codec: str, measured: dict[str, dict[str, float]] | None = None) -> str:
-    """The CPU-decoding backend measured fastest for ``codec`` (MEASURED_CPU_CLIPS_PER_S), among those
-    that can decode it; torch where nothing was measured."""
-    table = (MEASURED_CPU_CLIPS_PER_S if measured is None else measured).get(codec, {})
-    usable = {
-        b: v for b, v in table.items() if b == "torch" or (b == "dali-cpu" and codec in DALI_CPU_CODECS)
-    }
-    return max(usable, key=usable.__getitem__) if usable else "torch"
+def fastest_cpu_backend(codec: str, ranking: dict[str, tuple[str, ...]] | None = None) -> str:
+    """The CPU-decoding backend ranked fastest for ``codec`` (CPU_BACKENDS_FASTEST_FIRST), among those
+    that can decode it; torch where nothing was ranked."""
+    order = (CPU_BACKENDS_FASTEST_FIRST if ranking is None else ranking).get(codec, ())
+    usable = [b for b in order if b == "torch" or (b == "dali-cpu" and codec in DALI_CPU_CODECS)]
+    return usable[0] if usable else "torch"
 
 
 def select_backend(requested: str, *, codec: str, device: torch.device | str) -> str:
-    """auto: a CUDA device with an NVDEC codec -> dali-gpu; otherwise the CPU-decoding backend measured
+    """auto: a CUDA device with an NVDEC codec -> dali-gpu; otherwise the CPU-decoding backend ranked
     fastest for the codec (fastest_cpu_backend: dali-cpu for MJPEG today, torch for the rest)."""
     device = torch.device(device)
     codec = codec.lower()

@@ -23,7 +23,7 @@ CORE = [
     "pipeline/sampling.py",
     "models/temporal.py",
     "models/resnet.py",
-    "training.py",
+    "optimisation.py",
     "checkpoints.py",
     "pipeline/shards.py",
     "preprocess/runner.py",

@@ -156,13 +156,20 @@ def test_a_short_run_fits_the_presets_schedule_with_a_note(caplog):
         C.parse_train_args(["--preset", "gc_tsm_r50_k400_8f", "--epochs", "1", "--optim.lr_steps", "5"])
 
 
-def test_a_one_epoch_smoke_run_trains_and_resuming_it_says_it_is_finished(tiny_index, tmp_path, caplog):
+def test_a_one_epoch_smoke_run_trains_and_resuming_it_says_it_is_finished(
+    tiny_index, tmp_path, caplog, monkeypatch
+):
     args = tiny_args(tiny_index, tmp_path / "run", batch_size=8)
     at = args.index("--optim.warmup_epochs")
     args = args[:at] + args[at + 2 :]  # the demo's own warm-up of 1 epoch
+    calls = []  # the distributed state and the device are resolved once and passed down, evaluation too
+    resolve = runtime.init_distributed
+    monkeypatch.setattr(runtime, "init_distributed", lambda *a: calls.append(a) or resolve(*a))
     with caplog.at_level("INFO"):
-        assert train.main(["train", *args, "--optim.epochs", "1"]) == 0
+        final_eval = ["--run.final_eval", "true", "--eval.batch_size", "8"]
+        assert train.main(["train", *args, "--optim.epochs", "1", *final_eval]) == 0
     assert "warming up for 0.5" in caplog.text
+    assert calls == [("cpu", "auto")] and (tmp_path / "run" / "eval-val" / "results.json").exists()
     metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in metrics] == [1]
     caplog.clear()

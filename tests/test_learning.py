@@ -1,4 +1,4 @@
-"""training.py learns: a few dozen seeded CPU steps on a tiny synthetic task lower the loss and beat
+"""optimisation.py learns: a few dozen seeded CPU steps on a tiny synthetic task lower the loss and beat
 chance, in fp32 with the demo's model and in every precision (bf16, fp16 with its GradScaler, `auto`);
 gradient-norm clipping clips to --optim.clip_grad (20 by default), and 0 turns it off."""
 
@@ -12,8 +12,8 @@ from torch import nn
 
 import checkpoints
 import config as C
+import optimisation
 import runtime
-import training
 
 CLASSES, FRAMES, SIDE, BATCH = 4, 4, 16, 16
 CPU = torch.device("cpu")
@@ -44,14 +44,14 @@ def train_and_score(model: nn.Module, cfg: C.Config, precision: str, steps: int,
     """(mean loss of the first 3 steps, of the last 3, top-1 on 64 fresh clips) after `steps` train_steps."""
     torch.manual_seed(seed)
     draw = toy_task(seed)
-    opt = training.Optimisation.build(
+    opt = optimisation.Optimisation.build(
         model, cfg, steps_per_epoch=steps, global_batch=BATCH, precision=precision, device=CPU
     )
     model.train()
     losses = []
     for _ in range(steps):
         x, y = draw()
-        loss, correct, bad = training.train_step(model, x, y, opt, precision, "cpu")
+        loss, correct, bad = optimisation.train_step(model, x, y, opt, precision, "cpu")
         assert not bad.item() and 0 <= correct.item() <= BATCH
         losses.append(loss.item())
     model.eval()
@@ -85,7 +85,7 @@ def test_the_demo_model_learns_in_a_few_dozen_fp32_steps():
 def test_every_precision_steps_and_learns(precision):
     resolved = runtime.resolve_precision(precision, CPU)
     assert resolved == ("fp32" if precision == "auto" else precision)  # auto is fp32 on a CPU
-    opt = training.Optimisation.build(
+    opt = optimisation.Optimisation.build(
         TinyVideoNet(), optim_cfg(0.05), steps_per_epoch=1, global_batch=BATCH, precision=resolved, device=CPU
     )
     assert (opt.scaler is not None) == (resolved == "fp16")  # a GradScaler for fp16 only
@@ -99,15 +99,15 @@ def test_fp16_steps_unscale_before_clipping_and_skip_overflows():
     # fp16 gradients are scaled by the GradScaler: the clip must see (and cap) the true, unscaled norm
     torch.manual_seed(0)
     model = TinyVideoNet()
-    opt = training.Optimisation.build(
+    opt = optimisation.Optimisation.build(
         model, optim_cfg(0.05, 0.01), steps_per_epoch=1, global_batch=BATCH, precision="fp16", device=CPU
     )
     x, y = toy_task()()
-    training.train_step(model, x, y, opt, "fp16", "cpu")
+    optimisation.train_step(model, x, y, opt, "fp16", "cpu")
     assert total_grad_norm(model) == pytest.approx(0.01, rel=1e-3)
     # an overflowing step is the scaler's to skip (weights unchanged), not a divergence
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    _, _, bad = training.train_step(model, x * float("inf"), y, opt, "fp16", "cpu")
+    _, _, bad = optimisation.train_step(model, x * float("inf"), y, opt, "fp16", "cpu")
     assert bool(bad.item())  # the loss itself is not finite: reported
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
@@ -134,10 +134,10 @@ def one_step(clip_grad: float, scale: float) -> tuple[float, float, TinyVideoNet
     x, y = toy_task()()
     x = x * scale
     raw = raw_grad_norm(model, x, y)
-    opt = training.Optimisation.build(
+    opt = optimisation.Optimisation.build(
         model, optim_cfg(0.01, clip_grad), steps_per_epoch=1, global_batch=BATCH, precision="fp32", device=CPU
     )
-    training.train_step(model, x, y, opt, "fp32", "cpu")
+    optimisation.train_step(model, x, y, opt, "fp32", "cpu")
     return raw, total_grad_norm(model), model
 
 
@@ -145,7 +145,7 @@ def test_the_default_clip_is_20_as_in_the_reference_scripts():
     assert C.OptimConfig().clip_grad == 20.0
     for preset in ("demo", "gc_tsm_r50_k400_8f"):
         cfg = C.PRESETS[preset]()
-        opt = training.Optimisation.build(
+        opt = optimisation.Optimisation.build(
             TinyVideoNet(), cfg, steps_per_epoch=1, global_batch=8, precision="fp32", device=CPU
         )
         assert opt.clip_grad == cfg.optim.clip_grad == 20.0
@@ -182,10 +182,10 @@ def test_the_step_loss_is_cross_entropy_with_the_configured_label_smoothing():
     cfg.optim.label_smoothing = 0.2
     with torch.no_grad():
         expected = nn.functional.cross_entropy(model(x), y, label_smoothing=0.2)
-    opt = training.Optimisation.build(
+    opt = optimisation.Optimisation.build(
         model, cfg, steps_per_epoch=1, global_batch=BATCH, precision="fp32", device=CPU
     )
-    loss, _, _ = training.train_step(model, x, y, opt, "fp32", "cpu")
+    loss, _, _ = optimisation.train_step(model, x, y, opt, "fp32", "cpu")
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
     assert expected.item() != pytest.approx(nn.functional.cross_entropy(model(x), y).item(), rel=1e-3)
 
@@ -205,14 +205,14 @@ def test_base_lr_is_the_scheduled_lr_without_the_groups_multiplier():
     cfg = optim_cfg(0.1)
     cfg.optim.lr_steps, cfg.optim.epochs = (1,), 2
     model = BiasOnly()
-    opt = training.Optimisation.build(
+    opt = optimisation.Optimisation.build(
         model, cfg, steps_per_epoch=2, global_batch=2 * BATCH, precision="fp32", device=CPU
     )
     assert opt.optimizer.param_groups[0]["lr_mult"] == 2
     assert opt.base_lr() == pytest.approx(0.2)  # 0.1 for 16 clips, batch 32
     x, y = toy_task()()
     for _ in range(2):
-        training.train_step(model, x, y, opt, "fp32", "cpu")
+        optimisation.train_step(model, x, y, opt, "fp32", "cpu")
     assert opt.base_lr() == pytest.approx(0.02)  # epoch 1: x0.1
 
 
@@ -220,7 +220,7 @@ def test_the_optimiser_takes_momentum_nesterov_gc_and_fine_tuning_multipliers():
     cfg = optim_cfg(0.1)
     cfg.optim.momentum, cfg.optim.nesterov, cfg.optim.gc_lr_mult = 0.8, True, 5.0
     model = checkpoints.build_model(cfg, CLASSES)
-    opt = training.Optimisation.build(
+    opt = optimisation.Optimisation.build(
         model, cfg, steps_per_epoch=1, global_batch=BATCH, precision="fp32", device=CPU, fine_tuning=True
     )
     groups = {g["name"]: g for g in opt.optimizer.param_groups}
@@ -233,11 +233,11 @@ def bias_step(bias: list[float], labels: list[int]) -> tuple[float, float, bool,
     model = BiasOnly()
     with torch.no_grad():
         model.bias.copy_(torch.tensor(bias))
-    opt = training.Optimisation.build(
+    opt = optimisation.Optimisation.build(
         model, optim_cfg(0.01), steps_per_epoch=1, global_batch=BATCH, precision="fp32", device=CPU
     )
     x = torch.zeros(len(labels), FRAMES, 3, SIDE, SIDE)
-    loss, correct, bad = training.train_step(model, x, torch.tensor(labels), opt, "fp32", "cpu")
+    loss, correct, bad = optimisation.train_step(model, x, torch.tensor(labels), opt, "fp32", "cpu")
     return loss.item(), correct.item(), bool(bad.item()), model
 
 
@@ -257,10 +257,10 @@ def test_the_step_counts_the_clips_it_got_right():
     x = torch.zeros(len(labels), FRAMES, 3, SIDE, SIDE)
     x[torch.arange(len(labels)), 0, 0, 0, torch.tensor(predicted)] = 5.0
     model = Readout()
-    opt = training.Optimisation.build(
+    opt = optimisation.Optimisation.build(
         model, optim_cfg(0.01), steps_per_epoch=1, global_batch=BATCH, precision="fp32", device=CPU
     )
-    _, correct, _ = training.train_step(model, x, torch.tensor(labels), opt, "fp32", "cpu")
+    _, correct, _ = optimisation.train_step(model, x, torch.tensor(labels), opt, "fp32", "cpu")
     assert correct.item() == 3
 
 
@@ -276,9 +276,9 @@ def test_an_infinite_gradient_with_a_finite_loss_is_reported():
     model = TinyVideoNet()
     with torch.no_grad():
         model.fc.weight.zero_()
-    opt = training.Optimisation.build(
+    opt = optimisation.Optimisation.build(
         model, optim_cfg(0.01), steps_per_epoch=1, global_batch=BATCH, precision="fp32", device=CPU
     )
     x = torch.full((BATCH, FRAMES, 3, SIDE, SIDE), 3e38)
-    loss, _, bad = training.train_step(model, x, torch.zeros(BATCH, dtype=torch.long), opt, "fp32", "cpu")
+    loss, _, bad = optimisation.train_step(model, x, torch.zeros(BATCH, dtype=torch.long), opt, "fp32", "cpu")
     assert torch.isfinite(loss) and bool(bad)

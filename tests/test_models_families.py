@@ -151,7 +151,7 @@ def expected_counts(name: str) -> tuple[int, int, int]:
     return params, macs, matmul
 
 
-# The README table's figures (`python -m models NAME`): params, GMACs conv+linear, GMACs matmul.
+# docs/models.md's table figures (`python -m models NAME`): params, GMACs conv+linear, GMACs matmul.
 TABLE = {
     "tsn_mbv2": (2_736_272, 2.40, 0.0),
     "tsm_mbv2": (2_736_272, 2.40, 0.0),

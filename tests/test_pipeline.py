@@ -371,23 +371,23 @@ def test_select_backend_table(requested, codec, device, expected):
 
 
 @pytest.mark.parametrize(
-    "measured, codec, device, expected",
+    "ranking, codec, device, expected",
     [
-        ({"mjpeg": {"dali-cpu": 30.0, "torch": 15.0}}, "mjpeg", "cpu", "dali-cpu"),
-        ({"mjpeg": {"dali-cpu": 13.0, "torch": 20.0}}, "mjpeg", "cpu", "torch"),  # the fallback is faster
-        ({"mjpeg": {"dali-cpu": 13.0, "torch": 20.0}}, "mjpeg", "cuda:0", "torch"),  # both decode on the CPU
-        ({"vp9": {"dali-cpu": 9.0, "torch": 4.0}}, "vp9", "cpu", "dali-cpu"),
-        ({"vp9": {"dali-cpu": 9.0, "torch": 4.0}}, "vp9", "cuda:0", "dali-gpu"),  # NVDEC codec on a GPU
-        ({"h264": {"dali-cpu": 99.0, "torch": 1.0}}, "h264", "cpu", "torch"),  # DALI's CPU cannot decode it
-        ({"h264": {"dali-cpu": 99.0, "torch": 1.0}}, "h264", "cuda:0", "dali-gpu"),
-        ({}, "mjpeg", "cpu", "torch"),  # nothing measured: the fallback
+        ({"mjpeg": ("dali-cpu", "torch")}, "mjpeg", "cpu", "dali-cpu"),
+        ({"mjpeg": ("torch", "dali-cpu")}, "mjpeg", "cpu", "torch"),  # the fallback ranked first
+        ({"mjpeg": ("torch", "dali-cpu")}, "mjpeg", "cuda:0", "torch"),  # both decode on the CPU
+        ({"vp9": ("dali-cpu", "torch")}, "vp9", "cpu", "dali-cpu"),
+        ({"vp9": ("dali-cpu", "torch")}, "vp9", "cuda:0", "dali-gpu"),  # NVDEC codec on a GPU
+        ({"h264": ("dali-cpu", "torch")}, "h264", "cpu", "torch"),  # DALI's CPU cannot decode it
+        ({"h264": ("dali-cpu", "torch")}, "h264", "cuda:0", "dali-gpu"),
+        ({}, "mjpeg", "cpu", "torch"),  # nothing ranked: the fallback
         ({}, "hevc", "cuda:0", "dali-gpu"),
     ],
 )
-def test_auto_picks_the_backend_measured_fastest(monkeypatch, measured, codec, device, expected):
+def test_auto_picks_the_backend_ranked_fastest(monkeypatch, ranking, codec, device, expected):
     from pipeline import build
 
-    monkeypatch.setattr(build, "MEASURED_CPU_CLIPS_PER_S", measured)
+    monkeypatch.setattr(build, "CPU_BACKENDS_FASTEST_FIRST", ranking)
     assert select_backend("auto", codec=codec, device=torch.device(device)) == expected
     assert select_backend("torch", codec=codec, device=torch.device(device)) == "torch"  # asked for, kept
 

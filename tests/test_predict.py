@@ -23,6 +23,7 @@ import config as C
 import evaluation
 import models
 import predict
+import runtime
 import shardformat
 import train
 from models.online import causal_model
@@ -365,8 +366,13 @@ def test_a_truncated_faststart_mp4_is_read_with_a_warning_that_gives_the_counts(
     assert "warning" not in json.loads(capsys.readouterr().out) and not caplog.records
 
 
-def test_device_auto_is_cuda_when_present():
-    assert predict.resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+def test_device_auto_is_cuda_when_present_and_a_bad_name_names_the_option():
+    assert runtime.resolve_device("auto", option="--device").type == (
+        "cuda" if torch.cuda.is_available() else "cpu"
+    )
+    with pytest.raises(runtime.DeviceError, match="--device 'nonsense' is not a torch device"):
+        runtime.resolve_device("nonsense", option="--device")
+    assert runtime.resolve_device("cpu").type == "cpu"
 
 
 # ------------------------------------------------------------------------------------------------- streaming

@@ -242,7 +242,7 @@ DDP_PROBE = textwrap.dedent("""
                 seen.extend(hashlib.sha1(c.numpy().tobytes()).hexdigest() for c in x)
                 yield x, y
 
-    result = train.fit(cfg, Recorder(), val_loader)
+    result = train.fit(cfg, Recorder(), val_loader, dist, device)
     out = {"seen": seen, "world_size": result["world_size"], "step": result["step"]}
     with open(os.path.join(sys.argv[1], f"rank{rank}.json"), "w") as f:
         json.dump(out, f)

@@ -1,4 +1,4 @@
-"""training.py and checkpoints.py without data: lr scaling and schedule, parameter groups, checkpoint
+"""optimisation.py and checkpoints.py without data: lr scaling and schedule, parameter groups, checkpoint
 writing, RNG state, fine-tune loading."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch
 
 import checkpoints
 import config as C
-import training
+import optimisation
 
 
 def optim(**kw) -> C.OptimConfig:
@@ -19,52 +19,53 @@ def optim(**kw) -> C.OptimConfig:
 
 def test_lr_scales_linearly_with_the_global_batch():
     o = C.OptimConfig(lr=0.02, base_batch=128)
-    assert training.scaled_lr(o, 64) == pytest.approx(0.01)
-    assert training.scaled_lr(o, 8 * 16) == pytest.approx(0.02)
+    assert optimisation.scaled_lr(o, 64) == pytest.approx(0.01)
+    assert optimisation.scaled_lr(o, 8 * 16) == pytest.approx(0.02)
 
 
 def test_step_schedule_with_linear_warmup():
     o = optim(warmup_epochs=1, warmup_start_factor=0.1)
     spe = 10  # steps per epoch
-    assert training.lr_factor(0, spe, o) == pytest.approx(0.1)
-    assert training.lr_factor(5, spe, o) == pytest.approx(0.55)  # half-way through the warm-up
-    assert training.lr_factor(10, spe, o) == pytest.approx(1.0)
-    assert training.lr_factor(39, spe, o) == pytest.approx(1.0)
-    assert training.lr_factor(40, spe, o) == pytest.approx(0.1)  # epoch 4
-    assert training.lr_factor(80, spe, o) == pytest.approx(0.01)  # epoch 8
+    assert optimisation.lr_factor(0, spe, o) == pytest.approx(0.1)
+    assert optimisation.lr_factor(5, spe, o) == pytest.approx(0.55)  # half-way through the warm-up
+    assert optimisation.lr_factor(10, spe, o) == pytest.approx(1.0)
+    assert optimisation.lr_factor(39, spe, o) == pytest.approx(1.0)
+    assert optimisation.lr_factor(40, spe, o) == pytest.approx(0.1)  # epoch 4
+    assert optimisation.lr_factor(80, spe, o) == pytest.approx(0.01)  # epoch 8
 
 
 def test_a_two_epoch_warmup_and_the_cosine_after_its_end():
     o = optim(schedule="cosine", lr_steps=(), warmup_epochs=2, warmup_start_factor=0.2)
-    assert training.lr_factor(10, 10, o) == pytest.approx(0.6)  # half-way through the 2 warm-up epochs
-    assert training.lr_factor(15, 10, o) == pytest.approx(0.8)
-    assert training.lr_factor(120, 10, o) == pytest.approx(0.0, abs=1e-12)  # past the last epoch: stays at 0
+    assert optimisation.lr_factor(10, 10, o) == pytest.approx(0.6)  # half-way through the 2 warm-up epochs
+    assert optimisation.lr_factor(15, 10, o) == pytest.approx(0.8)
+    # past the last epoch: stays at 0
+    assert optimisation.lr_factor(120, 10, o) == pytest.approx(0.0, abs=1e-12)
 
 
 def test_cosine_schedule_after_warmup():
     o = optim(schedule="cosine", lr_steps=(), warmup_epochs=2)
     spe = 5
-    assert training.lr_factor(10, spe, o) == pytest.approx(1.0)
-    assert training.lr_factor(30, spe, o) == pytest.approx(0.5)  # half-way through the 8 cosine epochs
-    assert training.lr_factor(50, spe, o) == pytest.approx(0.0, abs=1e-12)
-    assert training.lr_factor(20, spe, o) == pytest.approx(0.5 * (1 + math.cos(math.pi * 2 / 8)))
+    assert optimisation.lr_factor(10, spe, o) == pytest.approx(1.0)
+    assert optimisation.lr_factor(30, spe, o) == pytest.approx(0.5)  # half-way through the 8 cosine epochs
+    assert optimisation.lr_factor(50, spe, o) == pytest.approx(0.0, abs=1e-12)
+    assert optimisation.lr_factor(20, spe, o) == pytest.approx(0.5 * (1 + math.cos(math.pi * 2 / 8)))
 
 
 def test_scheduler_keeps_the_group_multipliers():
     cfg = C.demo()
     model = checkpoints.build_model(cfg, 8)
-    opt = training.build_optimizer(model, cfg, 0.1, fine_tuning=True)
+    opt = optimisation.build_optimizer(model, cfg, 0.1, fine_tuning=True)
     groups = {g["name"]: g for g in opt.param_groups}
     assert groups["fc_weight"]["lr"] == pytest.approx(0.5) and groups["fc_bias"]["lr"] == pytest.approx(0.5)
     assert groups["fc_bias"]["weight_decay"] == 0 and groups["norm"]["weight_decay"] == 0
     assert groups["weight"]["weight_decay"] == cfg.optim.weight_decay
-    sched = training.build_scheduler(opt, 4, optim(lr_steps=(1,)))
+    sched = optimisation.build_scheduler(opt, 4, optim(lr_steps=(1,)))
     for _ in range(4):
         opt.step()
         sched.step()
     assert groups["fc_weight"]["lr"] == pytest.approx(0.05) and groups["weight"]["lr"] == pytest.approx(0.01)
     # not fine-tuning: the classifier is ordinary (its bias at the usual lr x2, no weight decay)
-    plain = {g["name"]: g for g in training.build_optimizer(model, cfg, 0.1, False).param_groups}
+    plain = {g["name"]: g for g in optimisation.build_optimizer(model, cfg, 0.1, False).param_groups}
     assert "fc_weight" not in plain and plain["bias"]["lr"] == pytest.approx(0.2)
 
 

@@ -13,28 +13,30 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-import config as C
+import config
 import models
 import runtime
 
 
-def scaled_lr(o: C.OptimConfig, global_batch: int) -> float:
+def scaled_lr(optim: config.OptimConfig, global_batch: int) -> float:
     """The reference rule: lr is given for base_batch clips per step and scales linearly with the batch."""
-    return o.lr * global_batch / o.base_batch
+    return optim.lr * global_batch / optim.base_batch
 
 
-def lr_factor(step: int, steps_per_epoch: int, o: C.OptimConfig) -> float:
+def lr_factor(step: int, steps_per_epoch: int, optim: config.OptimConfig) -> float:
     """Multiplier of the base lr after `step` optimiser steps: linear warm-up, then step decay or cosine."""
     epoch = step / steps_per_epoch
-    if epoch < o.warmup_epochs:
-        return o.warmup_start_factor + (1.0 - o.warmup_start_factor) * epoch / o.warmup_epochs
-    if o.schedule == "step":
-        return o.lr_decay ** sum(epoch >= s for s in o.lr_steps)
-    progress = min((epoch - o.warmup_epochs) / (o.epochs - o.warmup_epochs), 1.0)
+    if epoch < optim.warmup_epochs:
+        return optim.warmup_start_factor + (1.0 - optim.warmup_start_factor) * epoch / optim.warmup_epochs
+    if optim.schedule == "step":
+        return optim.lr_decay ** sum(epoch >= s for s in optim.lr_steps)
+    progress = min((epoch - optim.warmup_epochs) / (optim.epochs - optim.warmup_epochs), 1.0)
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_optimizer(model: torch.nn.Module, cfg: C.Config, lr: float, fine_tuning: bool) -> torch.optim.SGD:
+def build_optimizer(
+    model: torch.nn.Module, cfg: config.Config, lr: float, fine_tuning: bool
+) -> torch.optim.SGD:
     groups = models.param_groups(
         model,
         lr=lr,
@@ -51,8 +53,10 @@ def build_optimizer(model: torch.nn.Module, cfg: C.Config, lr: float, fine_tunin
     )
 
 
-def build_scheduler(optimizer, steps_per_epoch: int, o: C.OptimConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, steps_per_epoch, o))
+def build_scheduler(
+    optimizer, steps_per_epoch: int, optim: config.OptimConfig
+) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, steps_per_epoch, optim))
 
 
 @dataclass
@@ -68,7 +72,7 @@ class Optimisation:
     def build(
         cls,
         model: torch.nn.Module,
-        cfg: C.Config,
+        cfg: config.Config,
         *,
         steps_per_epoch: int,
         global_batch: int,
