@@ -3,7 +3,7 @@ earlier one unless asked (--resume continues it, --run.overwrite replaces it).""
 
 from __future__ import annotations
 
-import json
+import errno
 import logging
 import os
 import shutil
@@ -11,6 +11,8 @@ import socket
 import sys
 import time
 from pathlib import Path
+
+import dirlock
 
 log = logging.getLogger(__name__)
 RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "config.json")
@@ -25,68 +27,70 @@ def holds_run(out: Path) -> bool:
 
 
 def lock(out: Path) -> None:
-    """<out>/.lock names the process training into `out`; a second one is refused instead of interleaving
-    checkpoints and metrics. The lock appears whole (written beside it, then hard-linked into place), so one
-    whose owner cannot be read (empty or garbled: a disk that filled up, an older version killed between
-    create and write) or whose process is gone (same host) is stale: it is taken over, with a message."""
-    lock = out / ".lock"
+    """<out>/.lock names the process training into `out` and holds its flock (dirlock); a second one is
+    refused instead of interleaving checkpoints and metrics. A lock file left behind whose owner cannot be
+    read (empty or garbled: a disk that filled up, an older version killed between create and write), whose
+    process is gone (same host) or that no longer holds its flock (a pid since reused) is stale: it is taken
+    over, with a message. One naming another host is not: flock may not reach across hosts on a network file
+    system, and a record written by an older version (no flock) is trusted while its process lives."""
+    path = out / ".lock"
     me = {
         "pid": os.getpid(),
         "host": socket.gethostname(),
         "command": " ".join(sys.argv),
         "since": time.time(),
+        "flock": True,  # an owner that holds the flock while it lives (a record without it: an older version)
     }
-    tmp = out / f".lock.{os.getpid()}.tmp"
+    left_behind = path.exists()
     try:
-        tmp.write_text(json.dumps(me))
+        fd = dirlock.try_acquire(path)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise RunDirError(
-            f"cannot write the lock of {out} ({e.strerror}): free some space or fix the folder"
-        ) from None
+        raise _unwritable(out, e) from None
+    if fd is None:
+        raise _in_use(out, path, dirlock.read_record(path), held=True)
+    holder = _holder(path) if left_behind else {}
+    if holder != {}:  # a record left behind: its owner let the flock go, or never held one
+        stale = _stale_reason(holder, me["host"])
+        if stale is None:
+            dirlock.release(fd)
+            raise _in_use(out, path, holder, held=False)
+        log.warning("%s: taking over a stale lock (%s)", path, stale)
     try:
-        for _ in range(3):
-            try:
-                _place(tmp, lock)
-                return
-            except FileExistsError:
-                holder = _holder(lock)
-            if holder == {}:
-                continue  # released meanwhile
-            stale = _stale_reason(holder, me["host"])
-            if stale is None:
-                raise RunDirError(
-                    f"{out} is in use by pid {holder['pid']} on {holder['host']} "
-                    f"({holder.get('command', '?')}): wait for it or choose another --run.out; if that "
-                    f"process is gone, delete {lock}"
-                )
-            log.warning("%s: taking over a stale lock (%s)", lock, stale)
-            lock.unlink(missing_ok=True)
-        raise RunDirError(f"{lock} keeps reappearing: another process is claiming {out}; try again")
-    finally:
-        tmp.unlink(missing_ok=True)
+        dirlock.write_record(fd, me)
+    except OSError as e:
+        dirlock.release(fd, path)
+        raise _unwritable(out, e) from None
+    _held_locks[path.absolute()] = fd
 
 
-def _place(tmp: Path, lock: Path) -> None:
-    """Create `lock` with the content of `tmp` at once (FileExistsError when it exists)."""
-    try:
-        os.link(tmp, lock)
-    except FileExistsError:
-        raise
-    except OSError:  # a file system without hard links: create exclusively, then write
-        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        with os.fdopen(fd, "w") as f:
-            f.write(tmp.read_text())
+# The lock files this process holds -> their descriptors (closing one releases its flock).
+_held_locks: dict[Path, int] = {}
+
+
+def _unwritable(out: Path, e: OSError) -> RunDirError:
+    if e.errno in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP):
+        return RunDirError(
+            f"the file system of {out} has no file locks (flock: {e.strerror}): choose a --run.out on one "
+            f"that has (a local disk, NFS)"
+        )
+    return RunDirError(f"cannot write the lock of {out} ({e.strerror}): free some space or fix the folder")
+
+
+def _in_use(out: Path, path: Path, holder: dict | None, *, held: bool) -> RunDirError:
+    """`held`: a live process holds the flock (deleting the file would not stop it, only unlock `out`)."""
+    if not holder:  # held, its record not written yet (or unreadable)
+        who = "another process"
+    else:
+        who = f"pid {holder.get('pid')} on {holder.get('host')} ({holder.get('command', '?')})"
+    advice = "" if held else f"; if that process is gone, delete {path}"
+    return RunDirError(f"{out} is in use by {who}: wait for it or choose another --run.out{advice}")
 
 
 def _holder(lock: Path) -> dict | None:
-    """The owner a lock names, or None when it cannot be read."""
-    try:
-        holder = json.loads(lock.read_text())
-    except FileNotFoundError:
-        return {}  # released meanwhile: try again
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
+    """The owner a lock names, {} when there is no lock file, or None when it cannot be read."""
+    holder = dirlock.read_record(lock)
+    if holder == {}:
+        return {}
     ok = (
         isinstance(holder, dict)
         and isinstance(holder.get("pid"), int)
@@ -96,19 +100,27 @@ def _holder(lock: Path) -> dict | None:
 
 
 def _stale_reason(holder: dict | None, host: str) -> str | None:
-    """Why a lock's owner is gone, or None while it may still be training."""
+    """Why a free lock's owner is gone, or None while it may still be training."""
     if holder is None:
         return "its owner cannot be read: it was never written completely"
-    if holder["host"] == host and not _alive(holder["pid"]):
+    if holder["host"] != host:
+        return None
+    if not _alive(holder["pid"]):
         return f"pid {holder['pid']} has ended"
+    if holder.get("flock") is True:
+        return f"pid {holder['pid']} no longer holds it (its lock was released: the pid has been reused)"
     return None
 
 
 def unlock(out: Path) -> None:
-    lock = out / ".lock"
-    holder = _holder(lock) if lock.exists() else None
+    path = out / ".lock"
+    fd = _held_locks.pop(path.absolute(), None)
+    if fd is not None:
+        dirlock.release(fd, path)
+        return
+    holder = _holder(path) if path.exists() else None
     if holder and holder.get("pid") == os.getpid():
-        lock.unlink()
+        path.unlink()
 
 
 def _alive(pid: int) -> bool:

@@ -189,17 +189,54 @@ def torch_threads(cfg: C.Config) -> int:
 
 
 def run_one(cfg: C.Config, data: str, args: argparse.Namespace, warmup: int, iters: int) -> dict:
+    """One row: training steps of cfg's model on `data` (shards through the loader, or one fixed synthetic
+    batch), timed after a first step that compiles and starts the loader."""
     device = torch.device(args.device)
     precision = runtime.resolve_precision(cfg.run.precision, device)
     torch.manual_seed(args.seed)
     if device.type == "cpu":
         torch.set_num_threads(torch_threads(cfg))
-    loader = None
-    if data == "shards":
-        loader = build_loader(cfg.data, split="train", mode="train", device=device)
-        num_classes = len(loader.classes)
-    else:
-        num_classes = 400 if cfg.data.crop_size > 100 else 8
+    loader = build_loader(cfg.data, split="train", mode="train", device=device) if data == "shards" else None
+    num_classes = len(loader.classes) if loader is not None else (400 if cfg.data.crop_size > 100 else 8)
+    net, opt = model_and_optimiser(cfg, num_classes, device, precision)
+    waits: list[float] = []
+    next_batch = batch_source(cfg, loader, num_classes, device, waits)
+
+    def step() -> None:
+        x, y = next_batch()
+        optimisation.train_step(net, x, y, opt, precision, device.type)
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else None
+    timeit(step, warmup=warmup, iters=1, sync=sync)  # compilation and loader start-up
+    waits.clear()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    with GpuSampler(device) as gpu:
+        times = timeit(step, warmup=0, iters=iters, sync=sync)
+    row = {
+        "model": cfg.model.name,
+        "data": data,
+        "batch_size": cfg.data.batch_size,
+        "num_segments": cfg.data.num_segments,
+        "crop": cfg.data.crop_size,
+        "precision": precision,
+        "compile": cfg.model.compile,
+        "step_ms": 1000 * median(times),
+        "clips_per_s": cfg.data.batch_size / median(times),
+        "data_wait": sum(waits) / sum(times) if waits else 0.0,
+        "torch_threads": torch.get_num_threads(),
+    }
+    if loader is not None:
+        row["backend"] = getattr(loader, "backend", "?")
+        row["workers"] = cfg.data.workers
+    if device.type == "cuda":
+        row["torch_peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    row.update(gpu.summary())
+    return row
+
+
+def model_and_optimiser(cfg: C.Config, num_classes: int, device: torch.device, precision: str):
+    """The model as train.py wraps it (channels last, compiled if asked), in train mode, and its optimiser."""
     model = checkpoints.build_model(cfg, num_classes)
     net = runtime.setup_model(
         model, device=device, channels_last=cfg.model.channels_last, compile=cfg.model.compile
@@ -213,57 +250,34 @@ def run_one(cfg: C.Config, data: str, args: argparse.Namespace, warmup: int, ite
         device=device,
     )
     net.train()
-    b, t, s = cfg.data.batch_size, cfg.data.num_segments, cfg.data.crop_size
-    # laid out as the loaders deliver it (channels last in memory: pipeline.loader.Loader.to_output), so the
-    # rows differ by the loader alone (CPU convolutions run at different speeds on the two layouts)
-    x_NTHWC = torch.randn(b, t, s, s, 3, device=device)
-    fixed = (x_NTHWC.permute(0, 1, 4, 2, 3), torch.randint(0, num_classes, (b,), device=device))
-    if loader is not None:
+    return net, opt
 
-        def epochs():
-            for epoch in itertools.count():
-                loader.set_epoch(epoch)
-                yield from loader
 
-        batches = epochs()
-    waits: list[float] = []
+def batch_source(cfg: C.Config, loader, num_classes: int, device: torch.device, waits: list[float]):
+    """A function giving the next (x, y): the loader's batches epoch after epoch (each wait appended to
+    `waits`), or without a loader one fixed random batch."""
+    if loader is None:
+        b, t, s = cfg.data.batch_size, cfg.data.num_segments, cfg.data.crop_size
+        # laid out as the loaders deliver it (channels last in memory: pipeline.loader.Loader.to_output), so
+        # the rows differ by the loader alone (CPU convolutions run at different speeds on the two layouts)
+        x_NTHWC = torch.randn(b, t, s, s, 3, device=device)
+        fixed = (x_NTHWC.permute(0, 1, 4, 2, 3), torch.randint(0, num_classes, (b,), device=device))
+        return lambda: fixed
 
-    def step() -> None:
-        if loader is None:
-            x, y = fixed
-        else:
-            t0 = time.perf_counter()
-            x, y = next(batches)
-            waits.append(time.perf_counter() - t0)
-        optimisation.train_step(net, x, y, opt, precision, device.type)
+    def epochs():
+        for epoch in itertools.count():
+            loader.set_epoch(epoch)
+            yield from loader
 
-    sync = torch.cuda.synchronize if device.type == "cuda" else None
-    timeit(step, warmup=warmup, iters=1, sync=sync)  # compilation and loader start-up
-    waits.clear()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    with GpuSampler(device) as gpu:
-        times = timeit(step, warmup=0, iters=iters, sync=sync)
-    row = {
-        "model": cfg.model.name,
-        "data": data,
-        "batch_size": b,
-        "num_segments": t,
-        "crop": s,
-        "precision": precision,
-        "compile": cfg.model.compile,
-        "step_ms": 1000 * median(times),
-        "clips_per_s": b / median(times),
-        "data_wait": sum(waits) / sum(times) if waits else 0.0,
-        "torch_threads": torch.get_num_threads(),
-    }
-    if loader is not None:
-        row["backend"] = getattr(loader, "backend", "?")
-        row["workers"] = cfg.data.workers
-    if device.type == "cuda":
-        row["torch_peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-    row.update(gpu.summary())
-    return row
+    batches = epochs()
+
+    def next_batch():
+        t0 = time.perf_counter()
+        batch = next(batches)
+        waits.append(time.perf_counter() - t0)
+        return batch
+
+    return next_batch
 
 
 def main(args: argparse.Namespace) -> int:

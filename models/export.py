@@ -101,7 +101,7 @@ def check_onnx(
     return worst, scale
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m models.export", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
@@ -115,25 +115,38 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--opset", type=int, default=DEFAULT_OPSET, help=f"default {DEFAULT_OPSET}, minimum 18"
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def usage_error(args: argparse.Namespace) -> str | None:
+    """What is wrong with the command line before any file is read, or None."""
+    if args.model is not None and args.model not in list_models():
+        return f"unknown model {args.model!r}; known: {', '.join(list_models())}"
+    if args.opset < DEFAULT_OPSET:
+        return f"--opset {args.opset}: torch.onnx's exporter emits opset {DEFAULT_OPSET} or later"
+    if args.size < 32 or (args.batch is not None and args.batch < 1):
+        return "--size must be >= 32 and --batch >= 1"
+    if not Path(args.weights).is_file():
+        return f"{args.weights} not found"
+    return None
+
+
+def fail(message: str, code: int) -> int:
+    sys.stderr.write(f"error: {message}\n")
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Exit codes: 0 exported and checked, 2 a mistake on the command line, 1 files that cannot give a model
+    or a faithful graph."""
+    args = build_parser().parse_args(argv)
     # The exporter logs a warning per torchvision op it skips (torchvision is not needed here) and torch's
     # pytree a FutureWarning about its own internals: neither is actionable for a user of this command.
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=".*LeafSpec", category=FutureWarning)
-
-    def fail(message: str, code: int) -> int:
-        sys.stderr.write(f"error: {message}\n")
-        return code
-
-    # Mistakes on the command line exit 2, files that cannot give a model or a faithful graph exit 1.
-    if args.model is not None and args.model not in list_models():
-        return fail(f"unknown model {args.model!r}; known: {', '.join(list_models())}", 2)
-    if args.opset < DEFAULT_OPSET:
-        return fail(f"--opset {args.opset}: torch.onnx's exporter emits opset {DEFAULT_OPSET} or later", 2)
-    if args.size < 32 or (args.batch is not None and args.batch < 1):
-        return fail("--size must be >= 32 and --batch >= 1", 2)
-    if not Path(args.weights).is_file():
-        return fail(f"{args.weights} not found", 2)
+    problem = usage_error(args)
+    if problem is not None:
+        return fail(problem, 2)
     try:
         loaded = checkpoints.load_model(
             args.weights,

@@ -20,9 +20,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from .resnet import Arch, ContextFactory, init_backbone
-
-EXPANSION = 4
+from .resnet import EXPANSION, Arch, BottleneckResNet, ContextFactory, init_backbone, projection
 
 
 class GSTBottleneck(nn.Module):
@@ -79,10 +77,8 @@ class GSTBottleneck(nn.Module):
         return self.relu(out + identity)
 
 
-class GSTResNet(nn.Module):
+class GSTResNet(BottleneckResNet):
     """conv1 -> bn1 -> relu -> maxpool -> layer1..4 of GST bottlenecks; returns the final feature map."""
-
-    imagenet_classifier = "fc."  # the torchvision classifier's prefix, skipped by load_imagenet
 
     def __init__(
         self,
@@ -93,49 +89,28 @@ class GSTResNet(nn.Module):
         alpha: int = 4,
         beta: int = 2,
     ):
-        super().__init__()
-        self.torchvision_name = arch.torchvision_name
-        width = arch.width
-        self.conv1 = nn.Conv2d(3, width, 7, stride=2, padding=3, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
-        self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
-        self.num_features = width * 8 * EXPANSION
-        inplanes, index = width, 0
-        for stage, num_blocks in enumerate(arch.layers):
-            planes, stride = width * 2**stage, 1 if stage == 0 else 2
-            blocks = []
-            for i in range(num_blocks):
-                downsample = None
-                if i == 0 and (stride != 1 or inplanes != planes * EXPANSION):
-                    downsample = nn.Sequential(
-                        nn.Conv2d(inplanes, planes * EXPANSION, 1, stride=stride, bias=False),
-                        nn.BatchNorm2d(planes * EXPANSION),
-                    )
-                gc = context(planes, index) if context is not None else None
-                index += 1
-                blocks.append(
-                    GSTBottleneck(
-                        inplanes,
-                        planes,
-                        stride if i == 0 else 1,
-                        downsample,
-                        num_segments=num_segments,
-                        alpha=alpha,
-                        beta=beta,
-                        gc=gc,
-                    )
-                )
-                inplanes = planes * EXPANSION
-            self.add_module(f"layer{stage + 1}", nn.Sequential(*blocks))
+        super().__init__(arch)
+
+        def block(stage: int, i: int, inplanes: int, planes: int, stride: int) -> nn.Module:
+            downsample = projection(inplanes, planes, stride)
+            index = sum(arch.layers[:stage]) + i  # every block is a GST block: GC's rotation counts them all
+            gc = context(planes, index) if context is not None else None
+            return GSTBottleneck(
+                inplanes,
+                planes,
+                stride,
+                downsample,
+                num_segments=num_segments,
+                alpha=alpha,
+                beta=beta,
+                gc=gc,
+            )
+
+        self.add_stages(arch, block)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         init_backbone(self, convs=(nn.Conv2d, nn.Conv3d))
-
-    def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x_BCHW))))
-        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
     def imagenet_keys(self) -> list[str]:
         """Keys an ImageNet ResNet provides (conv2 sliced): all but the temporal convs and the calibrators."""

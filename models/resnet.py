@@ -50,9 +50,67 @@ ARCHS: dict[str, Arch] = {
 ContextFactory = Callable[[int, int], nn.Module | None]
 
 
-class Bottleneck(nn.Module):
-    expansion = 4
+EXPANSION = 4  # a bottleneck's output channels per plane (conv3), in every ResNet family here
+# (stage, index in the stage, inplanes, planes, stride) -> one block of a stage (see make_stage)
+BlockFactory = Callable[[int, int, int, int, int], nn.Module]
 
+
+def projection(inplanes: int, planes: int, stride: int, *, bias: bool = False) -> nn.Module | None:
+    """A block's shortcut: None where the identity fits, else 1x1 conv (at the block's stride) -> BN."""
+    if stride == 1 and inplanes == planes * EXPANSION:
+        return None
+    return nn.Sequential(
+        nn.Conv2d(inplanes, planes * EXPANSION, 1, stride=stride, bias=bias),
+        nn.BatchNorm2d(planes * EXPANSION),
+    )
+
+
+def make_stage(
+    stage: int, inplanes: int, planes: int, num_blocks: int, stride: int, make_block: BlockFactory
+) -> nn.Sequential:
+    """One stage (layer1..4): its first block takes `inplanes` at `stride`, the others planes * EXPANSION at
+    stride 1 (so projection() gives only the first a projection shortcut)."""
+    return nn.Sequential(
+        *(
+            make_block(stage, i, inplanes if i == 0 else planes * EXPANSION, planes, stride if i == 0 else 1)
+            for i in range(num_blocks)
+        )
+    )
+
+
+class BottleneckResNet(nn.Module):
+    """What the ResNet families (ResNet, GST, TDN) share: torchvision's stem, conv1 -> bn1 -> relu -> maxpool,
+    and four stages of bottlenecks, layer1..4, planes doubling and stride 2 from layer2 on. A family adds its
+    stages with add_stages, giving how one block is built."""
+
+    imagenet_classifier = "fc."  # the torchvision classifier's prefix, skipped by load_imagenet
+
+    def __init__(self, arch: Arch, *, conv_bias: bool = False):
+        super().__init__()
+        self.torchvision_name = arch.torchvision_name  # its ImageNet weights (None: no torchvision twin)
+        self.conv1 = nn.Conv2d(3, arch.width, 7, stride=2, padding=3, bias=conv_bias)
+        self.bn1 = nn.BatchNorm2d(arch.width)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+        self.num_features = arch.width * 8 * EXPANSION
+
+    def add_stages(self, arch: Arch, make_block: BlockFactory) -> None:
+        inplanes = arch.width
+        for stage, num_blocks in enumerate(arch.layers):
+            planes, stride = arch.width * 2**stage, 1 if stage == 0 else 2
+            self.add_module(
+                f"layer{stage + 1}", make_stage(stage, inplanes, planes, num_blocks, stride, make_block)
+            )
+            inplanes = planes * EXPANSION
+
+    def stem(self, x_BCHW: torch.Tensor) -> torch.Tensor:
+        return self.maxpool(self.relu(self.bn1(self.conv1(x_BCHW))))
+
+    def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
+        return self.layer4(self.layer3(self.layer2(self.layer1(self.stem(x_BCHW)))))
+
+
+class Bottleneck(nn.Module):
     def __init__(
         self,
         inplanes: int,
@@ -72,8 +130,8 @@ class Bottleneck(nn.Module):
         self.bn1 = nn.BatchNorm2d(width)
         self.conv2 = nn.Conv2d(width, width, 3, stride=stride, padding=1, groups=groups, bias=False)
         self.bn2 = nn.BatchNorm2d(width)
-        self.conv3 = nn.Conv2d(width, planes * self.expansion, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
+        self.conv3 = nn.Conv2d(width, planes * EXPANSION, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * EXPANSION)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
         self.shift = shift
@@ -100,10 +158,8 @@ class Bottleneck(nn.Module):
         return out
 
 
-class ResNet(nn.Module):
+class ResNet(BottleneckResNet):
     """conv1 -> bn1 -> relu -> maxpool -> layer1..4; returns the final feature map (no pooling, no fc)."""
-
-    imagenet_classifier = "fc."  # the torchvision classifier's prefix, skipped by load_imagenet
 
     def __init__(
         self,
@@ -114,64 +170,43 @@ class ResNet(nn.Module):
         shift_place: str = "blockres",
         context: ContextFactory | None = None,
     ):
-        super().__init__()
         if shift_place not in ("blockres", "block"):
             raise ValueError(f"shift_place must be 'blockres' or 'block', not {shift_place!r}")
-        width = arch.width
-        self.torchvision_name = arch.torchvision_name  # its ImageNet weights (None: no torchvision twin)
-        self.conv1 = nn.Conv2d(3, width, 7, stride=2, padding=3, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
-        self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
-        self.num_features = width * 8 * Bottleneck.expansion
-        inplanes, temporal_index = width, 0
-        for stage, num_blocks in enumerate(arch.layers):
-            planes, stride = width * 2**stage, 1 if stage == 0 else 2
+        super().__init__(arch)
+        temporal_index = 0  # counts the blocks that carry temporal modules, across stages
+
+        def block(stage: int, i: int, inplanes: int, planes: int, stride: int) -> nn.Module:
+            nonlocal temporal_index
             conv_width = planes * arch.width_per_group // 64 * arch.groups
+            downsample = projection(inplanes, planes, stride)
             # The reference puts shift and GC in every other block of very deep stages (ResNet-101 layer3).
-            every = 2 if num_blocks >= 23 else 1
-            blocks = []
-            for i in range(num_blocks):
-                downsample = None
-                if i == 0 and (stride != 1 or inplanes != planes * Bottleneck.expansion):
-                    downsample = nn.Sequential(
-                        nn.Conv2d(inplanes, planes * Bottleneck.expansion, 1, stride=stride, bias=False),
-                        nn.BatchNorm2d(planes * Bottleneck.expansion),
-                    )
-                shift, gc = None, None
-                if i % every == 0:
-                    if shift_div is not None:
-                        shift = TemporalShift(num_segments, shift_div)
-                    if context is not None:
-                        gc = context(conv_width, temporal_index)
-                    temporal_index += 1
-                nl = None
-                if i in arch.non_local[stage]:
-                    nl = NonLocal3d(planes * Bottleneck.expansion, num_segments)
-                blocks.append(
-                    Bottleneck(
-                        inplanes,
-                        planes,
-                        stride if i == 0 else 1,
-                        downsample,
-                        shift,
-                        shift_place,
-                        gc,
-                        nl=nl,
-                        width=conv_width,
-                        groups=arch.groups,
-                    )
-                )
-                inplanes = planes * Bottleneck.expansion
-            self.add_module(f"layer{stage + 1}", nn.Sequential(*blocks))
+            every = 2 if arch.layers[stage] >= 23 else 1
+            shift, gc = None, None
+            if i % every == 0:
+                if shift_div is not None:
+                    shift = TemporalShift(num_segments, shift_div)
+                if context is not None:
+                    gc = context(conv_width, temporal_index)
+                temporal_index += 1
+            nl = NonLocal3d(planes * EXPANSION, num_segments) if i in arch.non_local[stage] else None
+            return Bottleneck(
+                inplanes,
+                planes,
+                stride,
+                downsample,
+                shift,
+                shift_place,
+                gc,
+                nl=nl,
+                width=conv_width,
+                groups=arch.groups,
+            )
+
+        self.add_stages(arch, block)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         init_backbone(self)
-
-    def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x_BCHW))))
-        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
     def imagenet_keys(self) -> list[str]:
         """state_dict keys of the 2D part (what a torchvision ResNet has, minus fc)."""

@@ -33,9 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .resnet import Arch, ContextFactory, init_backbone
+from .resnet import EXPANSION, Arch, BottleneckResNet, ContextFactory, init_backbone, make_stage, projection
 
-EXPANSION = 4
 FRAMES_PER_SEGMENT = 5
 
 
@@ -166,18 +165,8 @@ class ShortTermDifference(nn.Module):
         return stem, self.layer1(stem)
 
 
-def _downsample(inplanes: int, planes: int, stride: int) -> nn.Module | None:
-    if stride == 1 and inplanes == planes * EXPANSION:
-        return None
-    return nn.Sequential(
-        nn.Conv2d(inplanes, planes * EXPANSION, 1, stride=stride), nn.BatchNorm2d(planes * EXPANSION)
-    )
-
-
-class TDNResNet(nn.Module):
+class TDNResNet(BottleneckResNet):
     """Segments of frames_per_segment frames (N*S*F frames, segment-major) -> one feature map per segment."""
-
-    imagenet_classifier = "fc."  # the torchvision classifier's prefix, skipped by load_imagenet
 
     def __init__(
         self,
@@ -187,47 +176,33 @@ class TDNResNet(nn.Module):
         context: ContextFactory | None = None,
         frames_per_segment: int = FRAMES_PER_SEGMENT,
     ):
-        super().__init__()
-        self.torchvision_name = arch.torchvision_name
         if frames_per_segment < 2:
             raise ValueError(
                 f"TDN needs >= 2 frames per segment for its differences, got {frames_per_segment}"
             )
+        super().__init__(arch, conv_bias=True)
         self.num_segments, self.frames_per_segment = num_segments, frames_per_segment
         self.main_weight, self.diff_weight = (0.5, 0.5) if num_segments == 8 else (0.75, 0.25)
-        width = arch.width
-        self.conv1 = nn.Conv2d(3, width, 7, stride=2, padding=3)
-        self.bn1 = nn.BatchNorm2d(width)
-        self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
-        self.num_features = width * 8 * EXPANSION
-        # The difference path's layer1 comes from a second ResNet in the release: its own GC rotation count.
-        diff_layer1, _ = self._make_layer(width, width, arch.layers[0], 1, False, context, 0)
-        self.short_term = ShortTermDifference(width, frames_per_segment, diff_layer1)
-        inplanes, index = width, 0
-        for stage, num_blocks in enumerate(arch.layers):
-            planes, stride = width * 2**stage, 1 if stage == 0 else 2
-            layer, index = self._make_layer(inplanes, planes, num_blocks, stride, stage > 0, context, index)
-            self.add_module(f"layer{stage + 1}", layer)
-            inplanes = planes * EXPANSION
-        self.reset_parameters()
 
-    def _make_layer(self, inplanes, planes, num_blocks, stride, temporal, context, index):
-        blocks = []
-        for i in range(num_blocks):
-            gc = context(planes, index + i) if context is not None else None
-            blocks.append(
-                TDNBottleneck(
-                    inplanes if i == 0 else planes * EXPANSION,
-                    planes,
-                    stride if i == 0 else 1,
-                    _downsample(inplanes, planes, stride) if i == 0 else None,
-                    num_segments=self.num_segments,
-                    temporal=temporal,
-                    gc=gc,
-                )
+        def block(stage: int, i: int, inplanes: int, planes: int, stride: int) -> nn.Module:
+            index = sum(arch.layers[:stage]) + i  # GC's rotation counts every block
+            gc = context(planes, index) if context is not None else None
+            return TDNBottleneck(
+                inplanes,
+                planes,
+                stride,
+                projection(inplanes, planes, stride, bias=True),
+                num_segments=num_segments,
+                temporal=stage > 0,  # layer1 has no long-term module
+                gc=gc,
             )
-        return nn.Sequential(*blocks), index + num_blocks
+
+        # The difference path's layer1 comes from a second ResNet in the release: its own GC rotation count
+        # (stage 0 again: it counts from 0, as the main layer1 does).
+        diff_layer1 = make_stage(0, arch.width, arch.width, arch.layers[0], 1, block)
+        self.short_term = ShortTermDifference(arch.width, frames_per_segment, diff_layer1)
+        self.add_stages(arch, block)
+        self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """Conv weights Kaiming (fan out), biases PyTorch's default, BN 1/0; calibrators and shifts: own."""
@@ -236,7 +211,7 @@ class TDNResNet(nn.Module):
     def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
         x_SFCHW = x_BCHW.unflatten(0, (-1, self.frames_per_segment))
         diff_stem, diff_layer1 = self.short_term(x_SFCHW)
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x_SFCHW[:, self.frames_per_segment // 2]))))
+        x = self.stem(x_SFCHW[:, self.frames_per_segment // 2])
         x = self.main_weight * x + self.diff_weight * F.interpolate(diff_stem, size=x.shape[-2:])
         x = self.layer1(x)
         x = self.main_weight * x + self.diff_weight * F.interpolate(diff_layer1, size=x.shape[-2:])

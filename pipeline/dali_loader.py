@@ -122,23 +122,11 @@ def build_pipeline(
     num_frames (int32 scalar), draws (clips, T) float32, roi_start/roi_end (crops, 2) float32 as (y, x),
     flips (crops,) int32. Output: (crops, clips*T, S, S, 3) normalised float (crops axis only if crops >
     1)."""
-    from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali import fn, types
 
-    @pipeline_def(
-        batch_size=batch_size,
-        num_threads=num_threads,
-        device_id=device_id,
-        prefetch_queue_depth=prefetch,
-        seed=seed,
-        exec_async=pipelined,
-        exec_pipelined=pipelined,
-    )
-    def pipe():
-        video, num_frames, u, roi_start, roi_end, flips = fn.external_source(
-            source=source,
-            num_outputs=6,
-            batch=True,
-            dtype=[types.UINT8, types.INT32, types.FLOAT, types.FLOAT, types.FLOAT, types.INT32],
+    def graph():
+        video, num_frames, u, roi_start, roi_end, flips = _inputs(
+            source, types.UINT8, types.INT32, types.FLOAT, types.FLOAT, types.FLOAT, types.INT32
         )
         idx = frame_index_graph(
             num_frames,
@@ -149,13 +137,76 @@ def build_pipeline(
             frames_per_segment=frames_per_segment,
         )
         frames = fn.decoders.video(video, frames=idx, device="mixed" if gpu else "cpu", pad_mode="none")
-        views = [
-            _normalise(_resize(frames, out_size, roi_start[k], roi_end[k]), flips[k], "FHWC", fp16)
-            for k in range(num_crops)
-        ]
-        return fn.stack(*views) if num_crops > 1 else views[0]
+        return _views(frames, num_crops, out_size, roi_start, roi_end, flips, "FHWC", fp16)
 
-    return pipe()
+    return _pipeline(graph, batch_size, num_threads, device_id, prefetch, seed, pipelined)
+
+
+def build_jpeg_pipeline(
+    *,
+    batch_size: int,
+    num_threads: int,
+    source,
+    num_crops: int,
+    out_size: int,
+    fp16: bool,
+    prefetch: int = 2,
+    seed: int = 0,
+    pipelined: bool = True,
+    **_video_only,
+):
+    """A DALI pipeline over single JPEG frames (batch_size = frames, not clips). Inputs per frame: JPEG bytes
+    (uint8), roi_start/roi_end (crops, 2) int32 as (y, x), flips (crops,) int32. Output per frame:
+    ([crops,] S, S, 3) normalised float. One crop decodes only its box (ROI decoding, ~2x faster than
+    decoding the frame and resizing a roi of it, measured); several crops decode the frame once."""
+    from nvidia.dali import fn, types
+
+    def graph():
+        jpeg, roi_start, roi_end, flips = _inputs(source, types.UINT8, types.INT32, types.INT32, types.INT32)
+        if num_crops == 1:
+            box = fn.decoders.image_slice(jpeg, start=roi_start[0], end=roi_end[0], axis_names="HW")
+            return _normalise(_resize(box, out_size), flips[0], "HWC", fp16)
+        image = fn.decoders.image(jpeg)
+        roi_start, roi_end = (fn.cast(roi, dtype=types.FLOAT) for roi in (roi_start, roi_end))
+        return _views(image, num_crops, out_size, roi_start, roi_end, flips, "HWC", fp16)
+
+    return _pipeline(graph, batch_size, num_threads, None, prefetch, seed, pipelined)
+
+
+def _pipeline(graph, batch_size: int, num_threads: int, device_id: int | None, prefetch, seed, pipelined):
+    """`graph` (a function of no arguments returning DALI outputs) as a DALI pipeline. `pipelined` False:
+    the synchronous executor (the batch-size-1 pipeline that decodes a failed batch's samples one by one)."""
+    from nvidia.dali import pipeline_def
+
+    return pipeline_def(
+        graph,
+        batch_size=batch_size,
+        num_threads=num_threads,
+        device_id=device_id,
+        prefetch_queue_depth=prefetch,
+        seed=seed,
+        exec_async=pipelined,
+        exec_pipelined=pipelined,
+    )()
+
+
+def _inputs(source, *dtypes):
+    """The per-sample inputs Python feeds (one DALI output per dtype), whole batches at a time."""
+    from nvidia.dali import fn
+
+    return fn.external_source(source=source, num_outputs=len(dtypes), batch=True, dtype=list(dtypes))
+
+
+def _views(images, num_crops: int, out_size: int, roi_start, roi_end, flips, layout: str, fp16: bool):
+    """Crop box k of `images` resized to out_size x out_size, flipped by flips[k] and normalised; the crops
+    stacked on a new first axis when there are several."""
+    from nvidia.dali import fn
+
+    views = [
+        _normalise(_resize(images, out_size, roi_start[k], roi_end[k]), flips[k], layout, fp16)
+        for k in range(num_crops)
+    ]
+    return fn.stack(*views) if num_crops > 1 else views[0]
 
 
 def _resize(images, out_size: int, roi_start=None, roi_end=None):
@@ -178,64 +229,6 @@ def _normalise(images, flip, layout: str, fp16: bool):
         output_layout=layout,
         dtype=types.FLOAT16 if fp16 else types.FLOAT,
     )
-
-
-def build_jpeg_pipeline(
-    *,
-    batch_size: int,
-    num_threads: int,
-    source,
-    num_crops: int,
-    out_size: int,
-    fp16: bool,
-    prefetch: int = 2,
-    seed: int = 0,
-    pipelined: bool = True,
-    **_video_only,
-):
-    """A DALI pipeline over single JPEG frames (batch_size = frames, not clips). Inputs per frame: JPEG bytes
-    (uint8), roi_start/roi_end (crops, 2) int32 as (y, x), flips (crops,) int32. Output per frame:
-    ([crops,] S, S, 3) normalised float. One crop decodes only its box (ROI decoding, ~2x faster than
-    decoding the frame and resizing a roi of it, measured); several crops decode the frame once."""
-    from nvidia.dali import fn, pipeline_def, types
-
-    @pipeline_def(
-        batch_size=batch_size,
-        num_threads=num_threads,
-        device_id=None,
-        prefetch_queue_depth=prefetch,
-        seed=seed,
-        exec_async=pipelined,
-        exec_pipelined=pipelined,
-    )
-    def pipe():
-        jpeg, roi_start, roi_end, flips = fn.external_source(
-            source=source,
-            num_outputs=4,
-            batch=True,
-            dtype=[types.UINT8, types.INT32, types.INT32, types.INT32],
-        )
-        if num_crops == 1:
-            box = fn.decoders.image_slice(jpeg, start=roi_start[0], end=roi_end[0], axis_names="HW")
-            return _normalise(_resize(box, out_size), flips[0], "HWC", fp16)
-        image = fn.decoders.image(jpeg)
-        views = [
-            _normalise(
-                _resize(
-                    image,
-                    out_size,
-                    fn.cast(roi_start[k], dtype=types.FLOAT),
-                    fn.cast(roi_end[k], dtype=types.FLOAT),
-                ),
-                flips[k],
-                "HWC",
-                fp16,
-            )
-            for k in range(num_crops)
-        ]
-        return fn.stack(*views)
-
-    return pipe()
 
 
 def decodes_jpeg_frames(codec: str, video_ext: str, *, gpu: bool) -> bool:

@@ -14,15 +14,14 @@ DataLoader workers, DDP ranks and runs of one machine share one cache without fe
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import logging
 import os
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import dirlock
 from pipeline.shards import DatasetError
 
 log = logging.getLogger(__name__)
@@ -118,7 +117,7 @@ class ShardCache:
         """The local copy of `name` (fetched when missing, after making room); its use time is updated."""
         local = self.dir / name
         if not local.is_file():
-            with self._locked():
+            with dirlock.holding(self.top / CACHE_LOCK):
                 if not local.is_file():
                     if name.endswith(".tar"):
                         self._make_room(name, size)
@@ -139,15 +138,6 @@ class ShardCache:
         """Many small files (the .idx files) at once, fetched by a few threads."""
         with ThreadPoolExecutor(min(IDX_FETCH_THREADS, max(1, len(names)))) as pool:
             return list(pool.map(lambda n: self.path(n, sizes.get(n)), names))
-
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        fd = os.open(self.top / CACHE_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)
 
     def _fetch(self, name: str, local: Path, size: int | None) -> None:
         url = self.url(name)

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-FORMAT = "gcvideo-shards/1"
+from shardformat import FORMAT
+
 # Shards open at once per reading thread (per DataLoader worker): Kinetics-400 has ~940 shards at 256
 # videos each, more than a default `ulimit -n` of 1024 leaves room for once sockets, libraries and workers
 # take theirs. Below that, a dataset's threads share an eighth of the process's open-file limit

@@ -23,6 +23,7 @@ import av
 import numpy as np
 import torch
 
+import shardformat
 from pipeline import sampling
 from pipeline.loader import LoaderConfig, Views, clip_draws, view_frame_indices
 from pipeline.torch_loader import decode_scanned, render_views, scan_packets
@@ -92,35 +93,6 @@ def decode_error(source, e: Exception) -> VideoFileError:
 # ------------------------------------------------------------------------- frames as the training shards hold
 
 
-def even(x: float) -> int:
-    """Nearest even integer >= 2, as preprocess rounds sizes (libx264 with 4:2:0 needs even sizes)."""
-    return max(2, 2 * round(x / 2))
-
-
-def shard_frame_size(
-    width: int,
-    height: int,
-    sar: Fraction,
-    rotation: int,
-    short_side: int | None,
-    size: tuple[int, int] | None,
-) -> tuple[int, int]:
-    """(width, height) preprocess gives a coded frame: rotated display size in square pixels, scaled, even.
-
-    The same rule as preprocess.ffmpeg_args.output_size (tests check both agree); not imported from there
-    because online code does not depend on the offline tools.
-    """
-    display_w, display_h = width * float(sar), float(height)
-    if rotation % 180 == 90:
-        display_w, display_h = display_h, display_w
-    if size is not None:
-        return size
-    if short_side is None:
-        return even(display_w), even(display_h)
-    scale = short_side / min(display_w, display_h)
-    return even(display_w * scale), even(display_h * scale)
-
-
 @dataclass(frozen=True)
 class ShardGeometry:
     """The size preprocess gave the frames a model was trained on: short side `short_side`, or `size`
@@ -137,7 +109,7 @@ class ShardRenderer:
     def __init__(self, first: av.VideoFrame, sar: Fraction, shards: ShardGeometry):
         # PyAV reports the display matrix counter-clockwise (-90 for a phone video shown turned clockwise)
         self.quarter_turns = round(first.rotation / 90) % 4
-        width, height = shard_frame_size(
+        width, height = shardformat.frame_size(
             first.width, first.height, sar, self.quarter_turns * 90, shards.short_side, shards.size
         )
         # scale before turning: the scaler then sees the coded orientation (a quarter turn swaps the sides)

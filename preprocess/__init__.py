@@ -9,4 +9,3 @@ synthetic (the embedded demo dataset).
 from __future__ import annotations
 
 __version__ = "0.1.0"
-FORMAT = "gcvideo-shards/1"

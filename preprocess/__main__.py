@@ -18,6 +18,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import re
@@ -31,7 +32,7 @@ from rich.markup import escape
 from preprocess import storage
 from preprocess.ffmpeg_args import CODECS, EncodeSettings
 from preprocess.jobs import InputError, RunError
-from preprocess.runner import ShardJob, run
+from preprocess.runner import PILOT_VIDEOS, ShardJob, run
 from preprocess.sources import hmdb51_dataset, kinetics_dataset, list_dataset, parse_split_args
 
 log = logging.getLogger("preprocess")
@@ -81,9 +82,15 @@ def _positive_int(text: str) -> int:
     return int(text)
 
 
-def add_output_options(
-    p: argparse.ArgumentParser, *, name: str, codec: str, short_side: int | None, shard_samples: int
-) -> None:
+# The option defaults are the dataclasses' own (EncodeSettings, ShardJob): one place to change them.
+ENCODE_DEFAULTS = EncodeSettings()
+JOB_DEFAULTS = {
+    f.name: f.default for f in dataclasses.fields(ShardJob) if f.default is not dataclasses.MISSING
+}
+
+
+def add_output_options(p: argparse.ArgumentParser, *, name: str) -> None:
+    """Where the shards go, how the videos are encoded and how the work is cut and run."""
     g = p.add_argument_group("output")
     g.add_argument(
         "--out",
@@ -91,66 +98,96 @@ def add_output_options(
         help="output directory, or an fsspec URL (s3://bucket/prefix, gs://...) to publish the shards to "
         "(default: data/<name>)",
     )
-    g.add_argument("--name", default=name, help=f"dataset name, the shard file prefix (default: {name})")
+    g.add_argument("--name", default=name, help="dataset name, the shard file prefix (default: %(default)s)")
+    add_encode_options(g)
+    add_shard_options(g)
+    add_engine_options(g)
+    g.add_argument(
+        "--part",
+        type=_part,
+        default=JOB_DEFAULTS["part"],
+        metavar="i/N",
+        help="process only part i of N (every N-th shard); then run `merge` (default 0/1)",
+    )
+    g.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+
+
+def add_encode_options(g) -> None:
+    """The EncodeSettings fields, defaulting to its defaults."""
+    d = ENCODE_DEFAULTS
     g.add_argument(
         "--codec",
         choices=CODECS,
-        default=codec,
-        help=f"h264 (GPU decode, fixed keyframe interval) or mjpeg (every frame a keyframe, decodes on "
-        f"DALI's CPU backend) (default: {codec})",
+        default=d.codec,
+        help="h264 (GPU decode, fixed keyframe interval) or mjpeg (every frame a keyframe, decodes on "
+        "DALI's CPU backend) (default: %(default)s)",
     )
     g.add_argument(
         "--short-side",
         type=int,
-        default=short_side,
-        help=f"resize so the short side is this many pixels, even (default: {short_side}; 0: keep)",
+        default=d.short_side,
+        help="resize so the short side is this many pixels, even (default: %(default)s; 0: keep)",
     )
-    g.add_argument("--size", type=_size, default=None, metavar="WxH", help="fixed output size instead")
+    g.add_argument("--size", type=_size, default=d.size, metavar="WxH", help="fixed output size instead")
     g.add_argument(
-        "--fps", type=float, default=None, help="constant output frame rate (default: keep frames)"
+        "--fps", type=float, default=d.fps, help="constant output frame rate (default: keep frames)"
     )
     g.add_argument(
         "--gop",
         type=_positive_int,
-        default=EncodeSettings.gop,
-        help=f"h264 keyframe interval in frames (default {EncodeSettings.gop}; docs/preprocess.md)",
+        default=d.gop,
+        help="h264 keyframe interval in frames (default %(default)s; docs/preprocess.md)",
     )
-    g.add_argument("--crf", type=int, default=23, help="h264 quality, lower is better (default 23)")
-    g.add_argument("--preset", default="veryfast", help="libx264 preset (default veryfast)")
-    g.add_argument("--quality", type=int, default=3, help="mjpeg -q:v, 2 (best) .. 31 (default 3)")
+    g.add_argument(
+        "--crf", type=int, default=d.crf, help="h264 quality, lower is better (default %(default)s)"
+    )
+    g.add_argument("--preset", default=d.preset, help="libx264 preset (default %(default)s)")
+    g.add_argument(
+        "--quality",
+        type=int,
+        default=d.mjpeg_quality,
+        help="mjpeg -q:v, 2 (best) .. 31 (default %(default)s)",
+    )
     g.add_argument(
         "--tolerate-decode-errors",
         action="store_true",
+        default=d.tolerate_decode_errors,
         help="keep sources whose decoder reports errors (concealed frames) instead of failing them",
     )
     g.add_argument(
         "--keep-truncated",
         action="store_true",
+        default=d.keep_truncated,
         help="keep sources that end before the length their video stream declares (a partial download), "
         "noted as warnings in failures.jsonl, instead of failing them (reason 'truncated')",
     )
+
+
+def add_shard_options(g) -> None:
+    samples = JOB_DEFAULTS["shard_samples"]
     g.add_argument(
         "--shard-size",
         "--shard-samples",
         dest="shard_size",
         type=_shard_size,
-        default=str(shard_samples),
+        default=str(samples),
         metavar="N|SIZE",
-        help=f"target shard size: a number of videos (e.g. {shard_samples}) or bytes with a unit (e.g. "
-        f"500MB, 1GB; converted to a video count from a pilot of 8 videos) (default "
-        f"{shard_samples})",
+        help=f"target shard size: a number of videos (e.g. {samples}) or bytes with a unit (e.g. "
+        f"500MB, 1GB; converted to a video count from a pilot of {PILOT_VIDEOS} videos) (default "
+        f"{samples})",
     )
-    g.add_argument("--seed", type=int, default=0, help="seed of the shard assignment shuffle (default 0)")
-    g.add_argument("--workers", type=_workers, default=0, help="parallel processes (default 0: every core)")
-    add_engine_options(g)
     g.add_argument(
-        "--part",
-        type=_part,
-        default=(0, 1),
-        metavar="i/N",
-        help="process only part i of N (every N-th shard); then run `merge` (default 0/1)",
+        "--seed",
+        type=int,
+        default=JOB_DEFAULTS["seed"],
+        help="seed of the shard assignment shuffle (default %(default)s)",
     )
-    g.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    g.add_argument(
+        "--workers",
+        type=_workers,
+        default=JOB_DEFAULTS["workers"],
+        help="parallel processes (default %(default)s: every core)",
+    )
 
 
 def _factor(text: str) -> float:
@@ -167,13 +204,13 @@ def add_engine_options(g) -> None:
     g.add_argument(
         "--engine",
         choices=("local", "ray"),
-        default="local",
+        default=JOB_DEFAULTS["engine"],
         help="local: a process pool on this machine; ray: one task per shard on a Ray cluster, with retries "
-        "and straggler relaunch (same shards and index) (default local)",
+        "and straggler relaunch (same shards and index) (default %(default)s)",
     )
     g.add_argument(
         "--ray-address",
-        default=None,
+        default=JOB_DEFAULTS["ray_address"],
         metavar="ADDR",
         help="with --engine ray: the cluster to join (host:port of `ray start --head`, or auto) (default: "
         "start Ray on this machine)",
@@ -181,15 +218,16 @@ def add_engine_options(g) -> None:
     g.add_argument(
         "--ray-retries",
         type=int,
-        default=3,
-        help="with --engine ray: runs of a shard's task again when its worker or node dies (default 3)",
+        default=JOB_DEFAULTS["ray_retries"],
+        help="with --engine ray: runs of a shard's task again when its worker or node dies (default "
+        "%(default)s)",
     )
     g.add_argument(
         "--straggler-factor",
         type=_factor,
-        default=3.0,
-        help="with --engine ray: at the tail, a shard running longer than this many median shard times is "
-        "launched again (default 3)",
+        default=JOB_DEFAULTS["straggler_factor"],
+        help=f"with --engine ray: at the tail, a shard running longer than this many median shard times is "
+        f"launched again (default {JOB_DEFAULTS['straggler_factor']:g})",
     )
     g.add_argument(
         "--staging",
@@ -218,7 +256,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log every failure as it happens")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add_command in (add_kinetics, add_lists, add_hmdb51, add_synthetic, add_merge):
+        add_command(sub)
+    return parser
 
+
+def add_kinetics(sub) -> None:
     p = sub.add_parser("kinetics", help="the official Kinetics CSV + a folder of downloaded videos")
     p.add_argument(
         "--csv", action="append", required=True, help="annotation CSV (repeatable: train, val, ...)"
@@ -233,8 +276,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--classes", default=None, help="class names, one per line (default: the CSV labels, sorted)"
     )
     p.add_argument("--splits", nargs="+", default=None, help="only these splits of the CSV (default: all)")
-    add_output_options(p, name="k400", codec="h264", short_side=256, shard_samples=256)
+    add_output_options(p, name="k400")
 
+
+def add_lists(sub) -> None:
+    """`list` (video files) and `frames` (JPEG frame folders): the same list formats."""
     for command, helptext in (
         ("list", "list files of videos"),
         ("frames", "list files of JPEG frame folders"),
@@ -271,8 +317,10 @@ def build_parser() -> argparse.ArgumentParser:
                 default=12.0,
                 help="rate the frames were extracted at (default 12, Something-Something V1)",
             )
-        add_output_options(p, name="dataset", codec="h264", short_side=256, shard_samples=256)
+        add_output_options(p, name="dataset")
 
+
+def add_hmdb51(sub) -> None:
     p = sub.add_parser("hmdb51", help="HMDB51: the official split files + the videos in class folders")
     p.add_argument(
         "--annotations",
@@ -292,8 +340,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="class names, one per line (default: the split files' class names, sorted)",
     )
-    add_output_options(p, name="hmdb51", codec="h264", short_side=256, shard_samples=256)
+    add_output_options(p, name="hmdb51")
 
+
+def add_synthetic(sub) -> None:
+    """The embedded demo set: its own sizes and encoding (preprocess.synthetic), the engine options."""
     p = sub.add_parser("synthetic", help="generate the embedded demo dataset (8 order-dependent classes)")
     p.add_argument(
         "--out", default="data/synthetic", help="output directory or fsspec URL (default data/synthetic)"
@@ -307,15 +358,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--quality", type=int, default=5, help="mjpeg quantiser like -q:v (default 5)")
     p.add_argument("--shard-size", type=_positive_int, default=512, metavar="N", help="videos per shard")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=_workers, default=0, help="parallel processes (default 0: every core)")
+    p.add_argument("--seed", type=int, default=JOB_DEFAULTS["seed"])
+    p.add_argument(
+        "--workers",
+        type=_workers,
+        default=JOB_DEFAULTS["workers"],
+        help="parallel processes (default %(default)s: every core)",
+    )
     add_engine_options(p)
-    p.add_argument("--part", type=_part, default=(0, 1), metavar="i/N", help="process only part i of N")
+    p.add_argument(
+        "--part", type=_part, default=JOB_DEFAULTS["part"], metavar="i/N", help="process only part i of N"
+    )
     p.add_argument("--no-progress", action="store_true")
 
+
+def add_merge(sub) -> None:
     p = sub.add_parser("merge", help="combine the index files of `--part i/N` runs into index.json")
     p.add_argument("out", help="the output directory holding every part's shards and index.part-*.json")
-    return parser
 
 
 def settings_from(args: argparse.Namespace) -> EncodeSettings:

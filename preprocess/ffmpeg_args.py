@@ -7,6 +7,8 @@ from fractions import Fraction
 
 import ffmpeg
 
+import shardformat
+
 CODECS = ("h264", "mjpeg")
 
 
@@ -48,24 +50,12 @@ class EncodeSettings:
         return "yuvj420p" if self.codec == "mjpeg" else "yuv420p"
 
 
-def even(x: float) -> int:
-    """Nearest even integer >= 2 (libx264 with 4:2:0 needs even sizes)."""
-    return max(2, 2 * round(x / 2))
-
-
 def output_size(
     width: int, height: int, sar: Fraction, rotation: int, settings: EncodeSettings
 ) -> tuple[int, int]:
-    """Output (width, height) in square pixels after rotation: the display size, scaled, made even."""
-    display_w, display_h = width * float(sar), float(height)
-    if rotation % 180 == 90:
-        display_w, display_h = display_h, display_w
-    if settings.size is not None:
-        return settings.size
-    if settings.short_side is None:
-        return even(display_w), even(display_h)
-    scale = settings.short_side / min(display_w, display_h)
-    return even(display_w * scale), even(display_h * scale)
+    """Output (width, height) in square pixels after rotation: the display size, scaled, made even (the rule
+    pipeline/ reproduces for a video file, hence in shardformat)."""
+    return shardformat.frame_size(width, height, sar, rotation, settings.short_side, settings.size)
 
 
 def file_url(path: str) -> str:

@@ -15,7 +15,6 @@ the shard a single clean run would have written. Shards that are complete and cl
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import functools
 import json
 import logging
@@ -45,7 +44,8 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from preprocess import FORMAT, __version__, storage
+import dirlock
+from preprocess import __version__, storage
 from preprocess.ffmpeg_args import EncodeSettings
 from preprocess.jobs import Failure, InputError, Job, RunError, Sample
 from preprocess.writer import (
@@ -56,6 +56,7 @@ from preprocess.writer import (
     write_json_atomic,
     write_text_atomic,
 )
+from shardformat import FORMAT
 
 log = logging.getLogger("preprocess")
 RECORDS = ".records"  # per-shard records (samples, failures) of finished shards; what restart and merge read
@@ -444,19 +445,11 @@ def _lock_name(part: tuple[int, int]) -> str:
     return f"lock.part-{part[0]}-of-{part[1]}"
 
 
-def _try_lock(fd: int, mode: int) -> bool:
-    try:
-        fcntl.flock(fd, mode | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return False
-    return True
-
-
 def _holder(path: Path) -> str:
+    info = dirlock.read_record(path)
     try:
-        info = json.loads(path.read_text())
         return f"pid {info['pid']} on {info['host']}, started {info['started']}: {info['command']}"
-    except (OSError, ValueError, KeyError):
+    except (TypeError, KeyError):
         return "pid unknown"
 
 
@@ -469,37 +462,28 @@ def _busy(out: Path, lock: Path) -> RunError:
 
 @contextlib.contextmanager
 def output_lock(out: Path, part: tuple[int, int]) -> Iterator[None]:
-    """Hold `.records/lock.part-i-of-N` (flock: released when the process dies, even by SIGKILL) and refuse to
-    start while another run holds the same part, or any part of another N (their shards overlap ours)."""
+    """Hold `.records/lock.part-i-of-N` (dirlock: released when the process dies, even by SIGKILL) and refuse
+    to start while another run holds the same part, or any part of another N (their shards overlap ours)."""
     locks = out / RECORDS
     locks.mkdir(parents=True, exist_ok=True)
     path = locks / _lock_name(part)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = dirlock.try_acquire(path)
+    if fd is None:
+        raise _busy(out, path)
     try:
-        if not _try_lock(fd, fcntl.LOCK_EX):
-            raise _busy(out, path)
         holder = {
             "pid": os.getpid(),
             "host": socket.gethostname(),
             "started": time.strftime("%Y-%m-%d %H:%M:%S"),
             "command": " ".join(sys.argv),
         }
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(holder).encode(), 0)
+        dirlock.write_record(fd, holder)
         for other in locks.glob("lock.part-*-of-*"):
-            if not other.name.endswith(f"-of-{part[1]}") and _held(other):
+            if not other.name.endswith(f"-of-{part[1]}") and dirlock.is_held(other):
                 raise _busy(out, other)
         yield
     finally:
-        os.close(fd)  # releases the lock; the file stays (removing it would race with a run opening it)
-
-
-def _held(path: Path) -> bool:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        return not _try_lock(fd, fcntl.LOCK_SH)
-    finally:
-        os.close(fd)
+        dirlock.release(fd)  # the file stays: the next run of this part locks it again
 
 
 def build_index(

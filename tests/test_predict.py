@@ -24,6 +24,7 @@ import evaluation
 import models
 import predict
 import runtime
+import shardformat
 import train
 from models.online import causal_model
 from pipeline import LoaderConfig, build_loader
@@ -98,7 +99,7 @@ def lavfi_clip(path: Path, *, seconds: int, size: str, rate: int, faststart: boo
     ],
 )
 def test_shard_frame_size_is_preprocess_output_size(width, height, sar, rotation, settings):
-    assert vf.shard_frame_size(
+    assert shardformat.frame_size(
         width, height, sar, rotation, settings.short_side, settings.size
     ) == output_size(width, height, sar, rotation, settings)
 

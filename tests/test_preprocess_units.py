@@ -443,3 +443,27 @@ def test_all_failed_message(reasons, expected):
 )
 def test_write_error(code, expected):
     assert write_error(OSError(code, os.strerror(code)), Path("/d/x.tar.tmp")).startswith(expected)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["kinetics", "--csv", "a.csv", "--videos", "v"],
+        ["list", "--split", "train=a.txt"],
+        ["frames", "--split", "train=a.txt"],
+        ["hmdb51", "--annotations", "a", "--root", "r"],
+    ],
+)
+def test_cli_defaults_are_the_dataclass_defaults(argv, capsys):
+    """The CLI repeats no default: a change to EncodeSettings or ShardJob is the CLI's change."""
+    from preprocess import __main__ as cli
+    from preprocess.runner import ShardJob
+
+    args = cli.build_parser().parse_args(argv)
+    settings = cli.settings_from(args)
+    assert settings == EncodeSettings()
+    job = cli.shard_job(args, settings)
+    assert job == ShardJob(out=job.out, name=job.name, settings=EncodeSettings())
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args([argv[0], "--help"])
+    assert f"libx264 preset (default {EncodeSettings().preset})" in " ".join(capsys.readouterr().out.split())
