@@ -137,8 +137,7 @@ def cpu_threads(requested: int, loader_workers: int) -> int:
     """torch's intra-op threads on a CPU: `requested`, or (0) the cores the loader's workers leave free.
 
     Oversubscription is what hurts: torch's OpenMP threads spin at their barriers, so while loader threads
-    hold a core the whole step waits. Measured on 2 cores (demo step with the DALI CPU loader, other work
-    sharing the machine): 2 torch + 2 DALI threads 15 clips/s, 1 + 1 103 clips/s.
+    hold a core the whole step waits (the measured cost: docs/benchmark.md, "demo").
     """
     if requested:
         return requested

@@ -2,7 +2,7 @@
 
     python train.py                                   # the demo: make data/synthetic if missing, train, test
     python train.py train --preset gc_tsm_r50_k400_8f --data.index data/k400/index.json --optim.lr 0.01
-    torchrun --nproc_per_node 8 train.py train --preset gc_tsm_r50_k400_8f    # DDP (see README)
+    torchrun --nproc_per_node 8 train.py train --preset gc_tsm_r50_k400_8f    # DDP (docs/train.md)
     python train.py train --preset demo --resume                               # continue runs/demo exactly
     python train.py evaluate runs/a/best.pt runs/b/best.pt --eval.num_clips 10 --eval.num_crops 3
     python train.py predict runs/demo/best.pt video.mp4                       # top-5 classes of one video

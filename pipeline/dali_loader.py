@@ -265,9 +265,9 @@ def error_summary(error: BaseException) -> str:
 
 
 def reader_threads(workers: int) -> int:
-    """Reader threads per loader (0 with workers=0: read in the feeding thread). Measured by `python -m
-    benchmark reader` on 2 cores: from disk, 4 threads read ~1.3-1.8x the samples/s of one (8 no more);
-    from the page cache threads gain nothing there (a read is a memory copy), and cost little."""
+    """Reader threads per loader (0 with workers=0: read in the feeding thread): threads pay where a read
+    waits on the disk, gain nothing on the page cache (a read is a memory copy) and cost little; 4 because 8
+    read no more (`python -m benchmark reader`; its figures: docs/benchmark.md, "reader")."""
     return 4 if workers > 0 else 0
 
 
