@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-import config as C
+import config
 import models
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ PLAIN_SHORT_SIDE = 256
 PLAIN_CLIP_SECONDS = 10.0
 
 
-def build_model(cfg: C.Config, num_classes: int, *, pretrained: bool = True) -> models.VideoNet:
+def build_model(cfg: config.Config, num_classes: int, *, pretrained: bool = True) -> models.VideoNet:
     """The plain model `cfg.model` describes, for `num_classes` classes and cfg.data.num_segments frames;
     pretrained=False skips --model.pretrained (inference: the checkpoint's weights replace them anyway)."""
     kwargs = cfg.model.build_kwargs()
@@ -135,7 +135,7 @@ class Loaded:
     """A checkpoint's model in eval mode and what inference needs to render its input as in training."""
 
     model: models.VideoNet
-    cfg: C.Config  # the run's config (a plain state_dict: the named model at the plain geometry)
+    cfg: config.Config  # the run's config (a plain state_dict: the named model at the plain geometry)
     classes: list[str]  # [] when the file holds none
     plain: bool  # a plain state_dict: no config, no dataset facts inside
     facts: dict[str, Any]  # inference_facts() saved by training ({} for a plain state_dict or an old file)
@@ -148,7 +148,7 @@ def load_model(
     name: str | None = None,
     num_segments: int | None = None,
     num_classes: int | None = None,
-    plain: C.Config | None = None,
+    plain: config.Config | None = None,
     hint: str = "--model NAME",
 ) -> Loaded:
     """The model a file describes, in eval mode: a gcvideo checkpoint builds what its config says (name,
@@ -157,7 +157,11 @@ def load_model(
     off its classifier. `hint`: how the calling command names a model (said when a plain file has none)."""
     ckpt = load(path)
     if isinstance(ckpt, dict) and "config" in ckpt and "model" in ckpt:
-        cfg, classes, facts = C.from_dict(ckpt["config"]), list(ckpt.get("classes") or []), ckpt.get("facts")
+        cfg, classes, facts = (
+            config.from_dict(ckpt["config"]),
+            list(ckpt.get("classes") or []),
+            ckpt.get("facts"),
+        )
         cfg.model.name = name or cfg.model.name
         cfg.data.num_segments = num_segments or cfg.data.num_segments
         is_plain = False
@@ -173,7 +177,9 @@ def load_model(
         cfg.model.num_classes = int(fc.shape[0]) if fc is not None else cfg.model.num_classes
     cfg.model.num_classes = num_classes or cfg.model.num_classes
     if cfg.model.name not in models.list_models():
-        raise C.ConfigError(f"unknown model {cfg.model.name!r}; known: {', '.join(models.list_models())}")
+        raise config.ConfigError(
+            f"unknown model {cfg.model.name!r}; known: {', '.join(models.list_models())}"
+        )
     if not cfg.model.num_classes:
         raise CheckpointError(f"{path} has no fc.weight to read the number of classes from")
     model = build_model(cfg, cfg.model.num_classes, pretrained=False)
@@ -187,13 +193,15 @@ def load_model(
     return Loaded(model.to(device).eval(), cfg, classes, is_plain, dict(facts or {}))
 
 
-def plain_config(name: str, num_segments: int) -> C.Config:
+def plain_config(name: str, num_segments: int) -> config.Config:
     """The config of a plain state_dict: the named model at the plain geometry (crop 224 of short side
     256), inference settings only (no ImageNet weights to fetch, no compile)."""
-    cfg = C.Config()
+    cfg = config.Config()
     cfg.model.name, cfg.model.pretrained, cfg.model.compile = name, "", False
     cfg.data.num_segments, cfg.data.scale_size, cfg.data.crop_size = num_segments, PLAIN_SHORT_SIDE, 224
-    return C.resolve(cfg)  # frames per segment from the model; an unknown name is reported where it is built
+    return config.resolve(
+        cfg
+    )  # frames per segment from the model; an unknown name is reported where it is built
 
 
 def _mismatches(expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor]) -> str:
@@ -214,8 +222,8 @@ def _mismatches(expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor
 
 
 def checkpoint_model(
-    path: str | Path, device: torch.device, plain: C.Config | None = None
-) -> tuple[models.VideoNet, C.Config, list[str]]:
+    path: str | Path, device: torch.device, plain: config.Config | None = None
+) -> tuple[models.VideoNet, config.Config, list[str]]:
     """(model, config, classes) of a checkpoint for `evaluate`: a plain state_dict is built as `plain`
     describes (--model.name, --data.num_segments ...); without `plain` it is refused, saying so."""
     loaded = load_model(path, device, plain=plain, hint="--model.name gc_tsm_r50 --data.num_segments 8")

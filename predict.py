@@ -26,7 +26,7 @@ import av
 import torch
 
 import checkpoints
-import config as C
+import config
 import evaluation
 import runtime
 from models.online import OnlineTSM, check_online
@@ -54,7 +54,9 @@ class Predictor:
     """A loaded model and what rendering its input needs; built once for any number of videos."""
 
     net: torch.nn.Module
-    cfg: C.Config  # the run's config with its --eval.* views applied to cfg.data (evaluation.eval_config)
+    cfg: (
+        config.Config
+    )  # the run's config with its --eval.* views applied to cfg.data (evaluation.eval_config)
     classes: list[str]
     shards: ShardGeometry
     device: torch.device
@@ -194,7 +196,7 @@ def expand_inputs(inputs: list[str], stream: bool) -> list[str]:
         else:
             videos.append(item)
     if stream and len(videos) != 1:
-        raise C.ConfigError(
+        raise config.ConfigError(
             f"--stream takes one source, got {len(videos)} (usage: python train.py predict -h)"
         )
     return videos
@@ -312,14 +314,14 @@ class UsageParser(argparse.ArgumentParser):
     """argparse whose usage errors raise C.ConfigError (train.main: one line, exit 2) instead of sys.exit."""
 
     def error(self, message: str):
-        raise C.ConfigError(f"{message} (usage: {self.prog} -h)")
+        raise config.ConfigError(f"{message} (usage: {self.prog} -h)")
 
 
 def parse_hop(text: str) -> Hop:
     """'16' (frames) or '0.5s' (seconds)."""
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(s?)\s*", text)
     if not match or not float(match[1]) > 0 or (not match[2] and not match[1].isdigit()):
-        raise C.ConfigError(f"--hop {text!r}: a whole number of frames (16) or seconds (0.5s), > 0")
+        raise config.ConfigError(f"--hop {text!r}: a whole number of frames (16) or seconds (0.5s), > 0")
     return Hop(float(match[1]), bool(match[2]))
 
 
@@ -382,11 +384,11 @@ def build_parser():
 def parse_args(argv: list[str]):
     args = build_parser().parse_args(argv)
     if args.threads < 0:
-        raise C.ConfigError(f"--threads must be >= 0, got {args.threads}")
+        raise config.ConfigError(f"--threads must be >= 0, got {args.threads}")
     for name in ("top", "num_segments", "stride", "short_side"):
         value = getattr(args, name)
         if value is not None and value <= 0:
-            raise C.ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+            raise config.ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     args.hop = parse_hop(args.hop)
     first = args.videos[0]
     args.stream = args.stream or bool(vf.camera_device(first)) or vf.is_url(first)

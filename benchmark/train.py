@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 import checkpoints
-import config as C
+import config
 import optimisation
 import runtime
 from benchmark.common import Plot, median, nvidia_smi_id, timeit, write_results
@@ -124,9 +124,9 @@ class GpuSampler:
         }
 
 
-def bench_config(args: argparse.Namespace, model: str) -> C.Config:
+def bench_config(args: argparse.Namespace, model: str) -> config.Config:
     quick = args.quick or args.device == "cpu"
-    cfg = C.demo() if quick else C.gc_tsm_r50_k400_8f()
+    cfg = config.demo() if quick else config.gc_tsm_r50_k400_8f()
     overrides = [
         "--model.name",
         model,
@@ -155,7 +155,7 @@ def bench_config(args: argparse.Namespace, model: str) -> C.Config:
     ):
         if value is not None:
             overrides += [f"--data.{option}", str(value)]
-    return C.validate(C.apply_overrides(cfg, overrides))
+    return config.validate(config.apply_overrides(cfg, overrides))
 
 
 # The Kinetics recipe's data geometry (config._kinetics) on top of the CPU demo config.
@@ -181,14 +181,14 @@ def kinetics_index(args: argparse.Namespace, root: Path) -> str:
     return str(repeated_index(build_shards(root / f"h264-256-g{gop}", codec="h264", gop=gop), 20))
 
 
-def torch_threads(cfg: C.Config) -> int:
+def torch_threads(cfg: config.Config) -> int:
     """As train.py: the cores the loader's workers leave free, for the synthetic row too, so that the two
     rows differ by the loader alone (measured on 2 shared cores: 2 threads made the synthetic step 4x slower
     than 1, which would say nothing about the loader)."""
     return runtime.cpu_threads(cfg.run.threads, cfg.data.workers)
 
 
-def run_one(cfg: C.Config, data: str, args: argparse.Namespace, warmup: int, iters: int) -> dict:
+def run_one(cfg: config.Config, data: str, args: argparse.Namespace, warmup: int, iters: int) -> dict:
     """One row: training steps of cfg's model on `data` (shards through the loader, or one fixed synthetic
     batch), timed after a first step that compiles and starts the loader."""
     device = torch.device(args.device)
@@ -235,7 +235,7 @@ def run_one(cfg: C.Config, data: str, args: argparse.Namespace, warmup: int, ite
     return row
 
 
-def model_and_optimiser(cfg: C.Config, num_classes: int, device: torch.device, precision: str):
+def model_and_optimiser(cfg: config.Config, num_classes: int, device: torch.device, precision: str):
     """The model as train.py wraps it (channels last, compiled if asked), in train mode, and its optimiser."""
     model = checkpoints.build_model(cfg, num_classes)
     net = runtime.setup_model(
@@ -253,7 +253,7 @@ def model_and_optimiser(cfg: C.Config, num_classes: int, device: torch.device, p
     return net, opt
 
 
-def batch_source(cfg: C.Config, loader, num_classes: int, device: torch.device, waits: list[float]):
+def batch_source(cfg: config.Config, loader, num_classes: int, device: torch.device, waits: list[float]):
     """A function giving the next (x, y): the loader's batches epoch after epoch (each wait appended to
     `waits`), or without a loader one fixed random batch."""
     if loader is None:

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 import checkpoints
-import config as C
+import config
 
 from . import list_models
 from .video import VideoNet
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
             num_segments=args.num_segments,
             hint="--model NAME [--num-segments 8]",
         )
-    except (checkpoints.CheckpointError, C.ConfigError) as err:
+    except (checkpoints.CheckpointError, config.ConfigError) as err:
         return fail(str(err), 1)
     model, name = loaded.model, loaded.cfg.model.name
     try:

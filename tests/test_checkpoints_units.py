@@ -9,13 +9,13 @@ import pytest
 import torch
 
 import checkpoints
-import config as C
+import config
 
 CPU = torch.device("cpu")
 
 
-def demo_cfg(classes: int = 3) -> C.Config:
-    cfg = C.demo()
+def demo_cfg(classes: int = 3) -> config.Config:
+    cfg = config.demo()
     cfg.data.num_segments, cfg.model.num_classes = 2, classes
     return cfg
 
@@ -24,12 +24,13 @@ def test_checkpoint_model_is_built_from_the_config_inside(tmp_path):
     cfg = demo_cfg()
     model = checkpoints.build_model(cfg, 3)
     torch.save(
-        {"model": model.state_dict(), "config": C.to_dict(cfg), "classes": ["a", "b", "c"]}, tmp_path / "c.pt"
+        {"model": model.state_dict(), "config": config.to_dict(cfg), "classes": ["a", "b", "c"]},
+        tmp_path / "c.pt",
     )
     loaded, got_cfg, classes = checkpoints.checkpoint_model(tmp_path / "c.pt", CPU)
     assert classes == ["a", "b", "c"] and got_cfg.model.name == "gc_tsm_mini" and not loaded.training
     assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in model.state_dict().items())
-    torch.save({"model": model.state_dict(), "config": C.to_dict(cfg)}, tmp_path / "no-classes.pt")
+    torch.save({"model": model.state_dict(), "config": config.to_dict(cfg)}, tmp_path / "no-classes.pt")
     assert checkpoints.checkpoint_model(tmp_path / "no-classes.pt", CPU)[2] == []
 
 
@@ -42,7 +43,7 @@ def test_a_plain_state_dict_takes_the_named_model_and_its_class_count(tmp_path):
     loaded, cfg, classes = checkpoints.checkpoint_model(tmp_path / "p.pt", CPU, plain)
     assert cfg.model.num_classes == 5 and classes == [] and loaded.fc.out_features == 5
     assert torch.equal(loaded.state_dict()["fc.weight"], model.state_dict()["fc.weight"])
-    other = C.apply_overrides(demo_cfg(), ["--model.name", "tsn_mini"])
+    other = config.apply_overrides(demo_cfg(), ["--model.name", "tsn_mini"])
     with pytest.raises(checkpoints.CheckpointError, match="does not fit model tsn_mini with 5 classes: "):
         checkpoints.checkpoint_model(tmp_path / "p.pt", CPU, other)
 

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-import config as C
+import config
 
 REQUIRED_PRESETS = [
     "demo",
@@ -30,7 +30,7 @@ REQUIRED_PRESETS = [
 
 
 def test_gst_tdn_presets_follow_the_gc_scripts():
-    gst = C.preset("gc_gst_r50_sthv1_8f")
+    gst = config.preset("gc_gst_r50_sthv1_8f")
     assert (gst.model.name, gst.model.gc_loop, gst.optim.lr, gst.optim.base_batch) == (
         "gc_gst_r50",
         True,
@@ -43,7 +43,7 @@ def test_gst_tdn_presets_follow_the_gc_scripts():
         True,
         False,
     )
-    tdn = C.preset("gc_tdn_r50_sthv1_8f")
+    tdn = config.preset("gc_tdn_r50_sthv1_8f")
     assert (tdn.data.frames_per_segment, tdn.data.clip_length, tdn.optim.lr_steps) == (5, 40, (30, 45, 55))
     assert (tdn.optim.weight_decay, tdn.optim.epochs, tdn.optim.gc_lr_mult) == (5e-4, 60, 5.0)
 
@@ -52,25 +52,31 @@ SWITCHES = [("gc_gst_r50_sthv1_8f", "tdn_r50"), ("gc_tdn_r50_sthv1_8f", "tsm_r50
 
 
 def test_frames_per_segment_follows_from_the_model_and_is_not_an_option():
-    tdn, gst = C.preset("gc_tdn_r50_sthv1_8f"), C.preset("gc_gst_r50_sthv1_8f")
+    tdn, gst = config.preset("gc_tdn_r50_sthv1_8f"), config.preset("gc_gst_r50_sthv1_8f")
     assert (tdn.data.frames_per_segment, gst.data.frames_per_segment) == (5, 1)
-    switched = [C.validate(C.apply_overrides(C.preset(p), ["--model.name", m])) for p, m in SWITCHES]
+    switched = [
+        config.validate(config.apply_overrides(config.preset(p), ["--model.name", m])) for p, m in SWITCHES
+    ]
     assert [cfg.data.frames_per_segment for cfg in switched] == [5, 1]
-    with pytest.raises(C.ConfigError, match="--data.frames_per_segment is not an option: it follows from"):
-        C.apply_overrides(tdn, ["--data.frames_per_segment", "1"])
-    assert "frames_per_segment" not in C.help_text(tdn) and "--eval.num_clips" in C.help_text(tdn)
+    with pytest.raises(
+        config.ConfigError, match="--data.frames_per_segment is not an option: it follows from"
+    ):
+        config.apply_overrides(tdn, ["--data.frames_per_segment", "1"])
+    assert "frames_per_segment" not in config.help_text(tdn) and "--eval.num_clips" in config.help_text(tdn)
     # a saved config (run/config.json, a checkpoint's) holds the field: it loads, and the model decides
-    saved = C.to_dict(tdn)
-    assert saved["data"]["frames_per_segment"] == 5 and C.from_dict(saved).data.frames_per_segment == 5
+    saved = config.to_dict(tdn)
+    assert saved["data"]["frames_per_segment"] == 5 and config.from_dict(saved).data.frames_per_segment == 5
     saved["data"]["frames_per_segment"] = 1  # written by hand, or by a version that let it be set
-    assert C.from_dict(saved).data.frames_per_segment == 5
+    assert config.from_dict(saved).data.frames_per_segment == 5
 
 
 @pytest.mark.parametrize("view", ["num_clips", "num_crops", "twice_sample"])
 def test_each_test_view_has_one_option_under_eval(view):
-    with pytest.raises(C.ConfigError, match=f"--data.{view} is not an option: .* use --eval.{view}"):
-        C.apply_overrides(C.demo(), [f"--data.{view}", "1"])
-    assert f"--data.{view}" not in C.all_options(C.demo()) and f"--eval.{view}" in C.all_options(C.demo())
+    with pytest.raises(config.ConfigError, match=f"--data.{view} is not an option: .* use --eval.{view}"):
+        config.apply_overrides(config.demo(), [f"--data.{view}", "1"])
+    assert f"--data.{view}" not in config.all_options(
+        config.demo()
+    ) and f"--eval.{view}" in config.all_options(config.demo())
 
 
 @pytest.mark.parametrize(
@@ -86,7 +92,7 @@ def test_each_test_view_has_one_option_under_eval(view):
     ],
 )
 def test_dataset_presets_follow_their_protocols(name, flip, sampling, frames, views):
-    cfg = C.preset(name)
+    cfg = config.preset(name)
     assert (cfg.data.flip, cfg.data.sampling, cfg.data.num_segments) == (flip, sampling, frames)
     assert (cfg.eval.num_clips, cfg.eval.num_crops) == views
     assert name.startswith(("tsm_", "gc_tsm_r50_k400")) or "_ft" in name or cfg.optim.gc_lr_mult == 5.0
@@ -94,13 +100,13 @@ def test_dataset_presets_follow_their_protocols(name, flip, sampling, frames, vi
 
 @pytest.mark.parametrize("name", REQUIRED_PRESETS)
 def test_presets_are_valid_and_round_trip_through_json(name):
-    cfg = C.validate(C.preset(name))
+    cfg = config.validate(config.preset(name))
     assert cfg.preset == name
-    assert C.from_dict(json.loads(json.dumps(C.to_dict(cfg)))) == cfg
+    assert config.from_dict(json.loads(json.dumps(config.to_dict(cfg)))) == cfg
 
 
 def test_preset_facts_follow_the_reference_recipes():
-    k400 = C.preset("gc_tsm_r50_k400_8f")
+    k400 = config.preset("gc_tsm_r50_k400_8f")
     assert (k400.model.name, k400.data.num_segments, k400.optim.lr, k400.optim.base_batch) == (
         "gc_tsm_r50",
         8,
@@ -108,22 +114,22 @@ def test_preset_facts_follow_the_reference_recipes():
         128,
     )
     assert k400.optim.lr_steps == (20, 40) and k400.optim.epochs == 50 and k400.optim.clip_grad == 20
-    assert C.preset("gc_tsm_r50_k400_16f").data.num_segments == 16
-    assert C.preset("gc_tsn_r50_k400_8f").model.name == "gc_tsn_r50"
-    assert C.preset("tsm_r50_k400_8f").model.name == "tsm_r50"
-    sth = C.preset("gc_tsm_r50_sthv2_8f")
+    assert config.preset("gc_tsm_r50_k400_16f").data.num_segments == 16
+    assert config.preset("gc_tsn_r50_k400_8f").model.name == "gc_tsn_r50"
+    assert config.preset("tsm_r50_k400_8f").model.name == "tsm_r50"
+    sth = config.preset("gc_tsm_r50_sthv2_8f")
     # lr 0.01 for 32 clips: the GC repository's train_tsm.sh (--lr 0.01 --batch-size 32 under DataParallel, no
     # scaling in main_tsm.py), not the TSM release's 0.01 for 64 (half the lr per clip)
     assert sth.data.flip is False and (sth.optim.lr, sth.optim.base_batch) == (0.01, 32)
-    ucf = C.preset("gc_tsm_r50_ucf101_ft")
+    ucf = config.preset("gc_tsm_r50_ucf101_ft")
     assert ucf.model.dropout == 0.8 and ucf.optim.lr == 0.001 and ucf.optim.fc_lr_mult == 5
-    demo = C.preset("demo")
+    demo = config.preset("demo")
     assert demo.model.name == "gc_tsm_mini" and demo.data.flip is False and demo.data.num_segments == 8
 
 
 def test_overrides_parse_every_kind_of_field():
-    cfg = C.apply_overrides(
-        C.demo(),
+    cfg = config.apply_overrides(
+        config.demo(),
         [
             "--optim.lr",
             "0.01",
@@ -143,7 +149,7 @@ def test_overrides_parse_every_kind_of_field():
     assert cfg.optim.lr == 0.01 and cfg.data.batch_size == 16 and cfg.data.scales == (1.0, 0.75)
     assert cfg.run.resume is True and cfg.model.compile is False and cfg.run.tensorboard is False
     assert cfg.model.name == "tsn_mini" and cfg.optim.lr_steps == (2.0, 4.0) and cfg.run.tune_from == ""
-    assert C.apply_overrides(C.demo(), ["--no-compile"]).model.compile is False
+    assert config.apply_overrides(config.demo(), ["--no-compile"]).model.compile is False
 
 
 @pytest.mark.parametrize(
@@ -159,8 +165,8 @@ def test_overrides_parse_every_kind_of_field():
     ],
 )
 def test_bad_options_are_rejected_by_name(args, message):
-    with pytest.raises(C.ConfigError, match=re.escape(message)):
-        C.apply_overrides(C.demo(), args)
+    with pytest.raises(config.ConfigError, match=re.escape(message)):
+        config.apply_overrides(config.demo(), args)
 
 
 @pytest.mark.parametrize(
@@ -187,33 +193,33 @@ def test_bad_options_are_rejected_by_name(args, message):
     ],
 )
 def test_bad_values_are_rejected_with_the_allowed_range(args, message):
-    cfg = C.apply_overrides(C.demo(), args)
-    with pytest.raises(C.ConfigError) as err:
-        C.validate(cfg)
+    cfg = config.apply_overrides(config.demo(), args)
+    with pytest.raises(config.ConfigError) as err:
+        config.validate(cfg)
     assert message in str(err.value)
 
 
 def test_unknown_preset_suggests_the_closest():
-    with pytest.raises(C.ConfigError, match="did you mean 'gc_tsm_r50_k400_8f'"):
-        C.preset("gc_tsm_r50_k400_8")
+    with pytest.raises(config.ConfigError, match="did you mean 'gc_tsm_r50_k400_8f'"):
+        config.preset("gc_tsm_r50_k400_8")
 
 
 def test_from_dict_ignores_removed_fields_and_keeps_new_defaults():
-    d = C.to_dict(C.demo())
+    d = config.to_dict(config.demo())
     d["optim"]["no_longer_exists"] = 1
     del d["run"]["log_every"]
-    cfg = C.from_dict(d)
-    assert cfg.run.log_every == C.RunConfig().log_every and cfg.optim.lr == C.demo().optim.lr
+    cfg = config.from_dict(d)
+    assert cfg.run.log_every == config.RunConfig().log_every and cfg.optim.lr == config.demo().optim.lr
 
 
 def test_literal_fields_are_the_one_list_of_allowed_values():
-    cfg = C.apply_overrides(
-        C.demo(), ["--eval.num_crops", "3", "--model.ratio", "8", "--data.dali_pipelines", "2"]
+    cfg = config.apply_overrides(
+        config.demo(), ["--eval.num_crops", "3", "--model.ratio", "8", "--data.dali_pipelines", "2"]
     )
     assert cfg.eval.num_crops == 3 and isinstance(cfg.eval.num_crops, int)
     assert cfg.model.ratio == 8 and cfg.model.build_kwargs()["ratio"] == 8
     assert cfg.data.dali_pipelines == 2
-    help_text = C.help_text(C.demo())
+    help_text = config.help_text(config.demo())
     assert "--run.precision" in help_text and "(auto | fp32 | bf16 | fp16)" in help_text
     assert "(1 | 3 | 10)" in help_text
 
@@ -226,17 +232,19 @@ def test_every_build_model_option_is_reachable_from_the_command_line():
     options = {
         p for p in inspect.signature(models.build_model).parameters if p not in ("name", "num_classes")
     }
-    reachable = set(C.ModelConfig().build_kwargs()) | {"num_segments"}  # num_segments: --data.num_segments
+    reachable = set(config.ModelConfig().build_kwargs()) | {
+        "num_segments"
+    }  # num_segments: --data.num_segments
     assert options == reachable
 
 
 def test_parse_train_args_takes_the_preset_anywhere():
-    cfg = C.parse_train_args(["--optim.lr", "0.5", "--preset", "demo_tsn"])
+    cfg = config.parse_train_args(["--optim.lr", "0.5", "--preset", "demo_tsn"])
     assert cfg.preset == "demo_tsn" and cfg.model.name == "tsn_mini" and cfg.optim.lr == 0.5
-    assert C.parse_train_args(["--preset=gc_tsm_r50_k400_8f"]).model.name == "gc_tsm_r50"
+    assert config.parse_train_args(["--preset=gc_tsm_r50_k400_8f"]).model.name == "gc_tsm_r50"
     for argv in (["--preset"], ["--preset", "--optim.lr", "1"]):
-        with pytest.raises(C.ConfigError, match="--preset needs a name"):
-            C.parse_train_args(argv)
+        with pytest.raises(config.ConfigError, match="--preset needs a name"):
+            config.parse_train_args(argv)
 
 
 # The GC repository's scripts (haoyanbin918/Group-Contextualization b99be50), as each one's lines say:
@@ -250,9 +258,9 @@ GC_SCRIPTS = {
 }
 
 
-@pytest.mark.parametrize("name", [n for n in C.PRESETS if C.preset(n).recipe.source in GC_SCRIPTS])
+@pytest.mark.parametrize("name", [n for n in config.PRESETS if config.preset(n).recipe.source in GC_SCRIPTS])
 def test_presets_that_follow_a_gc_script_take_its_numbers(name):
-    cfg = C.preset(name)
+    cfg = config.preset(name)
     script = GC_SCRIPTS[cfg.recipe.source]
     assert {key: getattr(cfg.optim, key) for key in script} == script
     assert (cfg.optim.gc_lr_mult, cfg.optim.clip_grad, cfg.model.dropout, cfg.model.partial_bn) == (
@@ -265,26 +273,26 @@ def test_presets_that_follow_a_gc_script_take_its_numbers(name):
 
 def test_every_gc_something_preset_follows_a_gc_script():
     gc_something = [
-        n for n in C.PRESETS if n.startswith(("gc_", "ecal_")) and "_k400" not in n and "_ft" not in n
+        n for n in config.PRESETS if n.startswith(("gc_", "ecal_")) and "_k400" not in n and "_ft" not in n
     ]
     assert len(gc_something) == 8
-    assert all(C.preset(n).recipe.source in GC_SCRIPTS for n in gc_something)
+    assert all(config.preset(n).recipe.source in GC_SCRIPTS for n in gc_something)
 
 
 def test_every_preset_names_its_source_and_the_run_saves_it():
-    for name in C.PRESETS:
-        recipe = C.preset(name).recipe
+    for name in config.PRESETS:
+        recipe = config.preset(name).recipe
         assert recipe.source and all(recipe.deviations), name
-    cfg = C.preset("gc_tdn_r50_sthv1_8f")
-    saved = json.loads(json.dumps(C.to_dict(cfg)))
-    assert saved["recipe"]["source"] == "GC train_tdn.sh" and C.from_dict(saved).recipe == cfg.recipe
+    cfg = config.preset("gc_tdn_r50_sthv1_8f")
+    saved = json.loads(json.dumps(config.to_dict(cfg)))
+    assert saved["recipe"]["source"] == "GC train_tdn.sh" and config.from_dict(saved).recipe == cfg.recipe
     assert (
-        C.from_dict({k: v for k, v in saved.items() if k != "recipe"}).recipe == C.RecipeConfig()
+        config.from_dict({k: v for k, v in saved.items() if k != "recipe"}).recipe == config.RecipeConfig()
     )  # older runs
 
 
 def test_text_tuples_keep_their_inner_spaces_on_the_command_line():
-    cfg = C.apply_overrides(
-        C.demo(), ["--recipe.deviations", "batch 4 a GPU, no flip", "--data.scales", "1, 0.875"]
+    cfg = config.apply_overrides(
+        config.demo(), ["--recipe.deviations", "batch 4 a GPU, no flip", "--data.scales", "1, 0.875"]
     )
     assert cfg.recipe.deviations == ("batch 4 a GPU", "no flip") and cfg.data.scales == (1.0, 0.875)

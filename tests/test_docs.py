@@ -10,7 +10,7 @@ import sys
 import pytest
 from conftest import ROOT
 
-import config as C
+import config
 from preprocess.__main__ import build_parser
 from preprocess.ffmpeg_args import EncodeSettings
 
@@ -31,8 +31,8 @@ def test_train_doc_quotes_config_errors_as_the_code_words_them():
     for quote in quotes:
         option = re.search(r"--[a-z_]+\.[a-z_]+", quote)[0]
         value = re.search(r"got '([^']*)'", quote)
-        with pytest.raises(C.ConfigError) as err:
-            C.parse_train_args([option, value[1] if value else "1"])
+        with pytest.raises(config.ConfigError) as err:
+            config.parse_train_args([option, value[1] if value else "1"])
         assert quote in str(err.value), f"docs/train.md quotes {quote!r}; the code says {str(err.value)!r}"
 
 
@@ -73,18 +73,18 @@ def test_models_doc_holds_the_presets_table_the_presets_generate():
     """docs/models.md's table is `python -m config --presets-table`: regenerate it after changing a preset."""
     held = PRESETS_TABLE.search(DOCS["models.md"])
     assert held, "docs/models.md lost its presets table markers"
-    assert held[1] == C.presets_table(), (
+    assert held[1] == config.presets_table(), (
         "docs/models.md's presets table is stale: python -m config --presets-table"
     )
     rows = [line for line in held[1].splitlines() if line.startswith("| `")]
-    assert [re.match(r"\| `(\w+)`", row)[1] for row in rows] == list(C.PRESETS)
+    assert [re.match(r"\| `(\w+)`", row)[1] for row in rows] == list(config.PRESETS)
 
 
 def test_the_presets_table_command_prints_the_table_and_refuses_other_arguments():
     done = subprocess.run(
         [sys.executable, "-m", "config", "--presets-table"], cwd=ROOT, capture_output=True, text=True
     )
-    assert done.returncode == 0 and done.stdout == C.presets_table()
+    assert done.returncode == 0 and done.stdout == config.presets_table()
     bad = subprocess.run(
         [sys.executable, "-m", "config", "--table"], cwd=ROOT, capture_output=True, text=True
     )
@@ -104,7 +104,7 @@ def test_every_preset_and_benchmark_is_in_the_docs_and_the_docs_name_no_other():
     from benchmark.__main__ import BENCHMARKS, LONG_BENCHMARKS
 
     benchmarks = {*BENCHMARKS, *LONG_BENCHMARKS}
-    for name in C.PRESETS:
+    for name in config.PRESETS:
         assert f"`{name}`" in ALL_DOCS, (
             f"preset {name} is in no doc (docs/models.md's table: python -m config)"
         )
@@ -116,14 +116,14 @@ def test_every_preset_and_benchmark_is_in_the_docs_and_the_docs_name_no_other():
     assert (
         len(named_presets) >= 3 and len(named_benchmarks) >= 5
     )  # the patterns still match the docs' commands
-    assert named_presets <= set(C.PRESETS), (
-        f"the docs name presets that do not exist: {named_presets - set(C.PRESETS)}"
+    assert named_presets <= set(config.PRESETS), (
+        f"the docs name presets that do not exist: {named_presets - set(config.PRESETS)}"
     )
     gone = named_benchmarks - benchmarks
     assert not gone, f"the docs name benchmarks that do not exist: {sorted(gone)}"
     preset_rows = {
         m for m in re.findall(r"^\| `([a-z0-9_]+)`", DOCS["models.md"].split("## Presets")[1], re.M)
     }
-    assert preset_rows == set(C.PRESETS)
+    assert preset_rows == set(config.PRESETS)
     listed = re.findall(r"one benchmark: ([a-z_ |,]+)", ALL_DOCS)
     assert listed and all(set(re.split(r"[ |,]+", x.strip(" |,"))) <= benchmarks for x in listed)

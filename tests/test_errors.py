@@ -20,7 +20,7 @@ import torch
 from conftest import ROOT, TINY_SYNTHETIC, run_preprocess, tiny_args
 
 import checkpoints
-import config as C
+import config
 import evaluation
 import train
 
@@ -474,7 +474,7 @@ def test_killed_runs_leave_no_workers_and_sigterm_keeps_last_pt(sig, tiny_index,
         assert code == 128 + signal.SIGTERM and "stopped by SIGTERM" in stderr and "--resume" in stderr
         assert "Traceback" not in stderr
         ckpt = checkpoints.load(tmp_path / "run" / "last.pt")
-        assert C.from_dict(ckpt["config"]).optim.epochs == 50
+        assert config.from_dict(ckpt["config"]).optim.epochs == 50
 
 
 def test_evaluate_takes_plain_weights_with_a_model_name_and_refuses_other_classes(

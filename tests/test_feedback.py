@@ -20,7 +20,7 @@ import torch
 from conftest import ROOT, TINY_SYNTHETIC, tiny_args
 
 import checkpoints
-import config as C
+import config
 import evaluation
 import progress
 import runtime
@@ -131,29 +131,31 @@ def test_help_describes_every_option_with_the_chosen_presets_values():
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     lines = done.stdout.splitlines()
-    for option in C.all_options(C.Config()):
+    for option in config.all_options(config.Config()):
         at = next(i for i, line in enumerate(lines) if line.startswith(f"  {option} "))
         description = lines[at + 1]
         assert description.startswith("      ") and len(description.split()) >= 2, (option, description)
     assert "  --data.index data/k400/index.json" in lines and "  --data.crop_size 224" in lines
     assert "  --model.pretrained imagenet" in lines and "preset gc_tsm_r50_k400_8f" in done.stdout
     assert max(map(len, lines)) <= 110
-    for section in dataclasses.fields(C.Config()):
+    for section in dataclasses.fields(config.Config()):
         if section.name != "preset":
-            for f in dataclasses.fields(getattr(C.Config(), section.name)):
+            for f in dataclasses.fields(getattr(config.Config(), section.name)):
                 assert f.metadata.get("help"), f"--{section.name}.{f.name} has no help"
 
 
 def test_a_short_run_fits_the_presets_schedule_with_a_note(caplog):
     with caplog.at_level("WARNING"):
-        cfg = C.parse_train_args(["--optim.epochs", "1"])
+        cfg = config.parse_train_args(["--optim.epochs", "1"])
     assert cfg.optim.epochs == 1 and cfg.optim.warmup_epochs == 0.5 and "warming up for 0.5" in caplog.text
-    k400 = C.parse_train_args(["--preset", "gc_tsm_r50_k400_8f", "--epochs", "30"])
+    k400 = config.parse_train_args(["--preset", "gc_tsm_r50_k400_8f", "--epochs", "30"])
     assert k400.optim.lr_steps == (20,) and k400.optim.warmup_epochs == 0
-    with pytest.raises(C.ConfigError, match="warmup_epochs must be in"):  # the user's own warm-up: refused
-        C.parse_train_args(["--optim.epochs", "1", "--optim.warmup_epochs", "2"])
-    with pytest.raises(C.ConfigError, match="lr_steps must be increasing"):
-        C.parse_train_args(["--preset", "gc_tsm_r50_k400_8f", "--epochs", "1", "--optim.lr_steps", "5"])
+    with pytest.raises(
+        config.ConfigError, match="warmup_epochs must be in"
+    ):  # the user's own warm-up: refused
+        config.parse_train_args(["--optim.epochs", "1", "--optim.warmup_epochs", "2"])
+    with pytest.raises(config.ConfigError, match="lr_steps must be increasing"):
+        config.parse_train_args(["--preset", "gc_tsm_r50_k400_8f", "--epochs", "1", "--optim.lr_steps", "5"])
 
 
 def test_a_one_epoch_smoke_run_trains_and_resuming_it_says_it_is_finished(
@@ -179,7 +181,7 @@ def test_a_one_epoch_smoke_run_trains_and_resuming_it_says_it_is_finished(
     assert "holds a finished run (all 1 epochs of --optim.epochs are done)" in caplog.text
     assert "--tune-from" in caplog.text and (tmp_path / "run" / "last.pt").read_bytes() == before
     state = checkpoints.load(tmp_path / "run" / "last.pt")["state"]
-    reached = C.parse_train_args(["--run.target_top1", "0.01", "--epochs", "5"])
+    reached = config.parse_train_args(["--run.target_top1", "0.01", "--epochs", "5"])
     assert train.finished(reached, train.TrainState(**{**state, "best_top1": 0.5})).startswith("its best val")
     assert train.finished(reached, train.TrainState(**{**state, "best_top1": 0.0})) == ""
 

@@ -80,14 +80,14 @@ def test_compiled_bf16_channels_last_matches_eager_fp32():
 
 
 def test_training_on_cuda_with_the_dali_gpu_loader(h264_index, tmp_path):
-    import config as C
+    import config
     import train
 
     args = tiny_args(h264_index, tmp_path / "run", 4)
     args[args.index("--data.backend") + 1] = "dali-gpu"
     args[args.index("--run.device") + 1] = "cuda"
     args += ["--optim.epochs", "2", "--run.precision", "bf16", "--model.compile", "false"]
-    summary = train.train(C.parse_train_args(args))
+    summary = train.train(config.parse_train_args(args))
     assert summary["step"] > 0
     ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import checkpoints
-import config as C
+import config
 import optimisation
 import runtime
 
@@ -31,16 +31,16 @@ def toy_task(seed: int = 0, noise: float = 0.5):
     return draw
 
 
-def optim_cfg(lr: float, clip_grad: float = 20.0) -> C.Config:
-    cfg = C.demo()
+def optim_cfg(lr: float, clip_grad: float = 20.0) -> config.Config:
+    cfg = config.demo()
     cfg.data.num_segments = FRAMES
-    cfg.optim = C.OptimConfig(
+    cfg.optim = config.OptimConfig(
         lr=lr, base_batch=BATCH, epochs=1, schedule="step", lr_steps=(), warmup_epochs=0, clip_grad=clip_grad
     )
     return cfg
 
 
-def train_and_score(model: nn.Module, cfg: C.Config, precision: str, steps: int, seed: int = 0):
+def train_and_score(model: nn.Module, cfg: config.Config, precision: str, steps: int, seed: int = 0):
     """(mean loss of the first 3 steps, of the last 3, top-1 on 64 fresh clips) after `steps` train_steps."""
     torch.manual_seed(seed)
     draw = toy_task(seed)
@@ -142,9 +142,9 @@ def one_step(clip_grad: float, scale: float) -> tuple[float, float, TinyVideoNet
 
 
 def test_the_default_clip_is_20_as_in_the_reference_scripts():
-    assert C.OptimConfig().clip_grad == 20.0
+    assert config.OptimConfig().clip_grad == 20.0
     for preset in ("demo", "gc_tsm_r50_k400_8f"):
-        cfg = C.PRESETS[preset]()
+        cfg = config.PRESETS[preset]()
         opt = optimisation.Optimisation.build(
             TinyVideoNet(), cfg, steps_per_epoch=1, global_batch=8, precision="fp32", device=CPU
         )

@@ -19,7 +19,7 @@ import torch
 from conftest import EDGE, KINETICS, ROOT, run_preprocess
 
 import checkpoints
-import config as C
+import config
 import evaluation
 import models
 import predict
@@ -36,17 +36,17 @@ from preprocess.ffmpeg_args import EncodeSettings, output_size
 CLASSES = ["ball", "circle", "square"]
 
 
-def tiny_config(index: str = "no/index.json") -> C.Config:
+def tiny_config(index: str = "no/index.json") -> config.Config:
     """gc_tsm_mini, 3 classes, T=4, 32-pixel crops of short side 36 (no index here: short side = scale)."""
-    cfg = C.Config()
-    cfg.model = C.ModelConfig(
+    cfg = config.Config()
+    cfg.model = config.ModelConfig(
         name="gc_tsm_mini", num_classes=len(CLASSES), channels_last=False, compile=False
     )
     cfg.data = LoaderConfig(index=index, num_segments=4, crop_size=32, scale_size=36)
     return cfg
 
 
-def tiny_model(cfg: C.Config) -> models.VideoNet:
+def tiny_model(cfg: config.Config) -> models.VideoNet:
     torch.manual_seed(0)
     return models.build_model(cfg.model.name, cfg.model.num_classes, cfg.data.num_segments)
 
@@ -57,7 +57,9 @@ def files(tmp_path_factory) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("predict")
     cfg = tiny_config()
     model = tiny_model(cfg)
-    torch.save({"model": model.state_dict(), "config": C.to_dict(cfg), "classes": CLASSES}, out / "ckpt.pt")
+    torch.save(
+        {"model": model.state_dict(), "config": config.to_dict(cfg), "classes": CLASSES}, out / "ckpt.pt"
+    )
     torch.save(model.state_dict(), out / "plain.pt")
     (out / "classes.txt").write_text("\n".join(CLASSES) + "\n")
     (out / "two.txt").write_text("a\nb\n")
@@ -69,7 +71,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
     }
 
 
-def predictor(cfg: C.Config, model: models.VideoNet, short_side: int | None = None) -> predict.Predictor:
+def predictor(cfg: config.Config, model: models.VideoNet, short_side: int | None = None) -> predict.Predictor:
     """A Predictor of a model in memory (the val views of cfg, on the CPU)."""
     shards = ShardGeometry(short_side or cfg.data.scale_size)
     return predict.Predictor(model.eval(), cfg, CLASSES, shards, torch.device("cpu"), "fp32", None, "val")
@@ -132,7 +134,7 @@ def test_read_clip_equals_the_val_loader_after_preprocessing(val_dataset):
     99th percentile 0.14-0.19 (8-11 levels, at edges). The bounds (mean 0.06, p99 0.3) sit well below what
     a wrong rendering gives: the clip turned a quarter (0.64-1.26 mean) or shifted one frame (up to 1.03).
     """
-    cfg = C.Config()
+    cfg = config.Config()
     cfg.data = LoaderConfig(index=str(val_dataset), backend="torch", workers=0, batch_size=1)
     loader = build_loader(cfg.data, "val", "val")
     sources = {
@@ -280,10 +282,10 @@ def test_predict_gives_evaluates_scores_for_a_video_of_the_shard_set(tiny_index,
     """A checkpoint whose --eval.* asks for several views: evaluate scores the shard set's val videos, and
     predict, given the very files the shards hold, must score each the same (the same views, draws, crops
     and averaging); --fast is one view."""
-    cfg = C.apply_overrides(C.demo(), ["--data.index", str(tiny_index), "--data.backend", "torch"])
+    cfg = config.apply_overrides(config.demo(), ["--data.index", str(tiny_index), "--data.backend", "torch"])
     cfg.model.compile, cfg.data.workers, cfg.data.num_segments = False, 0, 4
     cfg.data.crop_size, cfg.data.scale_size, cfg.data.dense_stride = 28, 32, 2
-    cfg.eval = C.EvalConfig(**views, batch_size=4)
+    cfg.eval = config.EvalConfig(**views, batch_size=4)
     torch.manual_seed(0)
     model = models.build_model(cfg.model.name, 8, 4)
     cfg.model.num_classes = 8
@@ -291,7 +293,7 @@ def test_predict_gives_evaluates_scores_for_a_video_of_the_shard_set(tiny_index,
     classes = json.loads(tiny_index.read_text())["classes"]
     ckpt = tmp_path / "best.pt"
     torch.save(
-        {"model": model.state_dict(), "config": C.to_dict(cfg), "classes": classes, "facts": facts}, ckpt
+        {"model": model.state_dict(), "config": config.to_dict(cfg), "classes": classes, "facts": facts}, ckpt
     )
     evaluation.evaluate([str(ckpt)], ["--eval.out", str(tmp_path / "ev"), "--run.device", "cpu"])
     expected = {
@@ -438,7 +440,7 @@ def test_stream_stride_defaults_to_the_checkpoints_training_clip(tmp_path):
     ckpt = tmp_path / "ckpt.pt"
     facts = {"shards": {"short_side": 36, "size": None}, "clip_frames": 40}
     torch.save(
-        {"model": model.state_dict(), "config": C.to_dict(cfg), "classes": CLASSES, "facts": facts}, ckpt
+        {"model": model.state_dict(), "config": config.to_dict(cfg), "classes": CLASSES, "facts": facts}, ckpt
     )
     video = str(lavfi_clip(tmp_path / "v.mp4", seconds=10, size="160x120", rate=10))
     p = predict.load_predictor(str(ckpt), torch.device("cpu"))
@@ -498,7 +500,7 @@ def test_stream_runs_the_online_model_where_it_can(tmp_path, capsys):
     expected = sorted(offline.tolist(), reverse=True)
     assert [score for _, score in records[0]["top"]] == pytest.approx(expected, abs=1e-5)
     ckpt = tmp_path / "tsm.pt"
-    torch.save({"model": model.state_dict(), "config": C.to_dict(cfg), "classes": CLASSES}, ckpt)
+    torch.save({"model": model.state_dict(), "config": config.to_dict(cfg), "classes": CLASSES}, ckpt)
     assert train.main(["predict", str(ckpt), str(video), "--stream", "--stride", "2", "--hop", "4"]) == 0
     err = capsys.readouterr().err
     assert "20 frames decoded, 10 through the model (online, one frame per step), 4 records" in err

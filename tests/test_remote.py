@@ -18,7 +18,7 @@ from conftest import TINY_SYNTHETIC, run_preprocess, tiny_args
 from fsspec.implementations.memory import MemoryFileSystem
 from moto.server import ThreadedMotoServer
 
-import config as C
+import config
 import evaluation
 import train
 from pipeline import DatasetError, remote
@@ -98,9 +98,9 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, weights_only=True)["model"]
 
 
-def short_run(index: str, out: Path, *extra: str) -> C.Config:
+def short_run(index: str, out: Path, *extra: str) -> config.Config:
     args = [*tiny_args(index, out, batch_size=4), "--optim.epochs", "1", "--run.max_steps", "4", *extra]
-    return C.validate(C.apply_overrides(C.demo(), args))
+    return config.validate(config.apply_overrides(config.demo(), args))
 
 
 def test_training_and_evaluation_from_s3_equal_the_local_run(s3_tiny, tiny_index, tmp_path):

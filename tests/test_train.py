@@ -24,14 +24,14 @@ import torch
 from conftest import ROOT, tiny_args
 
 import checkpoints
-import config as C
+import config
 import evaluation
 import predict
 import runtime
 import train
 
 
-def tiny_cfg(index: Path, out: Path, *extra: str) -> C.Config:
+def tiny_cfg(index: Path, out: Path, *extra: str) -> config.Config:
     """8 classes x 4 clips = 32 train clips, batch 4: 8 steps per epoch."""
     args = [
         *tiny_args(index, out, batch_size=4),
@@ -49,7 +49,7 @@ def tiny_cfg(index: Path, out: Path, *extra: str) -> C.Config:
         "4",
         *extra,
     ]
-    return C.validate(C.apply_overrides(C.demo(), args))
+    return config.validate(config.apply_overrides(config.demo(), args))
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
@@ -77,7 +77,7 @@ def test_run_directory_holds_config_checkpoints_metrics_and_tensorboard(straight
         "rng",
         "state",
     }
-    assert C.from_dict(ckpt["config"]) == C.from_dict(saved) and ckpt["state"] == {
+    assert config.from_dict(ckpt["config"]) == config.from_dict(saved) and ckpt["state"] == {
         "epoch": 2,
         "start_batch": 0,
         "step": 16,
@@ -220,10 +220,10 @@ def test_predict_matches_the_val_loader(tiny_index, straight_run, tmp_path):
 DDP_PROBE = textwrap.dedent("""
     # Runs under torchrun: trains through train.fit with a train loader that records each rank's clips.
     import hashlib, json, os, sys
-    import config as C, runtime, train
+    import config, runtime, train
 
     rank = int(os.environ["RANK"])
-    cfg = C.validate(C.apply_overrides(C.demo(), sys.argv[2:]))
+    cfg = config.validate(config.apply_overrides(config.demo(), sys.argv[2:]))
     dist, device = runtime.init_distributed(cfg.run.device, cfg.run.dist_backend)
     train_loader, val_loader = train.build_loaders(cfg, dist, device)
     seen = []
@@ -302,7 +302,7 @@ def test_compiled_training_checkpoints_plain_weights(tiny_index, tmp_path):
     )
     assert result["step"] == 2
     ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
-    plain = checkpoints.build_model(C.from_dict(ckpt["config"]), 8).state_dict()
+    plain = checkpoints.build_model(config.from_dict(ckpt["config"]), 8).state_dict()
     assert ckpt["model"].keys() == plain.keys()  # no _orig_mod. / module. prefixes
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
 
@@ -330,7 +330,7 @@ def test_training_ends_before_an_epoch_that_would_overrun_the_time_budget(tiny_i
     [(0, 1e9, 1, False), (4, 100, 1, False), (4, 200, 2, True), (4, 119, 1, False), (4, 121, 1, True)],
 )
 def test_out_of_time_when_one_more_mean_epoch_would_overrun(budget_min, elapsed_s, epochs_done, late):
-    cfg = C.demo()
+    cfg = config.demo()
     cfg.run.time_budget_min = budget_min
     run = SimpleNamespace(cfg=cfg, dist=runtime.Dist(), device=torch.device("cpu"))
     assert train.out_of_time(run, elapsed_s, epochs_done) is late

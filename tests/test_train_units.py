@@ -9,16 +9,16 @@ import pytest
 import torch
 
 import checkpoints
-import config as C
+import config
 import optimisation
 
 
-def optim(**kw) -> C.OptimConfig:
-    return C.OptimConfig(**{"lr": 0.1, "epochs": 10, "schedule": "step", "lr_steps": (4, 8), **kw})
+def optim(**kw) -> config.OptimConfig:
+    return config.OptimConfig(**{"lr": 0.1, "epochs": 10, "schedule": "step", "lr_steps": (4, 8), **kw})
 
 
 def test_lr_scales_linearly_with_the_global_batch():
-    o = C.OptimConfig(lr=0.02, base_batch=128)
+    o = config.OptimConfig(lr=0.02, base_batch=128)
     assert optimisation.scaled_lr(o, 64) == pytest.approx(0.01)
     assert optimisation.scaled_lr(o, 8 * 16) == pytest.approx(0.02)
 
@@ -52,7 +52,7 @@ def test_cosine_schedule_after_warmup():
 
 
 def test_scheduler_keeps_the_group_multipliers():
-    cfg = C.demo()
+    cfg = config.demo()
     model = checkpoints.build_model(cfg, 8)
     opt = optimisation.build_optimizer(model, cfg, 0.1, fine_tuning=True)
     groups = {g["name"]: g for g in opt.param_groups}
@@ -93,12 +93,12 @@ def test_rng_state_round_trip():
 
 
 def test_tune_from_loads_the_backbone_and_replaces_the_classifier(tmp_path):
-    cfg = C.demo()
+    cfg = config.demo()
     kinetics = checkpoints.build_model(cfg, 10)
     with torch.no_grad():
         for p in kinetics.parameters():
             p.add_(1.0)  # make every weight differ from a fresh model's
-    torch.save({"model": kinetics.state_dict(), "config": C.to_dict(cfg)}, tmp_path / "k.pt")
+    torch.save({"model": kinetics.state_dict(), "config": config.to_dict(cfg)}, tmp_path / "k.pt")
     ucf = checkpoints.build_model(cfg, 4)
     new_fc = checkpoints.load_for_finetuning(ucf, str(tmp_path / "k.pt"))
     assert new_fc == ["fc.bias", "fc.weight"]
@@ -111,15 +111,15 @@ def test_tune_from_loads_the_backbone_and_replaces_the_classifier(tmp_path):
     )
     checkpoints.load_for_finetuning(checkpoints.build_model(cfg, 4), str(tmp_path / "d.pt"))
     # a checkpoint of another architecture is refused by name
-    tsn = checkpoints.build_model(C.apply_overrides(C.demo(), ["--model.name", "tsn_mini"]), 10)
+    tsn = checkpoints.build_model(config.apply_overrides(config.demo(), ["--model.name", "tsn_mini"]), 10)
     torch.save({"model": tsn.state_dict()}, tmp_path / "tsn.pt")
     with pytest.raises(checkpoints.CheckpointError, match="same --model.name"):
         checkpoints.load_for_finetuning(checkpoints.build_model(cfg, 4), str(tmp_path / "tsn.pt"))
 
 
 def test_unknown_model_name_is_a_config_error():
-    with pytest.raises(C.ConfigError, match="unknown --model.name 'gc_tsm_tiny'"):
-        C.validate(C.apply_overrides(C.demo(), ["--model.name", "gc_tsm_tiny"]))
+    with pytest.raises(config.ConfigError, match="unknown --model.name 'gc_tsm_tiny'"):
+        config.validate(config.apply_overrides(config.demo(), ["--model.name", "gc_tsm_tiny"]))
 
 
 def test_rng_state_from_a_machine_with_more_gpus_restores_what_matches(caplog):
@@ -145,5 +145,5 @@ def test_checkpoints_load_without_running_code(tmp_path):
         checkpoints.load(tmp_path / "evil.pt")
     assert not marker.exists()
     state = checkpoints.rng_state()
-    checkpoints.save_atomic({"rng": [state], "config": C.to_dict(C.demo())}, tmp_path / "ok.pt")
+    checkpoints.save_atomic({"rng": [state], "config": config.to_dict(config.demo())}, tmp_path / "ok.pt")
     assert checkpoints.load(tmp_path / "ok.pt")["rng"][0]["numpy"]["pos"] == state["numpy"]["pos"]
