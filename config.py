@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import models
-from pipeline import LoaderConfig
+from pipeline import LoaderConfig, TestViews
 from pipeline.loader import option
 
 log = logging.getLogger("config")
@@ -141,14 +141,12 @@ class RunConfig:
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(TestViews):
+    """The test's settings: the views (num_clips, num_crops, twice_sample: pipeline.TestViews, their one
+    home; evaluation hands this config to build_loader as them) and the test's own loader settings."""
+
     split: str = option("val", "the index's split to evaluate")
-    num_clips: int = option(1, "clips per video, averaged")
-    num_crops: Literal[1, 3, 10] = option(
-        1, "crops per clip; 1: centre, 3: full short side at start/centre/end, 10: corners, centre, flips"
-    )
     sampling: Literal["tsn", "dense"] = option("tsn", "frame sampling at test time (see --data.sampling)")
-    twice_sample: bool = option(False, "TSM's twice sampling: the segments' centres and starts, 2 clips")
     full_res: bool = option(False, "crops of scale_size x scale_size instead of crop_size")
     batch_size: int = option(8, "videos per batch (each with num_clips x num_crops views)")
     out: str = option("", "results directory; '' -> <first checkpoint's run>/eval-<split>")
@@ -173,14 +171,14 @@ class Config:
     preset: str = "demo"
 
 
-# Loader fields that are not options: the config sets them from other settings (resolve, and
-# evaluation.eval_loader_config for the test views), so each setting has one home and one option.
+# Loader fields that are not options: the config sets them from other settings (resolve), so each setting
+# has one home and one option.
 DERIVED = {
     "--data.frames_per_segment": "follows from --model.name (TDN models take 5 frames a segment, others 1)",
-    "--data.num_clips": "is the test views' setting: use --eval.num_clips",
-    "--data.num_crops": "is the test views' setting: use --eval.num_crops",
-    "--data.twice_sample": "is the test views' setting: use --eval.twice_sample",
 }
+# Options an earlier version had, and the one that replaces each: an old command line is told the new name.
+# (A saved config.json that holds the old fields still loads: from_dict ignores fields that are gone.)
+MOVED = {f"--data.{f.name}": f"--eval.{f.name}" for f in dataclasses.fields(TestViews)}
 
 
 def frames_per_segment(model_name: str) -> int:
@@ -673,6 +671,10 @@ def apply_overrides(cfg: Config, args: Sequence[str]) -> Config:
         name = ALIASES.get(name, name)
         if name in DERIVED:
             raise ConfigError(f"{name} is not an option: it {DERIVED[name]}")
+        if name in MOVED:
+            raise ConfigError(
+                f"{name} is not an option: the test views are --eval.* settings; use {MOVED[name]}"
+            )
         section_name, _, field_name = name[2:].partition(".")
         section = getattr(cfg, section_name, None) if section_name != "preset" else None
         if (

@@ -308,17 +308,15 @@ def validate(net, loader, dist: runtime.Dist, device: torch.device, precision: s
 
 
 def eval_loader_config(cfg: config.Config) -> LoaderConfig:
-    """The loader settings of a test: the run's data settings with the --eval.* views. The views' one home
-    is EvalConfig; the loader's fields for them are not options (config.DERIVED)."""
-    views, data = cfg.eval, cfg.data
+    """The loader settings of a test: the run's data settings with the --eval.* sampling, batch size and
+    crop size (the test's own, next to training's). The views (clips, crops) are not loader settings:
+    build_loader takes them from cfg.eval, a pipeline.TestViews."""
+    test, data = cfg.eval, cfg.data
     return dataclasses.replace(
         data,
-        num_clips=views.num_clips,
-        num_crops=views.num_crops,
-        twice_sample=views.twice_sample,
-        sampling=views.sampling,
-        batch_size=views.batch_size,
-        crop_size=data.scale_size if views.full_res else data.crop_size,
+        sampling=test.sampling,
+        batch_size=test.batch_size,
+        crop_size=data.scale_size if test.full_res else data.crop_size,
     )
 
 
@@ -339,7 +337,13 @@ def score_checkpoint(path: str, overrides: Sequence[str], dist: runtime.Dist, de
     runtime.use_cpu_threads(device, cfg.run.threads, cfg.data.workers)  # as training does
     net = runtime.setup_model(model, device=device, channels_last=cfg.model.channels_last, compile=False)
     loader = build_loader(
-        cfg.data, split=cfg.eval.split, mode="test", rank=dist.rank, world_size=dist.world_size, device=device
+        cfg.data,
+        split=cfg.eval.split,
+        mode="test",
+        rank=dist.rank,
+        world_size=dist.world_size,
+        device=device,
+        views=cfg.eval,
     )
     if classes and list(loader.classes) != classes:
         diff = next(

@@ -54,9 +54,7 @@ class Predictor:
     """A loaded model and what rendering its input needs; built once for any number of videos."""
 
     net: torch.nn.Module
-    cfg: (
-        config.Config
-    )  # the run's config with its --eval.* views applied to cfg.data (evaluation.eval_config)
+    cfg: config.Config  # the run's config set up for a test (evaluation.eval_config); cfg.eval: the views
     classes: list[str]
     shards: ShardGeometry
     device: torch.device
@@ -159,7 +157,7 @@ def top_classes(scores_K: torch.Tensor, classes: list[str], top: int) -> list[tu
 
 def predict_video(p: Predictor, video: str | Path, top: int = 5) -> dict:
     """{"video", "top": [[label, score], ...], "views", "frames", and "warning" for a truncated file}."""
-    views = vf.read_views(video, p.cfg.data, p.shards, mode=p.mode)
+    views = vf.read_views(video, p.cfg.data, p.shards, mode=p.mode, views=p.cfg.eval)
     scores = view_scores(p, views.x)
     record = {"video": str(video), "top": top_classes(scores, p.classes, top), "views": len(views.x)}
     record["frames"] = views.frames

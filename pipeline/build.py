@@ -6,7 +6,7 @@ import logging
 
 import torch
 
-from pipeline.loader import Loader, LoaderConfig
+from pipeline.loader import Loader, LoaderConfig, TestViews
 from pipeline.shards import read_codec
 
 log = logging.getLogger(__name__)
@@ -71,11 +71,16 @@ def build_loader(
     world_size: int = 1,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
+    views: TestViews | None = None,
 ) -> Loader:
-    """Build the loader for ``split`` with the backend cfg.backend resolves to (see select_backend)."""
+    """Build the loader for ``split`` with the backend cfg.backend resolves to (see select_backend). In test
+    mode each video gives ``views``' clips x crops (None: one clip, one centre crop; evaluation passes its
+    EvalConfig, a TestViews); train and val ignore it."""
     device = torch.device(device)
     backend = select_backend(cfg.backend, codec=read_codec(cfg.index), device=device)
-    kwargs = dict(split=split, mode=mode, rank=rank, world_size=world_size, device=device, dtype=dtype)
+    kwargs = dict(
+        split=split, mode=mode, rank=rank, world_size=world_size, device=device, dtype=dtype, views=views
+    )
     if backend == "torch":
         from pipeline.torch_loader import TorchLoader
 

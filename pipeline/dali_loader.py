@@ -310,14 +310,14 @@ class DaliLoader(Loader):
     def frames_per_sample(self) -> int:
         """Decoded frames per sample: clips (views in time) x T x frames_per_segment."""
         rng = np.random.default_rng(0) if self.mode == "train" else None  # the count, not the values
-        return clip_draws(self.cfg, self.mode, rng).size * self.cfg.frames_per_segment
+        return clip_draws(self.cfg, self.mode, rng, self.test_views).size * self.cfg.frames_per_segment
 
     # ----- pipeline construction
     def _pipe_kwargs(self, batch_size: int, source) -> dict:
         cfg = self.cfg
         device_id = self.device.index if self.gpu else None
         threads = max(1, cfg.workers) if not self.gpu else max(2, cfg.workers)
-        num_crops = cfg.num_crops if self.mode == "test" else 1
+        num_crops = self.test_views.num_crops  # one but in test mode
         out = cfg.scale_size if (self.mode == "test" and num_crops == 3) else cfg.crop_size
         return dict(
             gpu=self.gpu,

@@ -1,12 +1,12 @@
-"""LoaderConfig and the part every backend shares: the epoch plan, views per sample, broken-sample handling
-and the output contract. Backends subclass Loader; pipeline.build chooses and builds one."""
+"""LoaderConfig, TestViews and the part every backend shares: the epoch plan, views per sample, broken-sample
+handling and the output contract. Backends subclass Loader; pipeline.build chooses and builds one."""
 
 from __future__ import annotations
 
 import errno
 import logging
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal, TypeVar
 
 import numpy as np
@@ -25,6 +25,30 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 def option(default: Any, help: str) -> Any:
     """A config field with its `python train.py --help` description (config.help_text prints it)."""
     return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TestViews:
+    """The views a test-mode loader gives each video: num_clips (or twice_sample's 2) clips x num_crops
+    crops. Their one home: config.EvalConfig inherits them as the --eval.* options, and evaluation hands that
+    to build_loader(..., views=); train and val modes always take one clip and one crop."""
+
+    __test__ = False  # not a pytest test class, although its name starts with Test
+
+    num_clips: int = option(1, "clips per video, averaged")
+    num_crops: Literal[1, 3, 10] = option(
+        1, "crops per clip; 1: centre, 3: full short side at start/centre/end, 10: corners, centre, flips"
+    )
+    twice_sample: bool = option(False, "TSM's twice sampling: the segments' centres and starts, 2 clips")
+
+
+def mode_views(mode: str, views: TestViews | None) -> TestViews:
+    """The views a loader in `mode` gives: test: `views` (None: one clip, one centre crop); train, val: one.
+    A plain TestViews copy, also of an EvalConfig: the torch loader's workers get it without importing config,
+    and a later change to the config does not reach a built loader."""
+    if mode != "test" or views is None:
+        return TestViews()
+    return TestViews(**{f.name: getattr(views, f.name) for f in fields(TestViews)})
 
 
 @dataclass
@@ -52,11 +76,8 @@ class LoaderConfig:
         "tsn", "tsn: one frame per equal segment of the video; dense: T frames dense_stride apart"
     )
     dense_stride: int = option(8, "dense sampling: frames between two sampled frames")
-    num_clips: int = option(1, "test-time clips per video (evaluate sets it from --eval.num_clips)")
-    twice_sample: bool = option(False, "test: the segments' centres and starts, 2 clips (from --eval)")
     crop_size: int = option(224, "side of the square crops the model sees, in pixels")
     scale_size: int = option(256, "evaluation: the short side is resized to this before cropping")
-    num_crops: Literal[1, 3, 10] = option(1, "test-time crops per clip; 1: centre (from --eval.num_crops)")
     scales: tuple[float, ...] = option(
         (1.0, 0.875, 0.75, 0.66), "training: multi-scale crop sizes as fractions of the short side"
     )
@@ -86,15 +107,19 @@ class Views:
     out_size: int
 
 
-def clip_draws(cfg: LoaderConfig, mode: str, rng: np.random.Generator | None) -> np.ndarray:
-    """The (clips, T) uniform draws of one sample under cfg's sampling (one clip but in test mode)."""
+def clip_draws(
+    cfg: LoaderConfig, mode: str, rng: np.random.Generator | None, views: TestViews | None = None
+) -> np.ndarray:
+    """The (clips, T) uniform draws of one sample under cfg's sampling (one clip but in test mode, where
+    `views` says how many)."""
+    views = mode_views(mode, views)
     return sampling.frame_draws(
         rng,
         mode=mode,
         sampling=cfg.sampling,
         num_segments=cfg.num_segments,
-        num_clips=cfg.num_clips if mode == "test" else 1,
-        twice_sample=cfg.twice_sample,
+        num_clips=views.num_clips,
+        twice_sample=views.twice_sample,
     )
 
 
@@ -110,10 +135,14 @@ def view_frame_indices(cfg: LoaderConfig, num_frames: int, views: Views) -> np.n
     )
 
 
-def make_views(cfg: LoaderConfig, mode: str, epoch: int, sample_id: int, sample: Sample) -> Views:
-    """The draws and crop boxes of one sample in one epoch (a pure function of its arguments)."""
+def make_views(
+    cfg: LoaderConfig, mode: str, epoch: int, sample_id: int, sample: Sample, views: TestViews | None = None
+) -> Views:
+    """The draws and crop boxes of one sample in one epoch (a pure function of its arguments); test mode
+    takes `views`' clips and crops (None: one clip, one centre crop)."""
     rng = sampling.sample_rng(cfg.seed, epoch, sample_id) if mode == "train" else None
-    u = clip_draws(cfg, mode, rng)
+    views = mode_views(mode, views)
+    u = clip_draws(cfg, mode, rng, views)
     if mode == "train":
         box = sampling.multiscale_crop_box(rng, sample.width, sample.height, cfg.crop_size, cfg.scales)
         flip = bool(cfg.flip and rng.random() < 0.5)
@@ -123,7 +152,7 @@ def make_views(cfg: LoaderConfig, mode: str, epoch: int, sample_id: int, sample:
         sample.height,
         scale_size=cfg.scale_size,
         crop_size=cfg.crop_size,
-        num_crops=cfg.num_crops if mode == "test" else 1,
+        num_crops=views.num_crops,
     )
     return Views(u, boxes, flips, out)
 
@@ -185,12 +214,14 @@ class Loader:
         world_size: int = 1,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
+        views: TestViews | None = None,
     ):
         if mode not in sampling.MODES:
             raise ValueError(f"mode must be one of {sampling.MODES}, got {mode!r}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         self.cfg, self.split, self.mode = cfg, split, mode
+        self.test_views = mode_views(mode, views)  # each sample's clips and crops (one of each but in test)
         self.rank, self.world_size = rank, world_size
         self.device, self.dtype = explicit_device(device), dtype
         self.dataset = ShardDataset(cfg.index, split, cfg.cache_dir, int(cfg.cache_gb * 1e9))
@@ -261,7 +292,7 @@ class Loader:
         return got
 
     def views(self, sample_id: int, sample: Sample) -> Views:
-        return make_views(self.cfg, self.mode, self.epoch, sample_id, sample)
+        return make_views(self.cfg, self.mode, self.epoch, sample_id, sample, self.test_views)
 
     def mark_bad(self, sample_id: int, error: BaseException | str) -> None:
         self.skipped += 1

@@ -30,6 +30,7 @@ from pipeline.loader import (
     Loader,
     LoaderConfig,
     ResourceError,
+    TestViews,
     Views,
     make_views,
     resource_error,
@@ -257,8 +258,8 @@ class _Decoder(torch.utils.data.Dataset):
     persistent workers stay correct across set_epoch.
     """
 
-    def __init__(self, cfg: LoaderConfig, mode: str, dataset: ShardDataset):
-        self.cfg, self.mode, self.dataset = cfg, mode, dataset
+    def __init__(self, cfg: LoaderConfig, mode: str, dataset: ShardDataset, views: TestViews):
+        self.cfg, self.mode, self.dataset, self.test_views = cfg, mode, dataset, views
 
     def __getitem__(self, job: tuple[int, tuple[int, ...]]):
         """(the loaded samples' views stacked, or None; results with None in place of each loaded tensor).
@@ -280,7 +281,7 @@ class _Decoder(torch.utils.data.Dataset):
     def load_one(self, epoch: int, sid: int):
         try:
             sample = self.dataset[sid]
-            views = make_views(self.cfg, self.mode, epoch, sid, sample)
+            views = make_views(self.cfg, self.mode, epoch, sid, sample, self.test_views)
             idx = view_frame_indices(self.cfg, sample.num_frames, views)
             x = render_views(decode_frames(sample.video, idx), views, self.cfg.clip_length)
             return sid, x, sample.label, sample.key
@@ -353,7 +354,7 @@ class TorchLoader(Loader):
 
     def __init__(self, cfg: LoaderConfig, **kwargs):
         super().__init__(cfg, **kwargs)
-        self.decoder = _Decoder(cfg, self.mode, self.dataset)
+        self.decoder = _Decoder(cfg, self.mode, self.dataset, self.test_views)
         self.plan: list[np.ndarray] = []
         self._jobs = _Jobs()
         self._data = None

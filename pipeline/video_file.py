@@ -25,7 +25,7 @@ import torch
 
 import shardformat
 from pipeline import sampling
-from pipeline.loader import LoaderConfig, Views, clip_draws, view_frame_indices
+from pipeline.loader import LoaderConfig, TestViews, Views, clip_draws, mode_views, view_frame_indices
 from pipeline.torch_loader import decode_scanned, render_views, scan_packets
 
 log = logging.getLogger(__name__)
@@ -161,11 +161,20 @@ class FileViews:
         return 0 < self.frames < self.declared
 
 
-def read_views(video: str | Path, d: LoaderConfig, shards: ShardGeometry, *, mode: str = "test") -> FileViews:
-    """The views of `video` that a loader in `mode` (test: d's clips and crops; val: one centre clip) gives
-    the same video after preprocessing to `shards`' geometry. A file holding fewer frames than its header
-    declares (cut short) is read from the frames it holds, with a warning that gives both counts."""
-    u = clip_draws(d, mode, None)
+def read_views(
+    video: str | Path,
+    d: LoaderConfig,
+    shards: ShardGeometry,
+    *,
+    mode: str = "test",
+    views: TestViews | None = None,
+) -> FileViews:
+    """The views of `video` that a loader in `mode` (test: `views`' clips and crops, None: one centre clip;
+    val: one centre clip) gives the same video after preprocessing to `shards`' geometry. A file holding
+    fewer frames than its header declares (cut short) is read from the frames it holds, with a warning that
+    gives both counts."""
+    views = mode_views(mode, views)
+    u = clip_draws(d, mode, None, views)
     with open_video(video) as container:
         stream = video_stream(container, video)
         declared = int(stream.frames or 0)
@@ -186,7 +195,7 @@ def read_views(video: str | Path, d: LoaderConfig, shards: ShardGeometry, *, mod
         )
     h, w = rgb.shape[1:3]
     boxes, flips, size = sampling.eval_crop_boxes(
-        w, h, scale_size=d.scale_size, crop_size=d.crop_size, num_crops=d.num_crops if mode == "test" else 1
+        w, h, scale_size=d.scale_size, crop_size=d.crop_size, num_crops=views.num_crops
     )
     x = render_views(rgb, Views(u, boxes, flips, size), d.clip_length)
     return FileViews(x, count, declared)

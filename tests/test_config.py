@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
 import re
 
 import pytest
 
 import config
+from pipeline import LoaderConfig, TestViews, build_loader
 
 REQUIRED_PRESETS = [
     "demo",
@@ -77,6 +80,29 @@ def test_each_test_view_has_one_option_under_eval(view):
     assert f"--data.{view}" not in config.all_options(
         config.demo()
     ) and f"--eval.{view}" in config.all_options(config.demo())
+
+
+def test_the_test_views_are_defined_once():
+    """num_clips, num_crops and twice_sample live in pipeline.TestViews only: EvalConfig is one (the
+    --eval.* options), the loader's config has none of them, and a loader takes them as an argument."""
+    views = {f.name for f in dataclasses.fields(TestViews)}
+    assert views == {"num_clips", "num_crops", "twice_sample"}
+    assert not views & {f.name for f in dataclasses.fields(LoaderConfig)}
+    assert issubclass(config.EvalConfig, TestViews) and isinstance(config.demo().eval, TestViews)
+    own = set(vars(config.EvalConfig)["__annotations__"])  # the fields EvalConfig itself declares
+    assert not views & own and views <= {f.name for f in dataclasses.fields(config.EvalConfig)}
+    assert "views" in inspect.signature(build_loader).parameters
+
+
+def test_a_saved_config_with_the_loaders_old_view_fields_loads():
+    """config.json and checkpoints written while LoaderConfig held the views (data.num_clips, ...) load:
+    the old loader fields are ignored, the views come from their eval section as they always did."""
+    saved = json.loads(json.dumps(config.to_dict(config.preset("gc_tsm_r50_sthv1_8f"))))
+    assert "num_clips" not in saved["data"] and saved["eval"]["num_clips"] == 2
+    saved["data"].update(num_clips=5, num_crops=10, twice_sample=False)  # the old layout
+    cfg = config.validate(config.from_dict(saved))
+    assert (cfg.eval.num_clips, cfg.eval.num_crops, cfg.eval.twice_sample) == (2, 1, True)
+    assert not hasattr(cfg.data, "num_clips") and cfg == config.preset("gc_tsm_r50_sthv1_8f")
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import VIDEOS, run_preprocess
 
-from pipeline import DatasetError, LoaderConfig, build_loader, sampling, select_backend
+from pipeline import DatasetError, LoaderConfig, TestViews, build_loader, sampling, select_backend
 from pipeline.build import BACKENDS
 from pipeline.dali_loader import decode_frames_dali, frame_index_graph
 from pipeline.shards import ShardDataset, parse_idx
@@ -143,11 +143,9 @@ def test_dali_index_arithmetic_equals_numpy(rule, mode, clips, per_segment):
 
 @pytest.mark.parametrize("mode, crops", [("train", 1), ("val", 1), ("test", 10)])
 def test_dali_and_torch_fallback_agree(index, mode, crops):
-    outs = {}
+    outs, views = {}, TestViews(num_clips=2, num_crops=crops)  # train and val take one view all the same
     for backend in ("dali-cpu", "torch"):
-        loader = build_loader(
-            _cfg(index, backend=backend, num_crops=crops, num_clips=2, batch_size=3), "val", mode
-        )
+        loader = build_loader(_cfg(index, backend=backend, batch_size=3), "val", mode, views=views)
         loader.set_epoch(2)
         outs[backend] = list(loader)
     assert len(outs["dali-cpu"]) == len(outs["torch"]) == 2
@@ -157,9 +155,7 @@ def test_dali_and_torch_fallback_agree(index, mode, crops):
         assert diff.mean() < 0.05 and diff.max() < 1.2  # normalised units: 0.05 ~ 3 grey levels
         if mode == "test":
             assert a[2] == b[2]
-    other = list(
-        build_loader(_cfg(index, backend="torch", num_crops=crops, num_clips=2, batch_size=3), "val", mode)
-    )
+    other = list(build_loader(_cfg(index, backend="torch", batch_size=3), "val", mode, views=views))
     if mode == "train":  # a different epoch draws other frames and crops
         assert (other[0][0] - outs["torch"][0][0]).abs().mean() > 0.1
 
@@ -170,8 +166,8 @@ def test_frames_per_segment_in_both_backends(index, mode):
     # own (numpy / the DALI graph), so equal pixels mean equal frames.
     outs = {}
     for backend in ("dali-cpu", "torch"):
-        cfg = _cfg(index, backend=backend, num_segments=2, frames_per_segment=5, num_clips=2, batch_size=3)
-        loader = build_loader(cfg, "val", mode)
+        cfg = _cfg(index, backend=backend, num_segments=2, frames_per_segment=5, batch_size=3)
+        loader = build_loader(cfg, "val", mode, views=TestViews(num_clips=2))
         loader.set_epoch(1)
         outs[backend] = next(iter(loader))[0]
     shape = (3, 2, 10, 3, 56, 56) if mode == "test" else (3, 10, 3, 56, 56)
@@ -196,7 +192,10 @@ def test_output_contract(index):
     assert x.shape == (4, 4, 3, 56, 56) and x.dtype == torch.bfloat16 and y.dtype == torch.long
     assert x.flatten(0, 1).is_contiguous(memory_format=torch.channels_last)
     test = build_loader(
-        _cfg(index, backend="dali-cpu", num_crops=3, num_clips=2, batch_size=4), "val", "test"
+        _cfg(index, backend="dali-cpu", batch_size=4),
+        "val",
+        "test",
+        views=TestViews(num_clips=2, num_crops=3),
     )
     x, y, keys = next(iter(test))
     assert x.shape == (4, 6, 4, 3, 64, 64) and len(keys) == 4 and len(y) == 4
@@ -224,9 +223,7 @@ def test_normalisation_and_flip(index):
 def test_val_ranks_cover_every_sample_once(index, backend):
     keys = []
     for rank in range(4):
-        loader = build_loader(
-            _cfg(index, backend=backend, num_clips=1), "val", "test", rank=rank, world_size=4
-        )
+        loader = build_loader(_cfg(index, backend=backend), "val", "test", rank=rank, world_size=4)
         got = [k for _, _, batch_keys in loader for k in batch_keys]
         assert len(got) == loader.num_samples
         keys += got
@@ -265,7 +262,7 @@ def test_resume_sees_exactly_the_remaining_batches(index, backend):
 @pytest.mark.parametrize("backend", ["dali-cpu", "torch"])
 def test_corrupt_sample_is_skipped_and_counted(corrupt_index, backend):
     index, bad_key = corrupt_index
-    val = build_loader(_cfg(index, backend=backend, num_clips=1, batch_size=4), "val", "test")
+    val = build_loader(_cfg(index, backend=backend, batch_size=4), "val", "test")
     keys = [k for _, _, batch_keys in val for k in batch_keys]
     assert val.skipped == 1 and len(keys) == 5 and bad_key not in keys
     train = build_loader(_cfg(index, backend=backend, batch_size=6), "val", "train")
