@@ -20,8 +20,8 @@ class EncodeSettings:
     fps: float | None = None  # constant output frame rate (None: keep every source frame)
     gop: int = 4  # h264 keyframe interval in frames (docs/preprocess.md: why 4)
     crf: int = 23  # h264 quality
-    # libx264 speed/size trade-off: superfast spends ~0.2 CPU-s (~20%) less per 10 s clip than veryfast, for
-    # ~15% more bytes at a slightly higher PSNR (benchmark/results/preprocess_*: the cpu cost rows)
+    # libx264 speed/size trade-off: superfast is cheaper than veryfast for a few more bytes at the same PSNR
+    # (the measured frontier: docs/benchmark.md, "preprocess")
     preset: str = "superfast"
     mjpeg_quality: int = 3  # mjpeg -q:v (2 best .. 31 worst)
     threads: int = 1  # ffmpeg threads per process (the pool already uses every core)
