@@ -199,9 +199,8 @@ def plain_config(name: str, num_segments: int) -> config.Config:
     cfg = config.Config()
     cfg.model.name, cfg.model.pretrained, cfg.model.compile = name, "", False
     cfg.data.num_segments, cfg.data.scale_size, cfg.data.crop_size = num_segments, PLAIN_SHORT_SIDE, 224
-    return config.resolve(
-        cfg
-    )  # frames per segment from the model; an unknown name is reported where it is built
+    # frames per segment follow from the model; an unknown name is reported where the model is built
+    return config.resolve(cfg)
 
 
 def _mismatches(expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor]) -> str:

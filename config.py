@@ -570,8 +570,7 @@ def presets_table() -> str:
     for name in PRESETS:
         cfg = preset(name)
         d, o = cfg.data, cfg.optim
-        per_segment = frames_per_segment(cfg.model.name)  # TDN: 5
-        frames = f"{d.num_segments}" + (f" x {per_segment}" if per_segment > 1 else "")
+        frames = f"{d.num_segments}" + (f" x {d.frames_per_segment}" if d.frames_per_segment > 1 else "")
         rows.append(
             (
                 f"`{name}`",

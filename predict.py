@@ -309,7 +309,7 @@ def _online_scores(p: Predictor, tsm: OnlineTSM, container, stream, stride: int,
 
 
 class UsageParser(argparse.ArgumentParser):
-    """argparse whose usage errors raise C.ConfigError (train.main: one line, exit 2) instead of sys.exit."""
+    """argparse whose usage errors raise config.ConfigError (train.main: one line, exit 2), not sys.exit."""
 
     def error(self, message: str):
         raise config.ConfigError(f"{message} (usage: {self.prog} -h)")

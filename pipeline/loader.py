@@ -48,6 +48,8 @@ def mode_views(mode: str, views: TestViews | None) -> TestViews:
     and a later change to the config does not reach a built loader."""
     if mode != "test" or views is None:
         return TestViews()
+    if type(views) is TestViews:  # already a plain copy (a loader's, resolved once): per sample, no copy
+        return views
     return TestViews(**{f.name: getattr(views, f.name) for f in fields(TestViews)})
 
 
