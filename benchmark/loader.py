@@ -213,7 +213,9 @@ def shards_psnr(index: Path) -> float:
     return quality.videos_psnr(videos, {src: frame_size(src, SHORT_SIDE) for src, _ in videos})
 
 
-def frame_folders_psnr(folders: list[FrameFolder]) -> float:
+@functools.cache
+def frame_folders_psnr(folders: tuple[FrameFolder, ...]) -> float:
+    """PSNR of the frame folders' JPEGs against their sources (once: both frame-folder rows read them)."""
     sources = [str(p) for p, _ in source_videos()]
     assert [Path(s).stem for s in sources] == [f.key for f in folders]
     return quality.folders_psnr(
@@ -346,6 +348,13 @@ class Variant:
         name = self.path + (f" {self.codec}" if self.codec != "jpeg" else "")
         name += f" gop {self.gop}" if self.codec == "h264" else ""
         return name + (f" crf {self.crf}" if self.crf is not None else "")
+
+    @property
+    def h264_crf(self) -> int | None:
+        """The CRF the row's shards are encoded at (None: not H.264)."""
+        if self.codec != "h264":
+            return None
+        return EncodeSettings().crf if self.crf is None else self.crf
 
     @property
     def folder(self) -> str:
@@ -488,7 +497,7 @@ def build_row(variant: Variant, spec: RunSpec, root: Path) -> Row:
         "path": variant.path,
         "codec": variant.codec,
         "gop": variant.gop if variant.codec == "h264" else None,
-        "crf": (variant.crf or EncodeSettings().crf) if variant.codec == "h264" else None,
+        "crf": variant.h264_crf,
         "series": variant.series,
     }
     drain = PREFETCH * base.workers
@@ -497,7 +506,7 @@ def build_row(variant: Variant, spec: RunSpec, root: Path) -> Row:
         folders = build_frame_folders(root / "frames")
         info["bytes_per_video"] = float(np.mean([folder_bytes(f) for f in folders]))
         info["decoded_frames_per_clip"] = float(base.num_segments)
-        info["psnr_db"] = frame_folders_psnr(folders)
+        info["psnr_db"] = frame_folders_psnr(tuple(folders))
         render = "gcvideo" if variant.path.endswith("gcvideo render") else "pil"
         dataset = FrameFolderDataset(base, folders * spec.repeat, render=render)
         batches = endless(dataloader(dataset, base), set_epoch=False)
